@@ -1,0 +1,684 @@
+//! The agent: one Matrix account/device, its calls, and the loop contract.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ruma::{OwnedRoomId, RoomId};
+use str0m::net::{Protocol, Receive};
+use tracing::{debug, info, warn};
+
+use crate::call::signal::{self, Signal, SignalError};
+use crate::call::{Call, CallAction, CallSetup};
+use crate::dtls::SeededDtlsProvider;
+use crate::limits;
+use crate::matrix::{MatrixClient, MatrixEvent, RoomEvent, TurnServers};
+use crate::rng::{Rng, Str0mRng};
+use crate::types::{
+    AgentConfig, AgentEvent, ApiError, CallDirection, CallId, CallPolicy, CallState, ConfigError,
+    HangupReason, Input, OutgoingFrame, Output, Party,
+};
+
+/// Candidates for a call id we have not seen yet.
+#[derive(Debug)]
+struct Orphans {
+    since: Instant,
+    lines: Vec<String>,
+}
+
+/// Counters of one call, for the driver's reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallInfo {
+    pub state: CallState,
+    pub direction: CallDirection,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+}
+
+/// A Matrix calling agent. See the crate docs for the loop.
+pub struct Agent {
+    config: AgentConfig,
+    setup: CallSetup,
+    rng: Rng,
+    str0m_rng: Str0mRng,
+    /// Our party id (one per agent, like matrix-js-sdk's per-device party id).
+    party_id: String,
+    matrix: MatrixClient,
+    calls: BTreeMap<CallId, Call>,
+    orphans: BTreeMap<CallId, Orphans>,
+    events: VecDeque<AgentEvent>,
+    dropped_media_events: u64,
+    /// The latest `/voip/turnServer` answer (used by TURN allocation once it exists).
+    turn_servers: Option<TurnServers>,
+    now: Instant,
+    /// Wall clock anchor: `unix_ms` at `Instant`.
+    unix_anchor: (Instant, u64),
+}
+
+impl Agent {
+    // ---- construction and getters -------------------------------------------------------
+
+    /// A new agent. `seed` drives every random choice (ids, ICE credentials, backoff jitter);
+    /// `unix_ms` is the wall-clock time at `now`.
+    pub fn new(
+        config: AgentConfig,
+        seed: u64,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Result<Agent, ConfigError> {
+        if !(config.homeserver.starts_with("http://") || config.homeserver.starts_with("https://"))
+        {
+            return Err(ConfigError::BadHomeserverUrl(config.homeserver.clone()));
+        }
+        if config.local_addrs.is_empty() {
+            return Err(ConfigError::NoLocalAddress);
+        }
+        if !config.audio && !config.video {
+            return Err(ConfigError::NoMedia);
+        }
+        let mut rng = Rng::new(seed);
+        let str0m_rng = Str0mRng::new(rng.u64());
+        let crypto = SeededDtlsProvider::crypto_provider(rng.u64());
+        let party_id = rng.id(10);
+        let matrix = MatrixClient::new(
+            config.homeserver.clone(),
+            config.user_id.clone(),
+            config.credentials.clone(),
+            config.device_id.clone(),
+            config.fetch_turn_servers,
+            now,
+        );
+        let setup = CallSetup {
+            crypto,
+            local_addrs: config.local_addrs.clone(),
+            video: config.video,
+            audio: config.audio,
+            lifetime: config.invite_lifetime,
+        };
+        Ok(Agent {
+            config,
+            setup,
+            rng,
+            str0m_rng,
+            party_id,
+            matrix,
+            calls: BTreeMap::new(),
+            orphans: BTreeMap::new(),
+            events: VecDeque::new(),
+            dropped_media_events: 0,
+            turn_servers: None,
+            now,
+            unix_anchor: (now, unix_ms),
+        })
+    }
+
+    pub fn user_id(&self) -> &ruma::UserId {
+        &self.config.user_id
+    }
+
+    pub fn party_id(&self) -> &str {
+        &self.party_id
+    }
+
+    /// True once the first /sync has been processed (rooms known, invites ring).
+    pub fn is_synced(&self) -> bool {
+        self.matrix.initial_sync_done()
+    }
+
+    pub fn call_info(&self, call_id: &str) -> Option<CallInfo> {
+        self.calls.get(call_id).map(|c| CallInfo {
+            state: c.state,
+            direction: c.direction,
+            frames_sent: c.stats.frames_sent,
+            frames_received: c.stats.frames_received,
+        })
+    }
+
+    /// Ids of the calls the agent tracks (ended ones until they are forgotten).
+    pub fn call_ids(&self) -> impl Iterator<Item = &CallId> {
+        self.calls.keys()
+    }
+
+    /// The other member of a 1:1 room, when the agent knows the room.
+    pub fn room_peer(&self, room_id: &RoomId) -> Option<ruma::OwnedUserId> {
+        self.matrix
+            .rooms
+            .get(room_id)
+            .and_then(|r| r.other_member(self.matrix.user_id()))
+    }
+
+    /// The TURN servers and credentials from the homeserver, once fetched.
+    pub fn turn_servers(&self) -> Option<&TurnServers> {
+        self.turn_servers.as_ref()
+    }
+
+    /// Room events waiting for the homeserver.
+    pub fn outbox_len(&self) -> usize {
+        self.matrix.outbox_len()
+    }
+
+    /// Remote media events dropped because the driver did not drain.
+    pub fn dropped_media_events(&self) -> u64 {
+        self.dropped_media_events
+    }
+
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let (at, ms) = self.unix_anchor;
+        let delta = now.saturating_duration_since(at).as_millis() as u64;
+        ms.saturating_add(delta)
+    }
+
+    /// Runs `f` with the agent's own state in fastrand's thread-local generator (str0m's RNG).
+    fn with_rng<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let mut state = *self.str0m_rng.state_mut();
+        let r = Str0mRng::scope(&mut state, || f(self));
+        *self.str0m_rng.state_mut() = state;
+        r
+    }
+
+    // ---- inputs -----------------------------------------------------------------------------
+
+    /// Feeds one input. Then drain [`Agent::poll_output`] until it gives a timeout.
+    pub fn handle_input(&mut self, input: Input) {
+        self.with_rng(|a| a.handle_input_inner(input));
+    }
+
+    fn handle_input_inner(&mut self, input: Input) {
+        match input {
+            Input::Timeout(now) => {
+                self.now = now;
+                self.matrix.handle_timeout(now, &mut self.rng);
+                for call in self.calls.values_mut() {
+                    call.handle_timeout(now);
+                }
+                let forget: Vec<CallId> = self
+                    .calls
+                    .iter()
+                    .filter(|(_, c)| c.is_forgettable(now))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in forget {
+                    debug!(call_id = %id, "forgetting ended call");
+                    self.calls.remove(&id);
+                }
+                self.orphans
+                    .retain(|_, o| now.saturating_duration_since(o.since) < limits::ORPHAN_CANDIDATES_TTL);
+            }
+            Input::Receive {
+                now,
+                source,
+                destination,
+                contents,
+            } => {
+                self.now = now;
+                let receive = match Receive::new(Protocol::Udp, source, destination, contents) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(len = contents.len(), "unparsable datagram dropped: {e}");
+                        return;
+                    }
+                };
+                let input = str0m::Input::Receive(now, receive);
+                match self.calls.values_mut().find(|c| c.accepts(&input)) {
+                    Some(call) => call.handle_receive(now, input),
+                    None => debug!(len = contents.len(), "datagram for no call dropped"),
+                }
+            }
+            Input::HttpResponse { now, id, response } => {
+                self.now = now;
+                self.matrix.handle_response(now, id, response, &mut self.rng);
+            }
+            Input::UnixTime { now, unix_ms } => {
+                self.now = now;
+                self.unix_anchor = (now, unix_ms);
+            }
+        }
+        self.process();
+    }
+
+    /// Moves matrix events into the calls and call actions into the outbox / event queue.
+    fn process(&mut self) {
+        while let Some(ev) = self.matrix.poll_event() {
+            match ev {
+                MatrixEvent::LoggedIn {
+                    user_id,
+                    device_id,
+                    access_token,
+                } => self.push_event(AgentEvent::LoggedIn {
+                    user_id,
+                    device_id,
+                    access_token,
+                }),
+                MatrixEvent::LoginFailed(message) => {
+                    self.push_event(AgentEvent::LoginFailed { message })
+                }
+                MatrixEvent::Reachable(r) => self.push_event(AgentEvent::HomeserverReachable(r)),
+                MatrixEvent::InitialSyncDone => self.push_event(AgentEvent::Synced),
+                MatrixEvent::Timeline(ev) => self.on_room_event(ev),
+                MatrixEvent::TurnServers(t) => {
+                    debug!(uris = t.uris.len(), ttl = ?t.ttl, "TURN credentials refreshed");
+                    self.turn_servers = Some(t);
+                }
+                MatrixEvent::SendGaveUp { call_id } => {
+                    let now = self.now;
+                    if let Some(call) = call_id.and_then(|id| self.calls.get_mut(&id)) {
+                        if call.state != CallState::Ended {
+                            call.end(HangupReason::UnknownError, Party::Local, now);
+                        }
+                    }
+                }
+            }
+        }
+        self.drain_call_actions();
+    }
+
+    fn drain_call_actions(&mut self) {
+        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
+        for id in ids {
+            while let Some(action) = self.calls.get_mut(&id).and_then(|c| c.poll_action()) {
+                match action {
+                    CallAction::Event(e) => self.push_event(e),
+                    CallAction::Send {
+                        room_id,
+                        event_type,
+                        content,
+                    } => {
+                        let txn = format!("ca{}", self.rng.id(16));
+                        if self.matrix.send_event(room_id, event_type, content, txn).is_err()
+                            && event_type != "m.call.candidates"
+                        {
+                            let now = self.now;
+                            if let Some(c) = self.calls.get_mut(&id) {
+                                c.end(HangupReason::UnknownError, Party::Local, now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_event(&mut self, e: AgentEvent) {
+        if self.events.len() >= limits::MAX_PENDING_EVENTS {
+            if matches!(e, AgentEvent::Media(_)) {
+                self.dropped_media_events += 1;
+                return;
+            }
+            // Make room by dropping the oldest media frame; call events are never dropped.
+            if let Some(i) = self.events.iter().position(|e| matches!(e, AgentEvent::Media(_))) {
+                self.events.remove(i);
+                self.dropped_media_events += 1;
+            }
+        }
+        self.events.push_back(e);
+    }
+
+    fn on_room_event(&mut self, ev: RoomEvent) {
+        let now = self.now;
+        let signal = match signal::parse(&ev.event_type, &ev.content) {
+            Ok(s) => s,
+            Err(SignalError::Unhandled(t)) => {
+                debug!(event_type = %t, "call event type not handled");
+                return;
+            }
+            Err(e) => {
+                warn!(event_type = %ev.event_type, "dropped malformed call event: {e}");
+                return;
+            }
+        };
+        let from_self = ev.sender == self.config.user_id;
+        let party = signal.party_id().map(str::to_owned);
+        if from_self && party.as_deref() == Some(self.party_id.as_str()) {
+            return; // our own echo
+        }
+        let call_id = signal.call_id().to_owned();
+        debug!(%call_id, signal = signal.name(), from_self, "call event");
+
+        if let Signal::Invite(inv) = signal {
+            if !from_self {
+                self.on_invite(&ev, inv, now);
+            }
+            return;
+        }
+
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            if let Signal::Candidates(c) = &signal {
+                if from_self {
+                    return;
+                }
+                self.keep_orphans(&call_id, c.candidates.iter().map(|c| c.candidate.clone()), now);
+            } else {
+                debug!(%call_id, signal = signal.name(), "event for an unknown call ignored");
+            }
+            return;
+        };
+
+        if from_self {
+            // Another device of ours took the call: stop ringing here.
+            if matches!(signal, Signal::Answer(_) | Signal::Reject(_) | Signal::Hangup(_)) {
+                call.handled_elsewhere(now);
+            }
+            self.drain_call_actions();
+            return;
+        }
+        if ev.sender != call.peer {
+            debug!(%call_id, "call event from a third user ignored");
+            return;
+        }
+        let party = party.as_deref();
+        match signal {
+            Signal::Invite(_) => {}
+            Signal::Answer(a) => {
+                if call.direction == CallDirection::Outbound {
+                    call.on_answer(party.map(str::to_owned), &a.answer.sdp, now);
+                }
+            }
+            Signal::Candidates(c) => call.on_candidates(party, &c.candidates),
+            Signal::SelectAnswer(s) => call.on_select_answer(party, s.selected_party_id.as_str(), now),
+            Signal::Reject(_) => call.on_reject(party, now),
+            Signal::Negotiate(n) => call.on_negotiate(party, &n.description.session_type, &n.description.sdp),
+            Signal::Hangup(h) => {
+                call.on_hangup(party, HangupReason::from_wire(h.reason.as_str()), now)
+            }
+        }
+        self.drain_call_actions();
+    }
+
+    fn keep_orphans(&mut self, call_id: &str, lines: impl Iterator<Item = String>, now: Instant) {
+        if !self.orphans.contains_key(call_id) && self.orphans.len() >= limits::MAX_ORPHAN_CALLS {
+            let oldest = self
+                .orphans
+                .iter()
+                .min_by_key(|(_, o)| o.since)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.orphans.remove(&k);
+            }
+        }
+        let o = self.orphans.entry(call_id.to_owned()).or_insert(Orphans {
+            since: now,
+            lines: Vec::new(),
+        });
+        for l in lines {
+            if o.lines.len() < limits::MAX_BUFFERED_CANDIDATES {
+                o.lines.push(l);
+            }
+        }
+        debug!(%call_id, kept = o.lines.len(), "candidates before their invite kept");
+    }
+
+    fn on_invite(
+        &mut self,
+        ev: &RoomEvent,
+        inv: ruma::events::call::invite::CallInviteEventContent,
+        now: Instant,
+    ) {
+        let call_id = inv.call_id.to_string();
+        if self.calls.contains_key(&call_id) {
+            debug!(%call_id, "invite for a known call ignored (replay)");
+            return;
+        }
+        let lifetime = Duration::from_millis(u64::from(inv.lifetime));
+        let age = Duration::from_millis(ev.age_ms.unwrap_or_else(|| {
+            self.unix_ms(now).saturating_sub(ev.origin_server_ts)
+        }));
+        let Some(remaining) = lifetime.checked_sub(age).filter(|d| !d.is_zero()) else {
+            info!(%call_id, ?age, ?lifetime, "expired invite ignored");
+            return;
+        };
+        if let Some(invitee) = &inv.invitee {
+            if *invitee != self.config.user_id {
+                info!(%call_id, "invite for another user ignored");
+                return;
+            }
+        }
+        let room = self.matrix.rooms.get(&ev.room_id);
+        match room {
+            Some(r) if r.public => {
+                info!(%call_id, "invite in a public room ignored");
+                return;
+            }
+            Some(r) if r.member_count() > 2 => {
+                info!(%call_id, members = r.member_count(), "invite in a room with more than 2 members ignored");
+                return;
+            }
+            _ => {}
+        }
+        if let CallPolicy::Allow(allowed) = &self.config.policy {
+            if !allowed.contains(&ev.sender) {
+                info!(%call_id, "invite from a user not on the allow list ignored");
+                return;
+            }
+        }
+        // Glare: we are calling the same user in the same room.
+        let glare = self
+            .calls
+            .values()
+            .find(|c| {
+                c.direction == CallDirection::Outbound
+                    && c.state == CallState::InviteSent
+                    && c.room_id == ev.room_id
+                    && c.peer == ev.sender
+            })
+            .map(|c| c.id.clone());
+        if let Some(ours) = &glare {
+            if *ours < call_id {
+                info!(%call_id, ours = %ours, "glare: our call id is lesser; their invite ignored");
+                return;
+            }
+        }
+        let live = self.calls.values().filter(|c| c.state != CallState::Ended).count();
+        if live >= limits::MAX_CALLS {
+            warn!(%call_id, "too many calls; invite not rung");
+            return;
+        }
+        let call = Call::inbound(
+            call_id.clone(),
+            ev.room_id.clone(),
+            ev.sender.clone(),
+            inv.party_id.as_ref().map(|p| p.to_string()),
+            &inv.offer.sdp,
+            remaining,
+            self.party_id.clone(),
+            &self.setup,
+            now,
+        );
+        let mut call = match call {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%call_id, "invite dropped: {e}");
+                return;
+            }
+        };
+        if let Some(o) = self.orphans.remove(&call_id) {
+            for line in &o.lines {
+                call.add_remote_candidate(line);
+            }
+        }
+        let video = call.remote_video;
+        self.calls.insert(call_id.clone(), call);
+        self.push_event(AgentEvent::IncomingCall {
+            call_id: call_id.clone(),
+            room_id: ev.room_id.clone(),
+            from: ev.sender.clone(),
+            video,
+        });
+        self.push_event(AgentEvent::CallStateChanged {
+            call_id: call_id.clone(),
+            state: CallState::Ringing,
+        });
+        if let Some(ours) = glare {
+            info!(%call_id, ours = %ours, "glare: their call id is lesser; answering theirs");
+            if let Some(c) = self.calls.get_mut(&ours) {
+                c.end(HangupReason::Replaced, Party::Local, now);
+            }
+            let setup = self.setup.clone();
+            if let Some(c) = self.calls.get_mut(&call_id) {
+                if let Err(e) = c.answer(&setup, now) {
+                    warn!(%call_id, "glare answer failed: {e}");
+                }
+            }
+            self.push_event(AgentEvent::CallReplaced {
+                old: ours,
+                new: call_id,
+            });
+        }
+        self.drain_call_actions();
+    }
+
+    // ---- commands ---------------------------------------------------------------------------
+
+    /// Places a video/audio call in a 1:1 room. Needs the room from /sync (see `is_synced`).
+    pub fn place_call(&mut self, room_id: &RoomId, now: Instant) -> Result<CallId, ApiError> {
+        self.with_rng(|a| a.place_call_inner(room_id, now))
+    }
+
+    fn place_call_inner(&mut self, room_id: &RoomId, now: Instant) -> Result<CallId, ApiError> {
+        self.now = now;
+        let peer = self
+            .room_peer(room_id)
+            .ok_or_else(|| ApiError::NotOneToOne(OwnedRoomId::from(room_id)))?;
+        let live = self.calls.values().filter(|c| c.state != CallState::Ended).count();
+        if live >= limits::MAX_CALLS {
+            return Err(ApiError::TooManyCalls);
+        }
+        let call_id = self.rng.id(16);
+        let call = Call::outbound(
+            call_id.clone(),
+            room_id.to_owned(),
+            peer.clone(),
+            Some(peer),
+            self.party_id.clone(),
+            &self.setup,
+            now,
+        )?;
+        info!(%call_id, "placing call");
+        self.calls.insert(call_id.clone(), call);
+        self.drain_call_actions();
+        Ok(call_id)
+    }
+
+    /// Answers a ringing call.
+    pub fn answer(&mut self, call_id: &str, now: Instant) -> Result<(), ApiError> {
+        self.with_rng(|a| {
+            a.now = now;
+            let setup = a.setup.clone();
+            a.call_mut(call_id)?.answer(&setup, now)?;
+            a.drain_call_actions();
+            Ok(())
+        })
+    }
+
+    /// Hangs up (or, when ringing, rejects) a call with `user_hangup`.
+    pub fn hangup(&mut self, call_id: &str, now: Instant) -> Result<(), ApiError> {
+        self.with_rng(|a| {
+            a.now = now;
+            let call = a.call_mut(call_id)?;
+            if call.state == CallState::Ended {
+                return Err(ApiError::WrongState {
+                    call_id: call_id.to_owned(),
+                    state: CallState::Ended,
+                });
+            }
+            call.hangup(HangupReason::UserHangup, now);
+            a.drain_call_actions();
+            Ok(())
+        })
+    }
+
+    /// Hangs up every call that is not ended (for shutdown).
+    pub fn hangup_all(&mut self, now: Instant) {
+        let ids: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state != CallState::Ended)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ids {
+            let _ = self.hangup(&id, now);
+        }
+    }
+
+    /// Renegotiates a connected call (m.call.negotiate with an ICE restart).
+    pub fn renegotiate(&mut self, call_id: &str, now: Instant) -> Result<(), ApiError> {
+        self.with_rng(|a| {
+            a.now = now;
+            a.call_mut(call_id)?.renegotiate(now)?;
+            a.drain_call_actions();
+            Ok(())
+        })
+    }
+
+    /// Sends one frame of local media. `Ok(false)`: the call is not connected, frame dropped.
+    pub fn write_media(
+        &mut self,
+        call_id: &str,
+        now: Instant,
+        frame: OutgoingFrame,
+    ) -> Result<bool, ApiError> {
+        self.with_rng(|a| {
+            a.now = now;
+            a.call_mut(call_id)?.write_media(now, frame)
+        })
+    }
+
+    /// Codecs negotiated for sending media of `kind` in a call.
+    pub fn send_codecs(
+        &mut self,
+        call_id: &str,
+        kind: str0m::media::MediaKind,
+    ) -> Result<Vec<crate::types::Codec>, ApiError> {
+        Ok(self.call_mut(call_id)?.send_codecs(kind))
+    }
+
+    fn call_mut(&mut self, call_id: &str) -> Result<&mut Call, ApiError> {
+        self.calls
+            .get_mut(call_id)
+            .ok_or_else(|| ApiError::UnknownCall(call_id.to_owned()))
+    }
+
+    // ---- output -----------------------------------------------------------------------------
+
+    /// The next thing to do. Drain until [`Output::Timeout`].
+    pub fn poll_output(&mut self) -> Output {
+        self.with_rng(|a| a.poll_output_inner())
+    }
+
+    fn poll_output_inner(&mut self) -> Output {
+        if let Some(e) = self.events.pop_front() {
+            return Output::Event(e);
+        }
+        let now = self.now;
+        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
+        for id in &ids {
+            let Some(call) = self.calls.get_mut(id) else {
+                continue;
+            };
+            let transmit = call.poll_transmit(now);
+            self.drain_call_actions();
+            if let Some(t) = transmit {
+                return Output::Transmit(t);
+            }
+            if let Some(e) = self.events.pop_front() {
+                return Output::Event(e);
+            }
+        }
+        if let Some((id, request)) = self.matrix.poll_request(now, &mut self.rng) {
+            return Output::Http { id, request };
+        }
+        let mut next = self.matrix.poll_timeout();
+        for c in self.calls.values() {
+            next = match (next, c.poll_timeout()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if let Some(o) = self.orphans.values().map(|o| o.since).min() {
+            let at = o + limits::ORPHAN_CANDIDATES_TTL;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        // Never return a deadline in the past: the driver would spin.
+        let at = next.unwrap_or(now + Duration::from_secs(3600)).max(now);
+        Output::Timeout(at)
+    }
+}

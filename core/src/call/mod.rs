@@ -1,0 +1,875 @@
+//! One 1:1 call: the m.call.* state machine around one str0m `Rtc`.
+//!
+//! A call never talks to the homeserver itself: it queues [`CallAction`]s (room events to send,
+//! agent events to report) that the agent drains after every interaction.
+
+pub(crate) mod signal;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ruma::events::call::candidates::Candidate as MxCandidate;
+use ruma::{OwnedRoomId, OwnedUserId, UInt};
+use serde_json::json;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::config::CryptoProvider;
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::{Candidate, Event, IceConnectionState, Rtc, RtcConfig};
+use tracing::{debug, info, warn};
+
+use crate::limits;
+use crate::types::{
+    AgentEvent, ApiError, CallDirection, CallId, CallState, Codec, HangupReason, MediaFrame,
+    OutgoingFrame, Party, Transmit,
+};
+
+/// The call's named timers; a log line says which fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// Send the queued local candidates.
+    CandidateFlush,
+    /// Our invite (or the ringing invite) runs out.
+    Lifetime,
+    /// ICE+DTLS must be up by now.
+    IceConnect,
+    /// ICE has been disconnected for too long.
+    IceDisconnected,
+    /// An ended call is forgotten.
+    Forget,
+}
+
+const TIMERS: [Timer; 5] = [
+    Timer::CandidateFlush,
+    Timer::Lifetime,
+    Timer::IceConnect,
+    Timer::IceDisconnected,
+    Timer::Forget,
+];
+
+#[derive(Debug, Default)]
+struct Timers([Option<Instant>; 5]);
+
+impl Timers {
+    fn slot(t: Timer) -> usize {
+        t as usize
+    }
+    fn set(&mut self, t: Timer, at: Instant) {
+        if let Some(s) = self.0.get_mut(Self::slot(t)) {
+            *s = Some(at);
+        }
+    }
+    fn stop(&mut self, t: Timer) {
+        if let Some(s) = self.0.get_mut(Self::slot(t)) {
+            *s = None;
+        }
+    }
+    fn get(&self, t: Timer) -> Option<Instant> {
+        self.0.get(Self::slot(t)).copied().flatten()
+    }
+    fn next(&self) -> Option<Instant> {
+        self.0.iter().flatten().min().copied()
+    }
+    /// The first timer due at `now`, cleared.
+    fn take_due(&mut self, now: Instant) -> Option<Timer> {
+        let t = TIMERS.iter().copied().find(|t| self.get(*t).is_some_and(|at| at <= now))?;
+        self.stop(t);
+        Some(t)
+    }
+}
+
+/// What a call asks the agent to do.
+#[derive(Debug)]
+pub(crate) enum CallAction {
+    Send {
+        room_id: OwnedRoomId,
+        event_type: &'static str,
+        content: serde_json::Value,
+    },
+    Event(AgentEvent),
+}
+
+/// Settings a call needs from the agent.
+#[derive(Debug, Clone)]
+pub(crate) struct CallSetup {
+    pub crypto: Arc<CryptoProvider>,
+    pub local_addrs: Vec<std::net::SocketAddr>,
+    pub video: bool,
+    pub audio: bool,
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CallStats {
+    pub frames_sent: u64,
+    pub frames_received: u64,
+}
+
+pub(crate) struct Call {
+    pub id: CallId,
+    pub room_id: OwnedRoomId,
+    pub direction: CallDirection,
+    pub peer: OwnedUserId,
+    pub our_party: String,
+    /// The other side's party: the selected answerer (outbound) or the inviter (inbound).
+    pub opponent_party: Option<String>,
+    /// The peer speaks VoIP version 0 (no party ids, no select_answer, no reject).
+    peer_v0: bool,
+    pub state: CallState,
+    rtc: Rtc,
+    /// Our offer (invite or negotiate) waiting for its answer.
+    pending_offer: Option<SdpPendingOffer>,
+    /// The answer to the ringing invite, sent when the user answers.
+    prepared_answer: Option<String>,
+    audio_mid: Option<Mid>,
+    video_mid: Option<Mid>,
+    timers: Timers,
+    rtc_deadline: Option<Instant>,
+    /// Local candidates not sent yet (SDP lines); `None` entry = end-of-candidates.
+    local_candidates: VecDeque<Option<String>>,
+    /// Outbound: candidates per answering party, applied when that party is selected.
+    early_candidates: BTreeMap<String, Vec<String>>,
+    remote_candidates: usize,
+    ice_connected_once: bool,
+    pub remote_video: bool,
+    lifetime: Duration,
+    pub stats: CallStats,
+    out: VecDeque<CallAction>,
+    pub ended_reason: Option<HangupReason>,
+}
+
+fn rtc_config(setup: &CallSetup) -> RtcConfig {
+    let mut c = RtcConfig::new()
+        .set_crypto_provider(setup.crypto.clone())
+        .clear_codecs()
+        .set_stats_interval(None);
+    if setup.audio {
+        c = c
+            .enable_opus(true, false)
+            .enable_pcmu(true, false)
+            .enable_pcma(true, false);
+    }
+    if setup.video {
+        c = c.enable_h264(true).enable_vp8(true);
+    }
+    c
+}
+
+fn invite_has_video(sdp: &str) -> bool {
+    sdp.lines().any(|l| l.starts_with("m=video") && !l.starts_with("m=video 0 "))
+}
+
+impl Call {
+    fn new(
+        id: CallId,
+        room_id: OwnedRoomId,
+        direction: CallDirection,
+        peer: OwnedUserId,
+        our_party: String,
+        setup: &CallSetup,
+        now: Instant,
+    ) -> Self {
+        Call {
+            id,
+            room_id,
+            direction,
+            peer,
+            our_party,
+            opponent_party: None,
+            peer_v0: false,
+            state: match direction {
+                CallDirection::Outbound => CallState::InviteSent,
+                CallDirection::Inbound => CallState::Ringing,
+            },
+            rtc: rtc_config(setup).build(now),
+            pending_offer: None,
+            prepared_answer: None,
+            audio_mid: None,
+            video_mid: None,
+            timers: Timers::default(),
+            rtc_deadline: None,
+            local_candidates: VecDeque::new(),
+            early_candidates: BTreeMap::new(),
+            remote_candidates: 0,
+            ice_connected_once: false,
+            remote_video: false,
+            lifetime: setup.lifetime,
+            stats: CallStats::default(),
+            out: VecDeque::new(),
+            ended_reason: None,
+        }
+    }
+
+    /// Places a call: creates the offer and queues the invite.
+    pub fn outbound(
+        id: CallId,
+        room_id: OwnedRoomId,
+        peer: OwnedUserId,
+        invitee: Option<OwnedUserId>,
+        our_party: String,
+        setup: &CallSetup,
+        now: Instant,
+    ) -> Result<Self, ApiError> {
+        let mut call = Call::new(id, room_id, CallDirection::Outbound, peer, our_party, setup, now);
+        let stream = format!("ca-{}", call.id);
+        let mut api = call.rtc.sdp_api();
+        if setup.audio {
+            call.audio_mid = Some(api.add_media(
+                MediaKind::Audio,
+                Direction::SendRecv,
+                Some(stream.clone()),
+                Some(format!("{stream}-audio")),
+                None,
+            ));
+        }
+        if setup.video {
+            call.video_mid = Some(api.add_media(
+                MediaKind::Video,
+                Direction::SendRecv,
+                Some(stream.clone()),
+                Some(format!("{stream}-video")),
+                None,
+            ));
+        }
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| ApiError::Rtc("no media to offer".into()))?;
+        call.pending_offer = Some(pending);
+        let mut content = json!({
+            "call_id": call.id,
+            "party_id": call.our_party,
+            "version": "1",
+            "lifetime": setup.lifetime.as_millis() as u64,
+            "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
+            "sdp_stream_metadata": {stream: {"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}},
+        });
+        if let (Some(invitee), Some(obj)) = (invitee, content.as_object_mut()) {
+            obj.insert("invitee".into(), json!(invitee));
+        }
+        call.send("m.call.invite", content);
+        call.timers.set(Timer::Lifetime, now + setup.lifetime);
+        call.gather(setup, now);
+        call.event(AgentEvent::CallStateChanged {
+            call_id: call.id.clone(),
+            state: CallState::InviteSent,
+        });
+        Ok(call)
+    }
+
+    /// An invite for us: prepares the answer and rings. `remaining` is what is left of its
+    /// lifetime. Err carries why the invite cannot be taken (bad SDP): it is then not rung.
+    #[allow(clippy::too_many_arguments)]
+    pub fn inbound(
+        id: CallId,
+        room_id: OwnedRoomId,
+        from: OwnedUserId,
+        their_party: Option<String>,
+        offer_sdp: &str,
+        remaining: Duration,
+        our_party: String,
+        setup: &CallSetup,
+        now: Instant,
+    ) -> Result<Self, String> {
+        let offer = SdpOffer::from_sdp_string(offer_sdp).map_err(|e| format!("bad offer SDP: {e}"))?;
+        let mut call = Call::new(id, room_id, CallDirection::Inbound, from, our_party, setup, now);
+        call.peer_v0 = their_party.is_none();
+        call.opponent_party = their_party;
+        call.remote_video = invite_has_video(offer_sdp);
+        let answer = call
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| format!("offer refused: {e}"))?;
+        call.prepared_answer = Some(answer.to_sdp_string());
+        call.timers.set(Timer::Lifetime, now + remaining);
+        Ok(call)
+    }
+
+    fn send(&mut self, event_type: &'static str, content: serde_json::Value) {
+        self.out.push_back(CallAction::Send {
+            room_id: self.room_id.clone(),
+            event_type,
+            content,
+        });
+    }
+
+    fn event(&mut self, e: AgentEvent) {
+        self.out.push_back(CallAction::Event(e));
+    }
+
+    pub fn poll_action(&mut self) -> Option<CallAction> {
+        self.out.pop_front()
+    }
+
+    fn set_state(&mut self, state: CallState) {
+        if self.state != state {
+            info!(call_id = %self.id, ?state, "call state");
+            self.state = state;
+            self.event(AgentEvent::CallStateChanged {
+                call_id: self.id.clone(),
+                state,
+            });
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        if self.peer_v0 {
+            "0"
+        } else {
+            "1"
+        }
+    }
+
+    /// Adds our host candidates and schedules the first candidates batch.
+    fn gather(&mut self, setup: &CallSetup, now: Instant) {
+        for addr in &setup.local_addrs {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    if let Some(added) = self.rtc.add_local_candidate(c) {
+                        let line = added.to_sdp_string();
+                        if self.local_candidates.len() < limits::MAX_LOCAL_CANDIDATES {
+                            self.local_candidates.push_back(Some(line));
+                        }
+                    }
+                }
+                Err(e) => warn!(call_id = %self.id, "local address not usable as candidate: {e}"),
+            }
+        }
+        // Host candidates are all we gather here: end-of-candidates follows them.
+        self.local_candidates.push_back(None);
+        self.timers.set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+    }
+
+    fn flush_candidates(&mut self, now: Instant) {
+        let mut batch = Vec::new();
+        let sdp_mid = self
+            .audio_mid
+            .or(self.video_mid)
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "0".into());
+        while batch.len() < limits::MAX_CANDIDATES_PER_EVENT {
+            let Some(c) = self.local_candidates.pop_front() else {
+                break;
+            };
+            let mut cand = MxCandidate::new(c.unwrap_or_default());
+            cand.sdp_mid = Some(sdp_mid.clone());
+            cand.sdp_m_line_index = Some(UInt::MIN);
+            batch.push(cand);
+        }
+        if !batch.is_empty() {
+            let content = json!({
+                "call_id": self.id,
+                "party_id": self.our_party,
+                "version": self.version(),
+                "candidates": batch,
+            });
+            self.send("m.call.candidates", content);
+        }
+        if !self.local_candidates.is_empty() {
+            self.timers.set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+        }
+    }
+
+    /// The user answers a ringing call.
+    pub fn answer(&mut self, setup: &CallSetup, now: Instant) -> Result<(), ApiError> {
+        if self.state != CallState::Ringing {
+            return Err(ApiError::WrongState {
+                call_id: self.id.clone(),
+                state: self.state,
+            });
+        }
+        let sdp = self.prepared_answer.take().unwrap_or_default();
+        let mut content = json!({
+            "call_id": self.id,
+            "version": self.version(),
+            "answer": {"type": "answer", "sdp": sdp},
+        });
+        if let Some(obj) = content.as_object_mut() {
+            if !self.peer_v0 {
+                obj.insert("party_id".into(), json!(self.our_party));
+            }
+        }
+        self.send("m.call.answer", content);
+        self.timers.stop(Timer::Lifetime);
+        self.timers.set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
+        self.set_state(CallState::Connecting);
+        self.gather(setup, now);
+        Ok(())
+    }
+
+    /// Ends the call from our side: reject when ringing (v1), hangup otherwise.
+    pub fn hangup(&mut self, reason: HangupReason, now: Instant) {
+        if self.state == CallState::Ended {
+            return;
+        }
+        if self.state == CallState::Ringing && !self.peer_v0 {
+            self.send(
+                "m.call.reject",
+                json!({"call_id": self.id, "party_id": self.our_party, "version": "1"}),
+            );
+            self.end(HangupReason::Rejected, Party::Local, now);
+            return;
+        }
+        let mut content = json!({
+            "call_id": self.id,
+            "version": self.version(),
+            "reason": reason.as_str(),
+        });
+        if let Some(obj) = content.as_object_mut() {
+            if !self.peer_v0 {
+                obj.insert("party_id".into(), json!(self.our_party));
+            }
+        }
+        self.send("m.call.hangup", content);
+        self.end(reason, Party::Local, now);
+    }
+
+    /// Ends the call without telling anyone (the other side already knows, or never will).
+    pub fn end(&mut self, reason: HangupReason, by: Party, now: Instant) {
+        if self.state == CallState::Ended {
+            return;
+        }
+        info!(call_id = %self.id, %reason, ?by, "call ended");
+        self.rtc.disconnect();
+        self.local_candidates.clear();
+        for t in TIMERS {
+            self.timers.stop(t);
+        }
+        self.timers.set(Timer::Forget, now + limits::ENDED_CALL_MEMORY);
+        self.set_state(CallState::Ended);
+        self.ended_reason = Some(reason.clone());
+        self.event(AgentEvent::CallEnded {
+            call_id: self.id.clone(),
+            reason,
+            by,
+        });
+    }
+
+    pub fn is_forgettable(&self, now: Instant) -> bool {
+        self.state == CallState::Ended
+            && self.timers.get(Timer::Forget).is_none_or(|t| now >= t)
+    }
+
+    /// Renegotiates (m.call.negotiate): an ICE restart keeping the same media.
+    pub fn renegotiate(&mut self, now: Instant) -> Result<(), ApiError> {
+        if !matches!(self.state, CallState::Connecting | CallState::Connected) || self.peer_v0 {
+            return Err(ApiError::WrongState {
+                call_id: self.id.clone(),
+                state: self.state,
+            });
+        }
+        if self.pending_offer.is_some() {
+            return Err(ApiError::Rtc("a negotiation is already in progress".into()));
+        }
+        let mut api = self.rtc.sdp_api();
+        api.ice_restart(true);
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| ApiError::Rtc("nothing to renegotiate".into()))?;
+        self.pending_offer = Some(pending);
+        self.send_negotiate("offer", offer.to_sdp_string());
+        let _ = now;
+        Ok(())
+    }
+
+    fn send_negotiate(&mut self, kind: &str, sdp: String) {
+        let stream = format!("ca-{}", self.id);
+        self.send(
+            "m.call.negotiate",
+            json!({
+                "call_id": self.id,
+                "party_id": self.our_party,
+                "version": "1",
+                "lifetime": self.lifetime.as_millis() as u64,
+                "description": {"type": kind, "sdp": sdp},
+                "sdp_stream_metadata": {stream: {"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}},
+            }),
+        );
+    }
+
+    /// Whether a signal from `party` belongs to the other side of this call.
+    fn from_opponent(&self, party: Option<&str>) -> bool {
+        match (&self.opponent_party, party) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            (None, _) => true,
+            (Some(_), None) => self.peer_v0,
+        }
+    }
+
+    /// An answer from `party` (outbound calls). The first valid answer is selected.
+    pub fn on_answer(&mut self, party: Option<String>, sdp: &str, now: Instant) {
+        if self.state != CallState::InviteSent {
+            if self.opponent_party.as_deref() != party.as_deref() {
+                debug!(call_id = %self.id, "answer from another party after selection ignored");
+            }
+            return;
+        }
+        let answer = match SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(call_id = %self.id, "answer with bad SDP dropped: {e}");
+                return;
+            }
+        };
+        let Some(pending) = self.pending_offer.take() else {
+            return;
+        };
+        if let Err(e) = self.rtc.sdp_api().accept_answer(pending, answer) {
+            warn!(call_id = %self.id, "answer refused: {e}");
+            self.hangup(HangupReason::UnknownError, now);
+            return;
+        }
+        self.peer_v0 = party.is_none();
+        self.remote_video = invite_has_video(sdp);
+        if let Some(p) = &party {
+            self.send(
+                "m.call.select_answer",
+                json!({"call_id": self.id, "party_id": self.our_party, "version": "1", "selected_party_id": p}),
+            );
+        }
+        let early = party
+            .as_ref()
+            .and_then(|p| self.early_candidates.remove(p))
+            .or_else(|| self.early_candidates.remove(""))
+            .unwrap_or_default();
+        self.early_candidates.clear();
+        self.opponent_party = party;
+        for c in early {
+            self.add_remote_candidate(&c);
+        }
+        self.timers.stop(Timer::Lifetime);
+        self.timers.set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
+        self.set_state(CallState::Connecting);
+    }
+
+    pub fn on_candidates(&mut self, party: Option<&str>, candidates: &[MxCandidate]) {
+        if self.state == CallState::Ended {
+            return;
+        }
+        if self.direction == CallDirection::Outbound && self.state == CallState::InviteSent {
+            // Not selected yet: keep them per party.
+            let list = self
+                .early_candidates
+                .entry(party.unwrap_or_default().to_owned())
+                .or_default();
+            for c in candidates {
+                if list.len() < limits::MAX_BUFFERED_CANDIDATES {
+                    list.push(c.candidate.clone());
+                }
+            }
+            return;
+        }
+        if !self.from_opponent(party) {
+            debug!(call_id = %self.id, "candidates from another party ignored");
+            return;
+        }
+        for c in candidates {
+            self.add_remote_candidate(&c.candidate);
+        }
+    }
+
+    pub fn add_remote_candidate(&mut self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            debug!(call_id = %self.id, "remote end-of-candidates");
+            return;
+        }
+        if self.remote_candidates >= limits::MAX_REMOTE_CANDIDATES {
+            warn!(call_id = %self.id, "remote candidate limit reached; candidate dropped");
+            return;
+        }
+        let line = line.strip_prefix("a=").unwrap_or(line);
+        match Candidate::from_sdp_string(line) {
+            Ok(c) => {
+                self.remote_candidates += 1;
+                self.rtc.add_remote_candidate(c);
+            }
+            Err(e) => warn!(call_id = %self.id, "malformed remote candidate dropped: {e}"),
+        }
+    }
+
+    /// select_answer from the caller (inbound calls).
+    pub fn on_select_answer(&mut self, party: Option<&str>, selected: &str, now: Instant) {
+        if self.direction != CallDirection::Inbound || !self.from_opponent(party) {
+            return;
+        }
+        if selected != self.our_party {
+            info!(call_id = %self.id, "another device's answer was selected");
+            self.end(HangupReason::AnsweredElsewhere, Party::Remote, now);
+        }
+    }
+
+    pub fn on_hangup(&mut self, party: Option<&str>, reason: HangupReason, now: Instant) {
+        if self.state == CallState::Ended {
+            return;
+        }
+        // Before selection, any device of the peer may hang up (a v0 peer has no party id).
+        if self.state != CallState::InviteSent && !self.from_opponent(party) {
+            debug!(call_id = %self.id, "hangup from another party ignored");
+            return;
+        }
+        self.end(reason, Party::Remote, now);
+    }
+
+    pub fn on_reject(&mut self, party: Option<&str>, now: Instant) {
+        match (self.direction, self.state) {
+            (CallDirection::Outbound, CallState::InviteSent) => {
+                self.end(HangupReason::Rejected, Party::Remote, now)
+            }
+            _ if self.from_opponent(party) && self.direction == CallDirection::Inbound => {
+                self.end(HangupReason::Rejected, Party::Remote, now)
+            }
+            _ => debug!(call_id = %self.id, "reject ignored in state {:?}", self.state),
+        }
+    }
+
+    /// Our own user's other device answered or rejected this ringing call.
+    pub fn handled_elsewhere(&mut self, now: Instant) {
+        if self.state == CallState::Ringing {
+            self.end(HangupReason::AnsweredElsewhere, Party::Local, now);
+        }
+    }
+
+    pub fn on_negotiate(&mut self, party: Option<&str>, kind: &str, sdp: &str) {
+        if !matches!(self.state, CallState::Connecting | CallState::Connected)
+            || !self.from_opponent(party)
+        {
+            debug!(call_id = %self.id, "negotiate ignored in state {:?}", self.state);
+            return;
+        }
+        match kind {
+            "offer" => {
+                let offer = match SdpOffer::from_sdp_string(sdp) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        warn!(call_id = %self.id, "negotiate offer with bad SDP dropped: {e}");
+                        return;
+                    }
+                };
+                if self.pending_offer.is_some() {
+                    // Both sides offered at once: the callee is the polite one and yields.
+                    if self.direction == CallDirection::Outbound {
+                        debug!(call_id = %self.id, "negotiate glare: keeping our offer");
+                        return;
+                    }
+                    self.pending_offer = None;
+                }
+                match self.rtc.sdp_api().accept_offer(offer) {
+                    Ok(answer) => {
+                        self.send_negotiate("answer", answer.to_sdp_string());
+                        self.event(AgentEvent::Renegotiated {
+                            call_id: self.id.clone(),
+                        });
+                    }
+                    Err(e) => warn!(call_id = %self.id, "negotiate offer refused: {e}"),
+                }
+            }
+            "answer" => {
+                let Some(pending) = self.pending_offer.take() else {
+                    debug!(call_id = %self.id, "negotiate answer without our offer ignored");
+                    return;
+                };
+                let answer = match SdpAnswer::from_sdp_string(sdp) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(call_id = %self.id, "negotiate answer with bad SDP dropped: {e}");
+                        self.pending_offer = Some(pending);
+                        return;
+                    }
+                };
+                match self.rtc.sdp_api().accept_answer(pending, answer) {
+                    Ok(()) => self.event(AgentEvent::Renegotiated {
+                        call_id: self.id.clone(),
+                    }),
+                    Err(e) => warn!(call_id = %self.id, "negotiate answer refused: {e}"),
+                }
+            }
+            other => warn!(call_id = %self.id, "negotiate with unknown type {other:?} dropped"),
+        }
+    }
+
+    pub fn accepts(&self, input: &str0m::Input) -> bool {
+        self.state != CallState::Ended && self.rtc.accepts(input)
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let rtc = if self.state == CallState::Ended {
+            None
+        } else {
+            self.rtc_deadline
+        };
+        match (self.timers.next(), rtc) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(t) = self.timers.take_due(now) {
+            debug!(call_id = %self.id, timer = ?t, "call timer fired");
+            match t {
+                Timer::CandidateFlush => self.flush_candidates(now),
+                Timer::Lifetime => match self.direction {
+                    CallDirection::Outbound => self.hangup(HangupReason::InviteTimeout, now),
+                    CallDirection::Inbound => {
+                        self.end(HangupReason::InviteTimeout, Party::Remote, now)
+                    }
+                },
+                Timer::IceConnect => {
+                    if self.state == CallState::Connecting {
+                        warn!(call_id = %self.id, "no media connection in {:?}", limits::ICE_CONNECT_TIMEOUT);
+                        self.hangup(HangupReason::IceFailed, now);
+                    }
+                }
+                Timer::IceDisconnected => {
+                    warn!(call_id = %self.id, "ICE disconnected for {:?}", limits::ICE_DISCONNECTED_TIMEOUT);
+                    self.hangup(HangupReason::IceTimeout, now);
+                }
+                Timer::Forget => self.timers.set(Timer::Forget, now),
+            }
+        }
+        if self.state != CallState::Ended && self.rtc_deadline.is_some_and(|d| d <= now) {
+            self.rtc_deadline = None;
+            if let Err(e) = self.rtc.handle_input(str0m::Input::Timeout(now)) {
+                self.rtc_failed(e, now);
+            }
+        }
+    }
+
+    pub fn handle_receive(&mut self, now: Instant, input: str0m::Input) {
+        if let Err(e) = self.rtc.handle_input(input) {
+            debug!(call_id = %self.id, "datagram refused by rtc: {e}");
+        }
+        self.rtc_deadline = Some(now);
+    }
+
+    fn rtc_failed(&mut self, e: str0m::RtcError, now: Instant) {
+        warn!(call_id = %self.id, "rtc failed: {e}");
+        self.hangup(HangupReason::UnknownError, now);
+    }
+
+    /// Drains str0m: the next datagram to send, handling its events on the way.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if self.state == CallState::Ended && !self.rtc.is_alive() {
+            return None;
+        }
+        loop {
+            match self.rtc.poll_output() {
+                Ok(str0m::Output::Transmit(t)) => {
+                    return Some(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    })
+                }
+                Ok(str0m::Output::Timeout(t)) => {
+                    self.rtc_deadline = Some(t);
+                    return None;
+                }
+                Ok(str0m::Output::Event(e)) => self.on_rtc_event(e, now),
+                Err(e) => {
+                    self.rtc_deadline = None;
+                    self.rtc_failed(e, now);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn on_rtc_event(&mut self, e: Event, now: Instant) {
+        match e {
+            Event::IceConnectionStateChange(s) => {
+                debug!(call_id = %self.id, ice = ?s, "ice state");
+                match s {
+                    IceConnectionState::Connected | IceConnectionState::Completed => {
+                        self.ice_connected_once = true;
+                        self.timers.stop(Timer::IceDisconnected);
+                    }
+                    IceConnectionState::Disconnected if self.ice_connected_once => {
+                        if self.timers.get(Timer::IceDisconnected).is_none() {
+                            self.timers
+                                .set(Timer::IceDisconnected, now + limits::ICE_DISCONNECTED_TIMEOUT);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::Connected => {
+                if self.state == CallState::Connecting {
+                    self.timers.stop(Timer::IceConnect);
+                    self.set_state(CallState::Connected);
+                }
+            }
+            Event::MediaAdded(m) => match m.kind {
+                MediaKind::Audio if self.audio_mid.is_none() => self.audio_mid = Some(m.mid),
+                MediaKind::Video if self.video_mid.is_none() => self.video_mid = Some(m.mid),
+                _ => {}
+            },
+            Event::MediaData(d) => {
+                self.stats.frames_received += 1;
+                let spec = d.params.spec();
+                let kind = if spec.codec.is_audio() {
+                    MediaKind::Audio
+                } else {
+                    MediaKind::Video
+                };
+                self.event(AgentEvent::Media(MediaFrame {
+                    call_id: self.id.clone(),
+                    kind,
+                    codec: Codec::from_str0m(spec.codec),
+                    rtp_time: d.time.numer(),
+                    clock_rate: d.time.denom(),
+                    contiguous: d.contiguous,
+                    data: d.data,
+                }));
+            }
+            Event::KeyframeRequest(_) => self.event(AgentEvent::KeyframeRequested {
+                call_id: self.id.clone(),
+            }),
+            Event::Closed => debug!(call_id = %self.id, "rtc closed"),
+            _ => {}
+        }
+    }
+
+    /// Writes one frame of local media. `Ok(false)`: not connected yet, frame dropped.
+    pub fn write_media(&mut self, now: Instant, frame: OutgoingFrame) -> Result<bool, ApiError> {
+        if self.state != CallState::Connected {
+            return Ok(false);
+        }
+        let mid = match frame.kind {
+            MediaKind::Audio => self.audio_mid,
+            MediaKind::Video => self.video_mid,
+        }
+        .ok_or(ApiError::NoSuchMedia)?;
+        let wanted = frame.codec.to_str0m().ok_or(ApiError::NoSuchMedia)?;
+        let writer = self.rtc.writer(mid).ok_or(ApiError::NoSuchMedia)?;
+        let params = writer
+            .payload_params()
+            .find(|p| p.spec().codec == wanted)
+            .copied()
+            .ok_or(ApiError::NoSuchMedia)?;
+        let freq = params.spec().clock_rate;
+        writer
+            .write(params.pt(), now, MediaTime::new(frame.rtp_time, freq), frame.data.to_vec())
+            .map_err(|e| ApiError::Rtc(e.to_string()))?;
+        self.stats.frames_sent += 1;
+        self.rtc_deadline = Some(now);
+        Ok(true)
+    }
+
+    /// The codecs negotiated for sending, for the driver to pick a source format.
+    pub fn send_codecs(&mut self, kind: MediaKind) -> Vec<Codec> {
+        let mid = match kind {
+            MediaKind::Audio => self.audio_mid,
+            MediaKind::Video => self.video_mid,
+        };
+        let Some(mid) = mid else { return Vec::new() };
+        let Some(writer) = self.rtc.writer(mid) else {
+            return Vec::new();
+        };
+        writer
+            .payload_params()
+            .map(|p| Codec::from_str0m(p.spec().codec))
+            .collect()
+    }
+}

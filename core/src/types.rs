@@ -1,0 +1,410 @@
+//! The public vocabulary of the core: configuration, inputs, outputs and events.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId};
+use str0m::media::MediaKind;
+
+use crate::limits;
+
+/// A secret (password, access token, TURN credential) that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the agent logs in.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// Password login (`m.login.password`); reuses `AgentConfig::device_id` when set.
+    Password(Secret),
+    /// An access token from an earlier login; `AgentConfig::device_id` should name its device.
+    AccessToken(Secret),
+}
+
+/// Who may ring this agent.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum CallPolicy {
+    /// Anyone in a 1:1 room.
+    #[default]
+    Anyone,
+    /// Only these users; invites from others are ignored (not rung, not rejected).
+    Allow(Vec<OwnedUserId>),
+}
+
+/// Static configuration of an [`Agent`](crate::Agent).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// Homeserver base URL, e.g. `https://matrix.example.org`.
+    pub homeserver: String,
+    pub user_id: OwnedUserId,
+    pub credentials: Credentials,
+    /// Device to log in as (kept across restarts by the driver).
+    pub device_id: Option<OwnedDeviceId>,
+    /// Local UDP addresses the driver receives on; each becomes a host candidate.
+    pub local_addrs: Vec<SocketAddr>,
+    pub policy: CallPolicy,
+    /// `lifetime` of our invites and negotiate offers.
+    pub invite_lifetime: Duration,
+    /// Offer/accept video (H.264 out; H.264 or VP8 in).
+    pub video: bool,
+    /// Offer/accept audio (Opus, PCMU, PCMA).
+    pub audio: bool,
+    /// Fetch `/voip/turnServer` and keep it fresh.
+    pub fetch_turn_servers: bool,
+}
+
+impl AgentConfig {
+    pub fn new(
+        homeserver: impl Into<String>,
+        user_id: OwnedUserId,
+        credentials: Credentials,
+        local_addrs: Vec<SocketAddr>,
+    ) -> Self {
+        AgentConfig {
+            homeserver: homeserver.into(),
+            user_id,
+            credentials,
+            device_id: None,
+            local_addrs,
+            policy: CallPolicy::Anyone,
+            invite_lifetime: limits::DEFAULT_INVITE_LIFETIME,
+            video: true,
+            audio: true,
+            fetch_turn_servers: true,
+        }
+    }
+}
+
+/// Identifies one HTTP exchange between [`Output::Http`] and [`Input::HttpResponse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HttpId(pub u64);
+
+/// Why an HTTP exchange produced no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HttpFailure {
+    /// Could not connect (refused, DNS, TLS).
+    Connect(String),
+    /// The driver gave up waiting.
+    Timeout,
+    /// Anything else the transport reported.
+    Other(String),
+}
+
+/// Something for the agent to process.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Input<'a> {
+    /// Time has moved on (a deadline from [`Output::Timeout`] was reached, or earlier).
+    Timeout(Instant),
+    /// A UDP datagram arrived on one of the local addresses.
+    Receive {
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &'a [u8],
+    },
+    /// The answer to [`Output::Http`] with the same id.
+    HttpResponse {
+        now: Instant,
+        id: HttpId,
+        response: Result<http::Response<Vec<u8>>, HttpFailure>,
+    },
+    /// Wall-clock time (Unix milliseconds) at `now`: for invite lifetimes and event ages.
+    UnixTime { now: Instant, unix_ms: u64 },
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// What the agent wants done next.
+#[derive(Debug)]
+#[non_exhaustive]
+#[must_use]
+pub enum Output {
+    Transmit(Transmit),
+    /// Run this request and feed the answer back as [`Input::HttpResponse`].
+    Http {
+        id: HttpId,
+        request: http::Request<Vec<u8>>,
+    },
+    Event(AgentEvent),
+    /// Nothing more until this instant (or a new input).
+    Timeout(Instant),
+}
+
+/// A call id (`call_id` of the m.call.* events).
+pub type CallId = String;
+
+/// Which way a call was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallDirection {
+    Outbound,
+    Inbound,
+}
+
+/// Where a call is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum CallState {
+    /// Our invite is out, no answer selected yet.
+    InviteSent,
+    /// An invite for us is ringing.
+    Ringing,
+    /// Answer exchanged; ICE and DTLS in progress.
+    Connecting,
+    /// Media can flow.
+    Connected,
+    Ended,
+}
+
+/// Why a call ended: the spec's hangup reasons plus local outcomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HangupReason {
+    IceFailed,
+    IceTimeout,
+    InviteTimeout,
+    UserHangup,
+    UserMediaFailed,
+    UserBusy,
+    UnknownError,
+    /// The callee rejected (m.call.reject), or we did.
+    Rejected,
+    /// Another device of the callee's user answered (or rejected) the call.
+    AnsweredElsewhere,
+    /// Glare: this call was replaced by the other side's call.
+    Replaced,
+    /// A reason string from the peer this version does not know.
+    Other(String),
+}
+
+impl HangupReason {
+    /// The reason as written in m.call.hangup.
+    pub fn as_str(&self) -> &str {
+        match self {
+            HangupReason::IceFailed => "ice_failed",
+            HangupReason::IceTimeout => "ice_timeout",
+            HangupReason::InviteTimeout => "invite_timeout",
+            HangupReason::UserHangup => "user_hangup",
+            HangupReason::UserMediaFailed => "user_media_failed",
+            HangupReason::UserBusy => "user_busy",
+            HangupReason::UnknownError => "unknown_error",
+            HangupReason::Rejected => "rejected",
+            HangupReason::AnsweredElsewhere => "answered_elsewhere",
+            HangupReason::Replaced => "replaced",
+            HangupReason::Other(s) => s,
+        }
+    }
+
+    pub(crate) fn from_wire(s: &str) -> Self {
+        match s {
+            "ice_failed" => HangupReason::IceFailed,
+            "ice_timeout" => HangupReason::IceTimeout,
+            "invite_timeout" => HangupReason::InviteTimeout,
+            "user_hangup" => HangupReason::UserHangup,
+            "user_media_failed" => HangupReason::UserMediaFailed,
+            "user_busy" => HangupReason::UserBusy,
+            "unknown_error" => HangupReason::UnknownError,
+            other => HangupReason::Other(other.chars().take(64).collect()),
+        }
+    }
+}
+
+impl fmt::Display for HangupReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party {
+    Local,
+    Remote,
+}
+
+/// Media codecs the agent sends and receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    H264,
+    Vp8,
+    Opus,
+    Pcmu,
+    Pcma,
+    Other,
+}
+
+impl Codec {
+    pub(crate) fn from_str0m(c: str0m::format::Codec) -> Self {
+        use str0m::format::Codec as C;
+        match c {
+            C::H264 => Codec::H264,
+            C::Vp8 => Codec::Vp8,
+            C::Opus => Codec::Opus,
+            C::PCMU => Codec::Pcmu,
+            C::PCMA => Codec::Pcma,
+            _ => Codec::Other,
+        }
+    }
+
+    pub(crate) fn to_str0m(self) -> Option<str0m::format::Codec> {
+        use str0m::format::Codec as C;
+        match self {
+            Codec::H264 => Some(C::H264),
+            Codec::Vp8 => Some(C::Vp8),
+            Codec::Opus => Some(C::Opus),
+            Codec::Pcmu => Some(C::PCMU),
+            Codec::Pcma => Some(C::PCMA),
+            Codec::Other => None,
+        }
+    }
+}
+
+/// One frame of remote media (a depacketized video access unit or audio packet).
+#[derive(Debug, Clone)]
+pub struct MediaFrame {
+    pub call_id: CallId,
+    pub kind: MediaKind,
+    pub codec: Codec,
+    /// RTP timestamp in units of `clock_rate`.
+    pub rtp_time: u64,
+    pub clock_rate: u32,
+    /// False when packets were lost before this frame.
+    pub contiguous: bool,
+    pub data: Arc<[u8]>,
+}
+
+/// One frame of local media to send.
+#[derive(Debug, Clone, Copy)]
+pub struct OutgoingFrame<'a> {
+    pub kind: MediaKind,
+    pub codec: Codec,
+    /// RTP timestamp in units of the codec clock (90 kHz video, 48 kHz Opus, 8 kHz G.711).
+    pub rtp_time: u64,
+    /// H.264: an Annex B access unit. Audio: one encoded packet.
+    pub data: &'a [u8],
+}
+
+/// Something that happened, for the driver and the user.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AgentEvent {
+    LoggedIn {
+        user_id: OwnedUserId,
+        device_id: OwnedDeviceId,
+        access_token: Secret,
+    },
+    /// The homeserver refused our credentials; the agent stops talking to it.
+    LoginFailed { message: String },
+    /// The homeserver became unreachable (`false`) or reachable again (`true`).
+    HomeserverReachable(bool),
+    /// The first /sync finished: invites from now on ring.
+    Synced,
+    /// An invite rings. Answer with [`Agent::answer`](crate::Agent::answer) or reject.
+    IncomingCall {
+        call_id: CallId,
+        room_id: OwnedRoomId,
+        from: OwnedUserId,
+        video: bool,
+    },
+    CallStateChanged {
+        call_id: CallId,
+        state: CallState,
+    },
+    /// Glare: our outgoing call `old` gave way to the peer's call `new`, which we answered.
+    CallReplaced { old: CallId, new: CallId },
+    /// The call was renegotiated (m.call.negotiate offer and answer exchanged).
+    Renegotiated { call_id: CallId },
+    Media(MediaFrame),
+    /// The peer asks for a keyframe: send one as soon as the source has one.
+    KeyframeRequested { call_id: CallId },
+    CallEnded {
+        call_id: CallId,
+        reason: HangupReason,
+        by: Party,
+    },
+}
+
+/// The caller misused the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiError {
+    UnknownCall(CallId),
+    /// The call is not in a state where this command makes sense.
+    WrongState { call_id: CallId, state: CallState },
+    TooManyCalls,
+    /// The room is not a 1:1 room with one other member.
+    NotOneToOne(OwnedRoomId),
+    /// No negotiated media of this kind/codec in the call.
+    NoSuchMedia,
+    /// str0m refused the operation.
+    Rtc(String),
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::UnknownCall(c) => write!(f, "unknown call {c}"),
+            ApiError::WrongState { call_id, state } => {
+                write!(f, "call {call_id} is {state:?}, not valid for this command")
+            }
+            ApiError::TooManyCalls => write!(f, "too many calls (limit {})", limits::MAX_CALLS),
+            ApiError::NotOneToOne(r) => write!(f, "room {r} is not a 1:1 room"),
+            ApiError::NoSuchMedia => write!(f, "no such negotiated media"),
+            ApiError::Rtc(e) => write!(f, "rtc: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Invalid [`AgentConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    BadHomeserverUrl(String),
+    NoLocalAddress,
+    NoMedia,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::BadHomeserverUrl(u) => {
+                write!(f, "homeserver URL must start with http:// or https://, got {u:?}")
+            }
+            ConfigError::NoLocalAddress => write!(f, "at least one local UDP address is needed"),
+            ConfigError::NoMedia => write!(f, "enable audio, video or both"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

@@ -1,0 +1,6 @@
+//! call-assist: the binary's library part. Drivers of the sans-IO core: the simulated world
+//! (`sim`, mock mode) and media sources/sinks (`media`).
+
+pub mod demo;
+pub mod media;
+pub mod sim;

@@ -1,0 +1,121 @@
+//! `call-assist`: a headless Matrix calling agent.
+//!
+//! `call-assist demo [--seed N] [--loss F] [--latency-ms N] [--duration-s N] [--json]`
+//! runs a call between two agents on the simulated homeserver and network (mock mode).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use call_assist::demo::{self, DemoOptions};
+
+const USAGE: &str = "\
+usage: call-assist <command> [options]
+
+commands:
+  demo    a call between two agents on the simulated homeserver and network
+          --seed N         randomness of the whole world (default 1)
+          --loss F         datagram loss per direction, 0.0..1.0 (default 0)
+          --latency-ms N   one-way latency of the media path (default 20)
+          --duration-s N   how long the call stays up once connected (default 5)
+          --json           print one JSON object as the last line
+";
+
+#[derive(Debug)]
+struct UsageError(String);
+
+fn value<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<T, UsageError> {
+    let v = args
+        .next()
+        .ok_or_else(|| UsageError(format!("{flag} needs a value")))?;
+    v.parse()
+        .map_err(|_| UsageError(format!("{flag}: cannot parse {v:?}")))
+}
+
+fn parse_demo(args: impl Iterator<Item = String>) -> Result<(DemoOptions, bool), UsageError> {
+    let mut opts = DemoOptions::default();
+    let mut json = false;
+    let mut args = args;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seed" => opts.seed = value(&mut args, "--seed")?,
+            "--loss" => {
+                let l: f64 = value(&mut args, "--loss")?;
+                if !(0.0..=1.0).contains(&l) {
+                    return Err(UsageError(format!("--loss must be within 0.0..=1.0, got {l}")));
+                }
+                opts.loss = l;
+            }
+            "--latency-ms" => opts.latency = Duration::from_millis(value(&mut args, "--latency-ms")?),
+            "--duration-s" => opts.duration = Duration::from_secs(value(&mut args, "--duration-s")?),
+            "--json" => json = true,
+            other => return Err(UsageError(format!("unknown option {other:?}"))),
+        }
+    }
+    Ok((opts, json))
+}
+
+fn init_logs(json: bool) {
+    // Logs go to stderr; with --json stdout carries only the JSON line.
+    let default = if json { "warn" } else { "call_assist=info,call_assist_core=warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CALL_ASSIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(command) = args.next() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match command.as_str() {
+        "demo" => {
+            let (opts, json) = match parse_demo(args) {
+                Ok(x) => x,
+                Err(UsageError(e)) => {
+                    eprintln!("error: {e}\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logs(json);
+            let report = demo::run(&opts, |line| {
+                if !json {
+                    println!("{line}");
+                }
+            });
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("error: cannot encode report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                println!(
+                    "connected: {}, setup: {} ms, hangup: {}, trace {}",
+                    report.connected,
+                    report.setup_ms.map_or("-".into(), |m| m.to_string()),
+                    report.hangup_reason.as_deref().unwrap_or("-"),
+                    report.trace_hash
+                );
+            }
+            if report.connected {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("error: unknown command {other:?}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+pub mod homeserver;
+pub mod net;
+pub mod world;

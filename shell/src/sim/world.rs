@@ -1,0 +1,490 @@
+//! The simulated world: agents, a simulated homeserver and a simulated network on one virtual
+//! clock. A plain loop: find the earliest deadline of all parts, move the clock there, feed it,
+//! drain every agent until it waits again.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use call_assist_core::{
+    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Codec, Credentials, HttpFailure,
+    HttpId, Input, MediaKind, OutgoingFrame, Output, Secret,
+};
+use ruma::{OwnedRoomId, OwnedUserId};
+use tracing::{debug, warn};
+
+use super::homeserver::{SimHomeserver, SimHttpError, Ticket};
+use super::net::{Datagram, LinkProfile, SimNet};
+use crate::media::{LoopingVideo, ToneAudio};
+
+/// Wall-clock time at the start of every simulation (fixed: part of determinism).
+pub const SIM_UNIX_START_MS: u64 = 1_767_225_600_000;
+
+/// One line of the trace: simulated ms since start, agent name, event.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TraceLine {
+    pub at_ms: u64,
+    pub text: String,
+}
+
+/// Media each agent sends once a call is connected.
+struct MediaPump {
+    call_id: String,
+    video: LoopingVideo,
+    audio: ToneAudio,
+    next_video: Instant,
+    next_audio: Instant,
+}
+
+/// Per agent figures for reports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStats {
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub video_frames_received: u64,
+    pub audio_frames_received: u64,
+}
+
+pub struct SimAgent {
+    pub name: String,
+    pub agent: Agent,
+    pub addr: SocketAddr,
+    pub user_id: OwnedUserId,
+    /// Answer ringing calls at once.
+    pub auto_answer: bool,
+    /// Send the test clip and a tone while a call is connected.
+    pub send_media: bool,
+    /// Every event, with its simulated time (media frames counted, not kept).
+    pub events: Vec<(Duration, AgentEvent)>,
+    pub stats: AgentStats,
+    /// When each call first got remote media.
+    pub first_media: BTreeMap<String, Duration>,
+    timeout: Option<Instant>,
+    pump: Option<MediaPump>,
+    http: BTreeMap<Ticket, HttpId>,
+}
+
+impl SimAgent {
+    /// Events that are not media frames, for assertions.
+    pub fn call_events(&self) -> impl Iterator<Item = &AgentEvent> {
+        self.events.iter().map(|(_, e)| e)
+    }
+
+    pub fn ended_reason(&self, call_id: &str) -> Option<call_assist_core::HangupReason> {
+        self.events.iter().find_map(|(_, e)| match e {
+            AgentEvent::CallEnded {
+                call_id: c, reason, ..
+            } if c == call_id => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn reached(&self, call_id: &str, state: CallState) -> bool {
+        self.events.iter().any(|(_, e)| {
+            matches!(e, AgentEvent::CallStateChanged { call_id: c, state: s } if c == call_id && *s == state)
+        })
+    }
+
+    /// Call ids this agent saw ringing.
+    pub fn incoming_calls(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                AgentEvent::IncomingCall { call_id, .. } => Some(call_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// How to build a world.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    pub seed: u64,
+    pub link: LinkProfile,
+    pub homeserver_latency: Duration,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        WorldConfig {
+            seed: 1,
+            link: LinkProfile::ideal(Duration::from_millis(20)),
+            homeserver_latency: Duration::from_millis(10),
+        }
+    }
+}
+
+pub struct World {
+    pub seed: u64,
+    start: Instant,
+    now: Instant,
+    pub net: SimNet,
+    pub hs: SimHomeserver,
+    pub agents: Vec<SimAgent>,
+    pub trace: Vec<TraceLine>,
+    next_ticket: Ticket,
+    tickets: BTreeMap<Ticket, usize>,
+}
+
+impl World {
+    pub fn new(config: WorldConfig) -> Self {
+        // The one real instant of a simulation: everything after is this plus virtual time.
+        let start = Instant::now();
+        let mut hs = SimHomeserver::new("sim.local");
+        hs.set_latency(config.homeserver_latency);
+        World {
+            seed: config.seed,
+            start,
+            now: start,
+            net: SimNet::new(config.seed, config.link),
+            hs,
+            agents: Vec::new(),
+            trace: Vec::new(),
+            next_ticket: 0,
+            tickets: BTreeMap::new(),
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    pub fn unix_ms(&self) -> u64 {
+        SIM_UNIX_START_MS + self.elapsed().as_millis() as u64
+    }
+
+    /// Registers `localpart` on the homeserver (once) and adds an agent logged in as it.
+    /// Several agents with one localpart are several devices of one user.
+    pub fn add_agent(&mut self, name: &str, localpart: &str, policy: CallPolicy) -> usize {
+        let password = format!("pw-{localpart}");
+        let user_id = self.hs.register_user(localpart, &password);
+        let idx = self.agents.len();
+        let addr = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10 + idx as u8)),
+            5000,
+        );
+        let mut config = AgentConfig::new(
+            self.hs.base_url(),
+            user_id.clone(),
+            Credentials::Password(Secret::new(password)),
+            vec![addr],
+        );
+        config.policy = policy;
+        let seed = self.seed.wrapping_mul(1000).wrapping_add(idx as u64);
+        let agent = match Agent::new(config, seed, self.now, self.unix_ms()) {
+            Ok(a) => a,
+            Err(e) => unreachable!("the simulator's own config is valid: {e}"),
+        };
+        self.agents.push(SimAgent {
+            name: name.to_owned(),
+            agent,
+            addr,
+            user_id,
+            auto_answer: false,
+            send_media: true,
+            events: Vec::new(),
+            stats: AgentStats::default(),
+            first_media: BTreeMap::new(),
+            timeout: Some(self.now),
+            pump: None,
+            http: BTreeMap::new(),
+        });
+        idx
+    }
+
+    /// A room with these agents' users joined.
+    pub fn create_room(&mut self, members: &[usize]) -> OwnedRoomId {
+        let users: Vec<OwnedUserId> = members
+            .iter()
+            .filter_map(|i| self.agents.get(*i).map(|a| a.user_id.clone()))
+            .collect();
+        let refs: Vec<&ruma::UserId> = users.iter().map(|u| u.as_ref()).collect();
+        let unix = self.unix_ms();
+        self.hs.create_room(&refs, false, unix)
+    }
+
+    pub fn agent(&mut self, i: usize) -> &mut SimAgent {
+        &mut self.agents[i]
+    }
+
+    /// Runs a command on an agent at the current instant and drains it.
+    pub fn with_agent<R>(&mut self, i: usize, f: impl FnOnce(&mut Agent, Instant) -> R) -> R {
+        let now = self.now;
+        let r = f(&mut self.agents[i].agent, now);
+        self.drain(i);
+        r
+    }
+
+    pub fn place_call(&mut self, caller: usize, room: &OwnedRoomId) -> String {
+        match self.with_agent(caller, |a, now| a.place_call(room, now)) {
+            Ok(id) => id,
+            Err(e) => panic!("place_call failed: {e}"),
+        }
+    }
+
+    fn record(&mut self, i: usize, text: String) {
+        let at_ms = self.elapsed().as_millis() as u64;
+        self.trace.push(TraceLine {
+            at_ms,
+            text: format!("{} {}", self.agents[i].name, text),
+        });
+    }
+
+    /// Drains agent `i` until it waits.
+    fn drain(&mut self, i: usize) {
+        loop {
+            let out = self.agents[i].agent.poll_output();
+            match out {
+                Output::Timeout(at) => {
+                    self.agents[i].timeout = Some(at);
+                    return;
+                }
+                Output::Transmit(t) => self.net.send(
+                    self.now,
+                    Datagram {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents,
+                    },
+                ),
+                Output::Http { id, request } => {
+                    let ticket = self.next_ticket;
+                    self.next_ticket += 1;
+                    self.tickets.insert(ticket, i);
+                    self.agents[i].http.insert(ticket, id);
+                    let unix = self.unix_ms();
+                    self.hs.handle_request(ticket, request, self.now, unix);
+                }
+                Output::Event(e) => self.on_event(i, e),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, e: AgentEvent) {
+        let now = self.now;
+        let elapsed = self.elapsed();
+        match &e {
+            AgentEvent::Media(f) => {
+                let a = &mut self.agents[i];
+                a.stats.frames_received += 1;
+                match f.kind {
+                    MediaKind::Video => a.stats.video_frames_received += 1,
+                    MediaKind::Audio => a.stats.audio_frames_received += 1,
+                }
+                a.first_media.entry(f.call_id.clone()).or_insert(elapsed);
+                let line = format!(
+                    "media {:?} {:?} rtp={} len={}",
+                    f.kind,
+                    f.codec,
+                    f.rtp_time,
+                    f.data.len()
+                );
+                self.record(i, line);
+                return;
+            }
+            AgentEvent::IncomingCall { call_id, .. } if self.agents[i].auto_answer => {
+                let id = call_id.clone();
+                let line = format!("{e:?}");
+                self.record(i, line);
+                self.agents[i].events.push((elapsed, e));
+                if let Err(err) = self.agents[i].agent.answer(&id, now) {
+                    warn!("auto-answer failed: {err}");
+                }
+                return;
+            }
+            AgentEvent::CallStateChanged {
+                call_id,
+                state: CallState::Connected,
+            } if self.agents[i].send_media => {
+                match (LoopingVideo::testclip(), ToneAudio::new(440)) {
+                    (Ok(mut video), audio) => {
+                        video.restart_at_keyframe();
+                        self.agents[i].pump = Some(MediaPump {
+                            call_id: call_id.clone(),
+                            video,
+                            audio,
+                            next_video: now,
+                            next_audio: now,
+                        });
+                    }
+                    (Err(err), _) => warn!("test clip unusable: {err}"),
+                }
+            }
+            AgentEvent::CallEnded { call_id, .. } => {
+                if self.agents[i].pump.as_ref().is_some_and(|p| &p.call_id == call_id) {
+                    self.agents[i].pump = None;
+                }
+            }
+            AgentEvent::KeyframeRequested { call_id } => {
+                if let Some(p) = self.agents[i].pump.as_mut().filter(|p| &p.call_id == call_id) {
+                    p.video.restart_at_keyframe();
+                }
+            }
+            _ => {}
+        }
+        let line = match &e {
+            // Secrets and device-specific ids stay out of the trace.
+            AgentEvent::LoggedIn { .. } => "LoggedIn".to_owned(),
+            other => format!("{other:?}"),
+        };
+        self.record(i, line);
+        self.agents[i].events.push((elapsed, e));
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut t = self.net.poll_timeout();
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t: Instant| t.min(x)));
+            }
+        };
+        consider(self.hs.poll_timeout());
+        for a in &self.agents {
+            consider(a.timeout);
+            if let Some(p) = &a.pump {
+                consider(Some(p.next_video.min(p.next_audio)));
+            }
+        }
+        t
+    }
+
+    /// Advances to the next deadline (not past `limit`) and handles everything due then.
+    /// Returns false when nothing is due before `limit`.
+    fn step(&mut self, limit: Instant) -> bool {
+        let Some(next) = self.next_deadline() else {
+            self.now = limit;
+            return false;
+        };
+        if next > limit {
+            self.now = limit;
+            return false;
+        }
+        self.now = self.now.max(next);
+        let now = self.now;
+
+        while let Some(d) = self.net.poll_deliver(now) {
+            let Some(i) = self.agents.iter().position(|a| a.addr == d.destination) else {
+                debug!(dest = %d.destination, "datagram to nobody");
+                continue;
+            };
+            self.agents[i].agent.handle_input(Input::Receive {
+                now,
+                source: d.source,
+                destination: d.destination,
+                contents: &d.contents,
+            });
+            self.drain(i);
+        }
+        let unix = self.unix_ms();
+        while let Some((ticket, result)) = self.hs.poll_response(now, unix) {
+            let Some(i) = self.tickets.remove(&ticket) else {
+                continue;
+            };
+            let Some(id) = self.agents[i].http.remove(&ticket) else {
+                continue;
+            };
+            let response = result.map_err(|e| match e {
+                SimHttpError::Timeout => HttpFailure::Timeout,
+                other => HttpFailure::Connect(format!("{other:?}")),
+            });
+            self.agents[i]
+                .agent
+                .handle_input(Input::HttpResponse { now, id, response });
+            self.drain(i);
+        }
+        for i in 0..self.agents.len() {
+            self.pump_media(i, now);
+            if self.agents[i].timeout.is_some_and(|t| t <= now) {
+                self.agents[i].timeout = None;
+                self.agents[i].agent.handle_input(Input::Timeout(now));
+                self.drain(i);
+            }
+        }
+        true
+    }
+
+    fn pump_media(&mut self, i: usize, now: Instant) {
+        let Some(mut pump) = self.agents[i].pump.take() else {
+            return;
+        };
+        let mut sent = 0;
+        while pump.next_video <= now {
+            let f = pump.video.next_frame();
+            let frame = OutgoingFrame {
+                kind: MediaKind::Video,
+                codec: Codec::H264,
+                rtp_time: f.rtp_time_90k,
+                data: &f.data,
+            };
+            if let Ok(true) = self.agents[i].agent.write_media(&pump.call_id, now, frame) {
+                sent += 1;
+            }
+            pump.next_video += pump.video.frame_interval();
+        }
+        while pump.next_audio <= now {
+            let f = pump.audio.next_frame();
+            let frame = OutgoingFrame {
+                kind: MediaKind::Audio,
+                codec: Codec::Pcmu,
+                rtp_time: f.rtp_time_8k,
+                data: &f.data,
+            };
+            if let Ok(true) = self.agents[i].agent.write_media(&pump.call_id, now, frame) {
+                sent += 1;
+            }
+            pump.next_audio += pump.audio.frame_interval();
+        }
+        self.agents[i].stats.frames_sent += sent;
+        self.agents[i].pump = Some(pump);
+        if sent > 0 {
+            self.drain(i);
+        }
+    }
+
+    /// Runs the world for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        let limit = self.now + d;
+        while self.step(limit) {}
+    }
+
+    /// Runs until `pred` holds (checked after every step) or `max` passes. True if it held.
+    pub fn run_until(&mut self, max: Duration, mut pred: impl FnMut(&World) -> bool) -> bool {
+        let limit = self.now + max;
+        loop {
+            if pred(self) {
+                return true;
+            }
+            if !self.step(limit) {
+                return pred(self);
+            }
+        }
+    }
+
+    /// Runs until every agent has finished its first sync.
+    pub fn run_until_synced(&mut self) -> bool {
+        self.run_until(Duration::from_secs(30), |w| {
+            w.agents.iter().all(|a| a.agent.is_synced())
+        })
+    }
+
+    /// FNV-1a over the trace, with lines of one instant sorted (str0m may order events that
+    /// share an instant differently; see README "Determinism").
+    pub fn trace_hash(&self) -> u64 {
+        let mut lines = self.trace.clone();
+        lines.sort();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for l in &lines {
+            for b in l.at_ms.to_le_bytes().iter().chain(l.text.as_bytes()).chain(b"\n") {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
