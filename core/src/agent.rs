@@ -201,8 +201,9 @@ impl Agent {
                     debug!(call_id = %id, "forgetting ended call");
                     self.calls.remove(&id);
                 }
-                self.orphans
-                    .retain(|_, o| now.saturating_duration_since(o.since) < limits::ORPHAN_CANDIDATES_TTL);
+                self.orphans.retain(|_, o| {
+                    now.saturating_duration_since(o.since) < limits::ORPHAN_CANDIDATES_TTL
+                });
             }
             Input::Receive {
                 now,
@@ -226,7 +227,8 @@ impl Agent {
             }
             Input::HttpResponse { now, id, response } => {
                 self.now = now;
-                self.matrix.handle_response(now, id, response, &mut self.rng);
+                self.matrix
+                    .handle_response(now, id, response, &mut self.rng);
             }
             Input::UnixTime { now, unix_ms } => {
                 self.now = now;
@@ -284,7 +286,10 @@ impl Agent {
                         content,
                     } => {
                         let txn = format!("ca{}", self.rng.id(16));
-                        if self.matrix.send_event(room_id, event_type, content, txn).is_err()
+                        if self
+                            .matrix
+                            .send_event(room_id, event_type, content, txn)
+                            .is_err()
                             && event_type != "m.call.candidates"
                         {
                             let now = self.now;
@@ -305,7 +310,11 @@ impl Agent {
                 return;
             }
             // Make room by dropping the oldest media frame; call events are never dropped.
-            if let Some(i) = self.events.iter().position(|e| matches!(e, AgentEvent::Media(_))) {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| matches!(e, AgentEvent::Media(_)))
+            {
                 self.events.remove(i);
                 self.dropped_media_events += 1;
             }
@@ -346,7 +355,11 @@ impl Agent {
                 if from_self {
                     return;
                 }
-                self.keep_orphans(&call_id, c.candidates.iter().map(|c| c.candidate.clone()), now);
+                self.keep_orphans(
+                    &call_id,
+                    c.candidates.iter().map(|c| c.candidate.clone()),
+                    now,
+                );
             } else {
                 debug!(%call_id, signal = signal.name(), "event for an unknown call ignored");
             }
@@ -355,7 +368,10 @@ impl Agent {
 
         if from_self {
             // Another device of ours took the call: stop ringing here.
-            if matches!(signal, Signal::Answer(_) | Signal::Reject(_) | Signal::Hangup(_)) {
+            if matches!(
+                signal,
+                Signal::Answer(_) | Signal::Reject(_) | Signal::Hangup(_)
+            ) {
                 call.handled_elsewhere(now);
             }
             self.drain_call_actions();
@@ -374,9 +390,13 @@ impl Agent {
                 }
             }
             Signal::Candidates(c) => call.on_candidates(party, &c.candidates),
-            Signal::SelectAnswer(s) => call.on_select_answer(party, s.selected_party_id.as_str(), now),
+            Signal::SelectAnswer(s) => {
+                call.on_select_answer(party, s.selected_party_id.as_str(), now)
+            }
             Signal::Reject(_) => call.on_reject(party, now),
-            Signal::Negotiate(n) => call.on_negotiate(party, &n.description.session_type, &n.description.sdp),
+            Signal::Negotiate(n) => {
+                call.on_negotiate(party, &n.description.session_type, &n.description.sdp)
+            }
             Signal::Hangup(h) => {
                 call.on_hangup(party, HangupReason::from_wire(h.reason.as_str()), now)
             }
@@ -419,9 +439,10 @@ impl Agent {
             return;
         }
         let lifetime = Duration::from_millis(u64::from(inv.lifetime));
-        let age = Duration::from_millis(ev.age_ms.unwrap_or_else(|| {
-            self.unix_ms(now).saturating_sub(ev.origin_server_ts)
-        }));
+        let age = Duration::from_millis(
+            ev.age_ms
+                .unwrap_or_else(|| self.unix_ms(now).saturating_sub(ev.origin_server_ts)),
+        );
         let Some(remaining) = lifetime.checked_sub(age).filter(|d| !d.is_zero()) else {
             info!(%call_id, ?age, ?lifetime, "expired invite ignored");
             return;
@@ -467,7 +488,11 @@ impl Agent {
                 return;
             }
         }
-        let live = self.calls.values().filter(|c| c.state != CallState::Ended).count();
+        let live = self
+            .calls
+            .values()
+            .filter(|c| c.state != CallState::Ended)
+            .count();
         if live >= limits::MAX_CALLS {
             warn!(%call_id, "too many calls; invite not rung");
             return;
@@ -538,7 +563,11 @@ impl Agent {
         let peer = self
             .room_peer(room_id)
             .ok_or_else(|| ApiError::NotOneToOne(OwnedRoomId::from(room_id)))?;
-        let live = self.calls.values().filter(|c| c.state != CallState::Ended).count();
+        let live = self
+            .calls
+            .values()
+            .filter(|c| c.state != CallState::Ended)
+            .count();
         if live >= limits::MAX_CALLS {
             return Err(ApiError::TooManyCalls);
         }

@@ -76,7 +76,9 @@ impl DtlsProvider for SeededDtlsProvider {
             DtlsVersion::Dtls13 => dimpl::Dtls::new_13(config, cert, now),
             DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert, now),
             other => {
-                return Err(CryptoError::Other(format!("unsupported DTLS version {other}")));
+                return Err(CryptoError::Other(format!(
+                    "unsupported DTLS version {other}"
+                )));
             }
         };
         Ok(Box::new(SeededDtls(dtls)))

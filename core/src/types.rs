@@ -323,7 +323,9 @@ pub enum AgentEvent {
         access_token: Secret,
     },
     /// The homeserver refused our credentials; the agent stops talking to it.
-    LoginFailed { message: String },
+    LoginFailed {
+        message: String,
+    },
     /// The homeserver became unreachable (`false`) or reachable again (`true`).
     HomeserverReachable(bool),
     /// The first /sync finished: invites from now on ring.
@@ -340,12 +342,19 @@ pub enum AgentEvent {
         state: CallState,
     },
     /// Glare: our outgoing call `old` gave way to the peer's call `new`, which we answered.
-    CallReplaced { old: CallId, new: CallId },
+    CallReplaced {
+        old: CallId,
+        new: CallId,
+    },
     /// The call was renegotiated (m.call.negotiate offer and answer exchanged).
-    Renegotiated { call_id: CallId },
+    Renegotiated {
+        call_id: CallId,
+    },
     Media(MediaFrame),
     /// The peer asks for a keyframe: send one as soon as the source has one.
-    KeyframeRequested { call_id: CallId },
+    KeyframeRequested {
+        call_id: CallId,
+    },
     CallEnded {
         call_id: CallId,
         reason: HangupReason,
@@ -359,7 +368,10 @@ pub enum AgentEvent {
 pub enum ApiError {
     UnknownCall(CallId),
     /// The call is not in a state where this command makes sense.
-    WrongState { call_id: CallId, state: CallState },
+    WrongState {
+        call_id: CallId,
+        state: CallState,
+    },
     TooManyCalls,
     /// The room is not a 1:1 room with one other member.
     NotOneToOne(OwnedRoomId),
@@ -399,7 +411,10 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::BadHomeserverUrl(u) => {
-                write!(f, "homeserver URL must start with http:// or https://, got {u:?}")
+                write!(
+                    f,
+                    "homeserver URL must start with http:// or https://, got {u:?}"
+                )
             }
             ConfigError::NoLocalAddress => write!(f, "at least one local UDP address is needed"),
             ConfigError::NoMedia => write!(f, "enable audio, video or both"),

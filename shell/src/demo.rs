@@ -78,7 +78,10 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(&str)) -> DemoReport {
     ));
 
     world.run_until_synced();
-    progress(&format!("both agents logged in and synced at {} ms", world.elapsed().as_millis()));
+    progress(&format!(
+        "both agents logged in and synced at {} ms",
+        world.elapsed().as_millis()
+    ));
 
     let placed_at = world.elapsed();
     let call_id = world.place_call(caller, &room);
@@ -89,9 +92,15 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(&str)) -> DemoReport {
             && w.agents[callee].reached(&call_id, CallState::Connected)
     });
     if connected {
-        progress(&format!("connected at {} ms; media flowing both ways", world.elapsed().as_millis()));
+        progress(&format!(
+            "connected at {} ms; media flowing both ways",
+            world.elapsed().as_millis()
+        ));
         world.run_for(opts.duration);
-        progress(&format!("@alice hangs up after {} s", opts.duration.as_secs()));
+        progress(&format!(
+            "@alice hangs up after {} s",
+            opts.duration.as_secs()
+        ));
         let _ = world.with_agent(caller, |a, now| a.hangup(&call_id, now));
     } else {
         progress("the call did not connect within 60 s");

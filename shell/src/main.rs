@@ -23,7 +23,10 @@ commands:
 #[derive(Debug)]
 struct UsageError(String);
 
-fn value<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<T, UsageError> {
+fn value<T: std::str::FromStr>(
+    args: &mut impl Iterator<Item = String>,
+    flag: &str,
+) -> Result<T, UsageError> {
     let v = args
         .next()
         .ok_or_else(|| UsageError(format!("{flag} needs a value")))?;
@@ -41,12 +44,18 @@ fn parse_demo(args: impl Iterator<Item = String>) -> Result<(DemoOptions, bool),
             "--loss" => {
                 let l: f64 = value(&mut args, "--loss")?;
                 if !(0.0..=1.0).contains(&l) {
-                    return Err(UsageError(format!("--loss must be within 0.0..=1.0, got {l}")));
+                    return Err(UsageError(format!(
+                        "--loss must be within 0.0..=1.0, got {l}"
+                    )));
                 }
                 opts.loss = l;
             }
-            "--latency-ms" => opts.latency = Duration::from_millis(value(&mut args, "--latency-ms")?),
-            "--duration-s" => opts.duration = Duration::from_secs(value(&mut args, "--duration-s")?),
+            "--latency-ms" => {
+                opts.latency = Duration::from_millis(value(&mut args, "--latency-ms")?)
+            }
+            "--duration-s" => {
+                opts.duration = Duration::from_secs(value(&mut args, "--duration-s")?)
+            }
             "--json" => json = true,
             other => return Err(UsageError(format!("unknown option {other:?}"))),
         }
@@ -56,7 +65,11 @@ fn parse_demo(args: impl Iterator<Item = String>) -> Result<(DemoOptions, bool),
 
 fn init_logs(json: bool) {
     // Logs go to stderr; with --json stdout carries only the JSON line.
-    let default = if json { "warn" } else { "call_assist=info,call_assist_core=warn" };
+    let default = if json {
+        "warn"
+    } else {
+        "call_assist=info,call_assist_core=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CALL_ASSIST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -72,7 +72,10 @@ impl Timers {
     }
     /// The first timer due at `now`, cleared.
     fn take_due(&mut self, now: Instant) -> Option<Timer> {
-        let t = TIMERS.iter().copied().find(|t| self.get(*t).is_some_and(|at| at <= now))?;
+        let t = TIMERS
+            .iter()
+            .copied()
+            .find(|t| self.get(*t).is_some_and(|at| at <= now))?;
         self.stop(t);
         Some(t)
     }
@@ -155,8 +158,27 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
     c
 }
 
+/// The first audio and video mids of an SDP (str0m reports an offer's media only when polled).
+fn sdp_mids(sdp: &str) -> (Option<Mid>, Option<Mid>) {
+    let (mut audio, mut video, mut kind) = (None, None, "");
+    for line in sdp.lines() {
+        if let Some(m) = line.strip_prefix("m=") {
+            kind = m.split(' ').next().unwrap_or("");
+        } else if let Some(mid) = line.strip_prefix("a=mid:") {
+            let mid = Mid::from(mid.trim());
+            match kind {
+                "audio" if audio.is_none() => audio = Some(mid),
+                "video" if video.is_none() => video = Some(mid),
+                _ => {}
+            }
+        }
+    }
+    (audio, video)
+}
+
 fn invite_has_video(sdp: &str) -> bool {
-    sdp.lines().any(|l| l.starts_with("m=video") && !l.starts_with("m=video 0 "))
+    sdp.lines()
+        .any(|l| l.starts_with("m=video") && !l.starts_with("m=video 0 "))
 }
 
 impl Call {
@@ -210,7 +232,15 @@ impl Call {
         setup: &CallSetup,
         now: Instant,
     ) -> Result<Self, ApiError> {
-        let mut call = Call::new(id, room_id, CallDirection::Outbound, peer, our_party, setup, now);
+        let mut call = Call::new(
+            id,
+            room_id,
+            CallDirection::Outbound,
+            peer,
+            our_party,
+            setup,
+            now,
+        );
         let stream = format!("ca-{}", call.id);
         let mut api = call.rtc.sdp_api();
         if setup.audio {
@@ -270,11 +300,21 @@ impl Call {
         setup: &CallSetup,
         now: Instant,
     ) -> Result<Self, String> {
-        let offer = SdpOffer::from_sdp_string(offer_sdp).map_err(|e| format!("bad offer SDP: {e}"))?;
-        let mut call = Call::new(id, room_id, CallDirection::Inbound, from, our_party, setup, now);
+        let offer =
+            SdpOffer::from_sdp_string(offer_sdp).map_err(|e| format!("bad offer SDP: {e}"))?;
+        let mut call = Call::new(
+            id,
+            room_id,
+            CallDirection::Inbound,
+            from,
+            our_party,
+            setup,
+            now,
+        );
         call.peer_v0 = their_party.is_none();
         call.opponent_party = their_party;
         call.remote_video = invite_has_video(offer_sdp);
+        (call.audio_mid, call.video_mid) = sdp_mids(offer_sdp);
         let answer = call
             .rtc
             .sdp_api()
@@ -337,7 +377,8 @@ impl Call {
         }
         // Host candidates are all we gather here: end-of-candidates follows them.
         self.local_candidates.push_back(None);
-        self.timers.set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+        self.timers
+            .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
     }
 
     fn flush_candidates(&mut self, now: Instant) {
@@ -366,7 +407,8 @@ impl Call {
             self.send("m.call.candidates", content);
         }
         if !self.local_candidates.is_empty() {
-            self.timers.set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+            self.timers
+                .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
         }
     }
 
@@ -391,7 +433,8 @@ impl Call {
         }
         self.send("m.call.answer", content);
         self.timers.stop(Timer::Lifetime);
-        self.timers.set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
+        self.timers
+            .set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
         self.set_state(CallState::Connecting);
         self.gather(setup, now);
         Ok(())
@@ -435,7 +478,8 @@ impl Call {
         for t in TIMERS {
             self.timers.stop(t);
         }
-        self.timers.set(Timer::Forget, now + limits::ENDED_CALL_MEMORY);
+        self.timers
+            .set(Timer::Forget, now + limits::ENDED_CALL_MEMORY);
         self.set_state(CallState::Ended);
         self.ended_reason = Some(reason.clone());
         self.event(AgentEvent::CallEnded {
@@ -446,8 +490,7 @@ impl Call {
     }
 
     pub fn is_forgettable(&self, now: Instant) -> bool {
-        self.state == CallState::Ended
-            && self.timers.get(Timer::Forget).is_none_or(|t| now >= t)
+        self.state == CallState::Ended && self.timers.get(Timer::Forget).is_none_or(|t| now >= t)
     }
 
     /// Renegotiates (m.call.negotiate): an ICE restart keeping the same media.
@@ -488,7 +531,7 @@ impl Call {
     }
 
     /// Whether a signal from `party` belongs to the other side of this call.
-    fn from_opponent(&self, party: Option<&str>) -> bool {
+    fn is_opponent(&self, party: Option<&str>) -> bool {
         match (&self.opponent_party, party) {
             (Some(ours), Some(theirs)) => ours == theirs,
             (None, _) => true,
@@ -538,7 +581,8 @@ impl Call {
             self.add_remote_candidate(&c);
         }
         self.timers.stop(Timer::Lifetime);
-        self.timers.set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
+        self.timers
+            .set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
         self.set_state(CallState::Connecting);
     }
 
@@ -559,7 +603,7 @@ impl Call {
             }
             return;
         }
-        if !self.from_opponent(party) {
+        if !self.is_opponent(party) {
             debug!(call_id = %self.id, "candidates from another party ignored");
             return;
         }
@@ -590,7 +634,7 @@ impl Call {
 
     /// select_answer from the caller (inbound calls).
     pub fn on_select_answer(&mut self, party: Option<&str>, selected: &str, now: Instant) {
-        if self.direction != CallDirection::Inbound || !self.from_opponent(party) {
+        if self.direction != CallDirection::Inbound || !self.is_opponent(party) {
             return;
         }
         if selected != self.our_party {
@@ -604,7 +648,7 @@ impl Call {
             return;
         }
         // Before selection, any device of the peer may hang up (a v0 peer has no party id).
-        if self.state != CallState::InviteSent && !self.from_opponent(party) {
+        if self.state != CallState::InviteSent && !self.is_opponent(party) {
             debug!(call_id = %self.id, "hangup from another party ignored");
             return;
         }
@@ -616,7 +660,7 @@ impl Call {
             (CallDirection::Outbound, CallState::InviteSent) => {
                 self.end(HangupReason::Rejected, Party::Remote, now)
             }
-            _ if self.from_opponent(party) && self.direction == CallDirection::Inbound => {
+            _ if self.is_opponent(party) && self.direction == CallDirection::Inbound => {
                 self.end(HangupReason::Rejected, Party::Remote, now)
             }
             _ => debug!(call_id = %self.id, "reject ignored in state {:?}", self.state),
@@ -632,7 +676,7 @@ impl Call {
 
     pub fn on_negotiate(&mut self, party: Option<&str>, kind: &str, sdp: &str) {
         if !matches!(self.state, CallState::Connecting | CallState::Connected)
-            || !self.from_opponent(party)
+            || !self.is_opponent(party)
         {
             debug!(call_id = %self.id, "negotiate ignored in state {:?}", self.state);
             return;
@@ -785,20 +829,21 @@ impl Call {
                         self.ice_connected_once = true;
                         self.timers.stop(Timer::IceDisconnected);
                     }
-                    IceConnectionState::Disconnected if self.ice_connected_once => {
-                        if self.timers.get(Timer::IceDisconnected).is_none() {
-                            self.timers
-                                .set(Timer::IceDisconnected, now + limits::ICE_DISCONNECTED_TIMEOUT);
-                        }
+                    IceConnectionState::Disconnected
+                        if self.ice_connected_once
+                            && self.timers.get(Timer::IceDisconnected).is_none() =>
+                    {
+                        self.timers.set(
+                            Timer::IceDisconnected,
+                            now + limits::ICE_DISCONNECTED_TIMEOUT,
+                        );
                     }
                     _ => {}
                 }
             }
-            Event::Connected => {
-                if self.state == CallState::Connecting {
-                    self.timers.stop(Timer::IceConnect);
-                    self.set_state(CallState::Connected);
-                }
+            Event::Connected if self.state == CallState::Connecting => {
+                self.timers.stop(Timer::IceConnect);
+                self.set_state(CallState::Connected);
             }
             Event::MediaAdded(m) => match m.kind {
                 MediaKind::Audio if self.audio_mid.is_none() => self.audio_mid = Some(m.mid),
@@ -850,7 +895,12 @@ impl Call {
             .ok_or(ApiError::NoSuchMedia)?;
         let freq = params.spec().clock_rate;
         writer
-            .write(params.pt(), now, MediaTime::new(frame.rtp_time, freq), frame.data.to_vec())
+            .write(
+                params.pt(),
+                now,
+                MediaTime::new(frame.rtp_time, freq),
+                frame.data.to_vec(),
+            )
             .map_err(|e| ApiError::Rtc(e.to_string()))?;
         self.stats.frames_sent += 1;
         self.rtc_deadline = Some(now);

@@ -123,7 +123,9 @@ mod tests {
     fn numeric_version_one_is_accepted() {
         let c = json!({"call_id": "c1", "party_id": "p", "version": 1, "lifetime": 60000,
             "offer": {"type": "offer", "sdp": "v=0"}});
-        let Signal::Invite(inv) = parse("m.call.invite", &c).unwrap() else { panic!() };
+        let Signal::Invite(inv) = parse("m.call.invite", &c).unwrap() else {
+            panic!()
+        };
         assert_eq!(inv.version.as_str(), "1");
     }
 
@@ -138,13 +140,19 @@ mod tests {
 
     #[test]
     fn malformed_contents_are_typed_errors() {
-        assert_eq!(parse("m.call.invite", &json!([1, 2])).unwrap_err(), SignalError::NotAnObject);
+        assert_eq!(
+            parse("m.call.invite", &json!([1, 2])).unwrap_err(),
+            SignalError::NotAnObject
+        );
         assert!(matches!(
             parse("m.call.answer", &json!({"call_id": 5, "version": "1"})),
             Err(SignalError::Malformed(_))
         ));
         assert!(matches!(
-            parse("m.call.invite", &json!({"call_id": "c", "version": {"x": 1}})),
+            parse(
+                "m.call.invite",
+                &json!({"call_id": "c", "version": {"x": 1}})
+            ),
             Err(SignalError::Malformed(_))
         ));
         assert!(matches!(

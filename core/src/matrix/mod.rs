@@ -9,13 +9,13 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use ruma::api::auth_scheme::SendAccessToken;
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::session::login;
 use ruma::api::client::sync::sync_events;
 use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use ruma::api::client::voip::get_turn_server_info;
 use ruma::api::{IncomingResponseExt, MatrixVersion, OutgoingRequestExt, SupportedVersions};
-use ruma::api::auth_scheme::SendAccessToken;
 use ruma::events::{AnyMessageLikeEventContent, MessageLikeEventType};
 use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedRoomId, OwnedTransactionId, OwnedUserId};
@@ -64,7 +64,9 @@ pub(crate) enum MatrixEvent {
     Timeline(RoomEvent),
     TurnServers(TurnServers),
     /// A room event could not be delivered and was given up.
-    SendGaveUp { call_id: Option<String> },
+    SendGaveUp {
+        call_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +146,10 @@ impl Backoff {
 #[derive(Debug)]
 enum Failure {
     /// Worth retrying (transport, 5xx, timeout, 429 with its delay).
-    Transient { retry_after: Option<Duration>, why: String },
+    Transient {
+        retry_after: Option<Duration>,
+        why: String,
+    },
     /// Retrying will not help (4xx other than 429, unparsable 200).
     Permanent { status: u16, why: String },
 }
@@ -212,7 +217,9 @@ fn classify(response: &Result<http::Response<Vec<u8>>, HttpFailure>) -> Option<F
 enum Session {
     NeedLogin,
     LoggingIn,
-    Ready { access_token: Secret },
+    Ready {
+        access_token: Secret,
+    },
     /// Credentials refused: nothing more is sent.
     Failed,
 }
@@ -395,8 +402,7 @@ impl MatrixClient {
                     MessageLikeEventType::from(ev.event_type.as_str()),
                     raw,
                 );
-                match req.try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions())
-                {
+                match req.try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions()) {
                     Ok(r) => {
                         debug!(event_type = %ev.event_type, attempt = ev.attempts, "sending room event");
                         self.send_in_flight = true;
@@ -471,7 +477,8 @@ impl MatrixClient {
             Err(e) => {
                 warn!("cannot build login request: {e}");
                 self.session = Session::Failed;
-                self.events.push_back(MatrixEvent::LoginFailed(e.to_string()));
+                self.events
+                    .push_back(MatrixEvent::LoginFailed(e.to_string()));
                 None
             }
         }
@@ -531,7 +538,9 @@ impl MatrixClient {
         };
         let failure = classify(&response);
         match &failure {
-            Some(Failure::Transient { retry_after: None, .. }) => self.set_reachable(false),
+            Some(Failure::Transient {
+                retry_after: None, ..
+            }) => self.set_reachable(false),
             Some(_) | None => self.set_reachable(true),
         }
         match flight.kind {
@@ -564,8 +573,9 @@ impl MatrixClient {
             Credentials::AccessToken(_) => {
                 warn!("access token refused ({why})");
                 self.session = Session::Failed;
-                self.events
-                    .push_back(MatrixEvent::LoginFailed(format!("access token refused: {why}")));
+                self.events.push_back(MatrixEvent::LoginFailed(format!(
+                    "access token refused: {why}"
+                )));
             }
         }
     }
@@ -589,11 +599,10 @@ impl MatrixClient {
                 self.events.push_back(MatrixEvent::LoginFailed(why));
             }
             None => {
-                let parsed = response
-                    .map_err(|e| format!("{e:?}"))
-                    .and_then(|r| {
-                        login::v3::Response::try_from_http_response(as_slice(&r)).map_err(|e| e.to_string())
-                    });
+                let parsed = response.map_err(|e| format!("{e:?}")).and_then(|r| {
+                    login::v3::Response::try_from_http_response(as_slice(&r))
+                        .map_err(|e| e.to_string())
+                });
                 match parsed {
                     Ok(r) => {
                         self.login_backoff.succeed();
@@ -632,14 +641,17 @@ impl MatrixClient {
                 let d = self.sync_backoff.fail(now, retry_after, rng);
                 warn!("sync failed ({why}); retrying in {d:?}");
             }
-            Some(Failure::Permanent { status: 401, why, .. }) => self.token_refused(&why),
+            Some(Failure::Permanent {
+                status: 401, why, ..
+            }) => self.token_refused(&why),
             Some(Failure::Permanent { why, .. }) => {
                 let d = self.sync_backoff.fail(now, None, rng);
                 warn!("sync refused ({why}); retrying in {d:?}");
             }
             None => {
                 let parsed = response.map_err(|e| format!("{e:?}")).and_then(|r| {
-                    sync_events::v3::Response::try_from_http_response(as_slice(&r)).map_err(|e| e.to_string())
+                    sync_events::v3::Response::try_from_http_response(as_slice(&r))
+                        .map_err(|e| e.to_string())
                 });
                 match parsed {
                     Ok(r) => {
@@ -695,7 +707,9 @@ impl MatrixClient {
                     warn!("sending room event failed ({why}); retrying in {d:?}");
                 }
             }
-            Some(Failure::Permanent { status: 401, why, .. }) => self.token_refused(&why),
+            Some(Failure::Permanent {
+                status: 401, why, ..
+            }) => self.token_refused(&why),
             Some(Failure::Permanent { why, .. }) => {
                 self.send_backoff.succeed();
                 if let Some(ev) = self.outbox.pop_front() {
@@ -721,7 +735,9 @@ impl MatrixClient {
                 let d = self.turn_backoff.fail(now, retry_after, rng);
                 debug!("turnServer failed ({why}); retrying in {d:?}");
             }
-            Some(Failure::Permanent { status: 401, why, .. }) => self.token_refused(&why),
+            Some(Failure::Permanent {
+                status: 401, why, ..
+            }) => self.token_refused(&why),
             Some(Failure::Permanent { why, .. }) => {
                 debug!("turnServer refused ({why})");
                 self.turn_next = Some(now + limits::TURN_RETRY_EMPTY);

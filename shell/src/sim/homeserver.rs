@@ -34,7 +34,9 @@ pub enum SimHttpError {
 #[non_exhaustive]
 pub enum Fault {
     Status502,
-    Status429 { retry_after_ms: u64 },
+    Status429 {
+        retry_after_ms: u64,
+    },
     /// Swallowed and never answered: the client's own timeout has to fire.
     Hang,
 }
@@ -66,7 +68,13 @@ struct StoredEvent {
 
 impl StoredEvent {
     /// An event not yet in a room (`append` gives it its stream position).
-    fn new(sender: &UserId, event_type: &str, state_key: Option<&str>, content: Value, ts: u64) -> Self {
+    fn new(
+        sender: &UserId,
+        event_type: &str,
+        state_key: Option<&str>,
+        content: Value,
+        ts: u64,
+    ) -> Self {
         Self {
             pos: 0,
             event_type: event_type.to_owned(),
@@ -98,7 +106,10 @@ impl StoredEvent {
     /// The event as `viewer` receives it in /sync at wall-clock `unix_ms`.
     fn sync_json(&self, viewer: &DeviceKey, unix_ms: u64) -> Value {
         let mut unsigned = Map::new();
-        unsigned.insert("age".into(), json!(unix_ms.saturating_sub(self.origin_server_ts)));
+        unsigned.insert(
+            "age".into(),
+            json!(unix_ms.saturating_sub(self.origin_server_ts)),
+        );
         if let Some((_, txn_id)) = self.txn.as_ref().filter(|(device, _)| device == viewer) {
             unsigned.insert("transaction_id".into(), json!(txn_id));
         }
@@ -136,7 +147,11 @@ impl Room {
         let is_own_member = |e: &&StoredEvent| {
             e.event_type == "m.room.member" && e.state_key.as_deref() == Some(user.as_str())
         };
-        self.events.iter().rev().find(is_own_member).map_or(0, |e| e.pos)
+        self.events
+            .iter()
+            .rev()
+            .find(is_own_member)
+            .map_or(0, |e| e.pos)
     }
 }
 
@@ -165,9 +180,15 @@ enum Route {
     LoginFlows,
     Login,
     Sync,
-    Send { room: String, event_type: String, txn_id: String },
+    Send {
+        room: String,
+        event_type: String,
+        txn_id: String,
+    },
     TurnServer,
-    JoinedMembers { room: String },
+    JoinedMembers {
+        room: String,
+    },
     CreateRoom,
     WhoAmI,
 }
@@ -204,7 +225,10 @@ impl SimHomeserver {
         let server_name = if ruma::ServerName::parse(server_name).is_ok() {
             server_name.to_owned()
         } else {
-            tracing::warn!(server_name, "invalid sim server name, using {FALLBACK_SERVER_NAME}");
+            tracing::warn!(
+                server_name,
+                "invalid sim server name, using {FALLBACK_SERVER_NAME}"
+            );
             FALLBACK_SERVER_NAME.to_owned()
         };
         Self {
@@ -251,7 +275,9 @@ impl SimHomeserver {
     /// Every event in the room timeline, in order, with `room_id` and without `unsigned`.
     #[must_use]
     pub fn room_events(&self, room: &RoomId) -> Vec<Value> {
-        let Some(r) = self.rooms.get(room) else { return Vec::new() };
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
         let with_room = |e: &StoredEvent| {
             let mut m = e.base_json();
             m.insert("room_id".into(), json!(room));
@@ -293,7 +319,10 @@ impl SimHomeserver {
         };
         if r.members.insert(user.to_owned()) {
             let content = json!({ "membership": "join", "displayname": user.localpart() });
-            self.append(room, StoredEvent::new(user, "m.room.member", Some(user.as_str()), content, unix_ms));
+            self.append(
+                room,
+                StoredEvent::new(user, "m.room.member", Some(user.as_str()), content, unix_ms),
+            );
             self.release_held(room, self.last_now, unix_ms);
         }
     }
@@ -307,14 +336,28 @@ impl SimHomeserver {
         content: Value,
         unix_ms: u64,
     ) -> String {
-        let id = self.append(room, StoredEvent::new(sender, event_type, None, content, unix_ms));
+        let id = self.append(
+            room,
+            StoredEvent::new(sender, event_type, None, content, unix_ms),
+        );
         self.release_held(room, self.last_now, unix_ms);
         id.unwrap_or_default()
     }
 
-    pub fn set_turn_server(&mut self, uris: Vec<String>, username: String, password: String, ttl_s: u64) {
-        let (uris, username, password) = (Value::from(uris), Value::from(username), Value::from(password));
-        self.turn = Some(json!({ "username": username, "password": password, "uris": uris, "ttl": ttl_s }));
+    pub fn set_turn_server(
+        &mut self,
+        uris: Vec<String>,
+        username: String,
+        password: String,
+        ttl_s: u64,
+    ) {
+        let (uris, username, password) = (
+            Value::from(uris),
+            Value::from(username),
+            Value::from(password),
+        );
+        self.turn =
+            Some(json!({ "username": username, "password": password, "uris": uris, "ttl": ttl_s }));
     }
 
     // ---- faults ----
@@ -347,17 +390,29 @@ impl SimHomeserver {
     // ---- I/O ----
 
     /// A request arrives at `now`; its answer becomes available later through `poll_response`.
-    pub fn handle_request(&mut self, ticket: Ticket, req: Request<Vec<u8>>, now: Instant, unix_ms: u64) {
+    pub fn handle_request(
+        &mut self,
+        ticket: Ticket,
+        req: Request<Vec<u8>>,
+        now: Instant,
+        unix_ms: u64,
+    ) {
         self.observe(now, unix_ms);
         tracing::debug!(ticket, method = %req.method(), path = req.uri().path(), "sim homeserver request");
         if self.down {
-            self.schedule(after(now, REFUSED_AFTER), ticket, Err(SimHttpError::ConnectionRefused));
+            self.schedule(
+                after(now, REFUSED_AFTER),
+                ticket,
+                Err(SimHttpError::ConnectionRefused),
+            );
             return;
         }
         self.served += 1;
         let resp = match self.take_fault() {
             Some(Fault::Hang) => return,
-            Some(Fault::Status502) => Some(error(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "Bad gateway").response()),
+            Some(Fault::Status502) => {
+                Some(error(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "Bad gateway").response())
+            }
             Some(Fault::Status429 { retry_after_ms }) => {
                 let body = json!({
                     "errcode": "M_LIMIT_EXCEEDED",
@@ -365,11 +420,19 @@ impl SimHomeserver {
                     "retry_after_ms": retry_after_ms,
                 });
                 let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
-                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_ms.div_ceil(1000)));
+                resp.headers_mut().insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(retry_after_ms.div_ceil(1000)),
+                );
                 Some(resp)
             }
             None => {
-                let cx = Ctx { ticket, now, unix_ms, body: req.body() };
+                let cx = Ctx {
+                    ticket,
+                    now,
+                    unix_ms,
+                    body: req.body(),
+                };
                 self.dispatch(&cx, req.method(), req.uri(), req.headers())
             }
         };
@@ -387,14 +450,20 @@ impl SimHomeserver {
         if due > now {
             return None;
         }
-        self.due.pop_first().map(|((_, ticket, _), result)| (ticket, result))
+        self.due
+            .pop_first()
+            .map(|((_, ticket, _), result)| (ticket, result))
     }
 
     /// Earliest instant at which `poll_response` will have something.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let answers = self.due.keys().next().map(|k| k.0);
-        let expiries = self.held.iter().filter_map(|h| h.deadline).map(|d| after(d, self.latency));
+        let expiries = self
+            .held
+            .iter()
+            .filter_map(|h| h.deadline)
+            .map(|d| after(d, self.latency));
         answers.into_iter().chain(expiries).min()
     }
 
@@ -438,7 +507,13 @@ impl SimHomeserver {
         Some(id)
     }
 
-    fn create_room_inner(&mut self, members: &[OwnedUserId], public: bool, direct: bool, ts: u64) -> OwnedRoomId {
+    fn create_room_inner(
+        &mut self,
+        members: &[OwnedUserId],
+        public: bool,
+        direct: bool,
+        ts: u64,
+    ) -> OwnedRoomId {
         self.next_room += 1;
         let room_id = RoomId::parse(format!("!r{}:{}", self.next_room, self.server_name))
             .unwrap_or_else(|_| ruma::owned_room_id!("!invalid:sim.local"));
@@ -450,16 +525,34 @@ impl SimHomeserver {
         };
         let create = json!({ "creator": creator, "room_version": ROOM_VERSION });
         let rule = json!({ "join_rule": if public { "public" } else { "invite" } });
-        let mut events = vec![StoredEvent::new(creator, "m.room.create", Some(""), create, ts)];
+        let mut events = vec![StoredEvent::new(
+            creator,
+            "m.room.create",
+            Some(""),
+            create,
+            ts,
+        )];
         for (i, user) in members.iter().enumerate() {
             let member = if direct && i > 0 {
                 json!({ "membership": "join", "displayname": user.localpart(), "is_direct": true })
             } else {
                 json!({ "membership": "join", "displayname": user.localpart() })
             };
-            events.push(StoredEvent::new(user, "m.room.member", Some(user.as_str()), member, ts));
+            events.push(StoredEvent::new(
+                user,
+                "m.room.member",
+                Some(user.as_str()),
+                member,
+                ts,
+            ));
             if i == 0 {
-                events.push(StoredEvent::new(creator, "m.room.join_rules", Some(""), rule.clone(), ts));
+                events.push(StoredEvent::new(
+                    creator,
+                    "m.room.join_rules",
+                    Some(""),
+                    rule.clone(),
+                    ts,
+                ));
             }
         }
         for e in events {
@@ -470,14 +563,21 @@ impl SimHomeserver {
 
     /// Answers every held sync of a member of `room` now that the room has news.
     fn release_held(&mut self, room: &RoomId, at: Option<Instant>, unix_ms: u64) {
-        let Some(members) = self.rooms.get(room).map(|r| r.members.clone()) else { return };
-        let (ready, waiting): (Vec<HeldSync>, Vec<HeldSync>) =
-            std::mem::take(&mut self.held).into_iter().partition(|h| members.contains(&h.device.0));
+        let Some(members) = self.rooms.get(room).map(|r| r.members.clone()) else {
+            return;
+        };
+        let (ready, waiting): (Vec<HeldSync>, Vec<HeldSync>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| members.contains(&h.device.0));
         self.held = waiting;
         for h in ready {
             let body = self.sync_body(&h.device, Some(h.since), unix_ms);
             let released = at.map_or(h.arrived, |t| t.max(h.arrived));
-            self.schedule(after(released, self.latency), h.ticket, Ok(json_response(StatusCode::OK, &body)));
+            self.schedule(
+                after(released, self.latency),
+                h.ticket,
+                Ok(json_response(StatusCode::OK, &body)),
+            );
         }
     }
 
@@ -495,66 +595,122 @@ impl SimHomeserver {
         }
     }
 
-    fn authenticate(&self, headers: &HeaderMap, query: &BTreeMap<String, String>) -> Result<DeviceKey, ApiError> {
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: &BTreeMap<String, String>,
+    ) -> Result<DeviceKey, ApiError> {
         let from_header = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        let Some(token) = from_header.or_else(|| query.get("access_token").map(String::as_str)) else {
-            return Err(error(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"));
+        let Some(token) = from_header.or_else(|| query.get("access_token").map(String::as_str))
+        else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "M_MISSING_TOKEN",
+                "Missing access token",
+            ));
         };
-        let unknown = || error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token");
+        let unknown = || {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "M_UNKNOWN_TOKEN",
+                "Unknown access token",
+            )
+        };
         self.tokens.get(token).cloned().ok_or_else(unknown)
     }
 
     /// The answer to a request, or `None` when it is a held long-poll.
-    fn dispatch(&mut self, cx: &Ctx, method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Option<Resp> {
+    fn dispatch(
+        &mut self,
+        cx: &Ctx,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Option<Resp> {
         let query = parse_query(uri.query());
         let route = match route(method, uri.path()) {
             Ok(r) => r,
             Err(e) => return Some(e.response()),
         };
         let result = match route {
-            Route::Versions => Ok(json!({ "versions": (1..=12).map(|n| format!("v1.{n}")).collect::<Vec<_>>() })),
+            Route::Versions => {
+                Ok(json!({ "versions": (1..=12).map(|n| format!("v1.{n}")).collect::<Vec<_>>() }))
+            }
             Route::LoginFlows => Ok(json!({ "flows": [{ "type": "m.login.password" }] })),
             Route::Login => self.login(cx.body),
             _ => match self.authenticate(headers, &query) {
                 Err(resp) => Err(resp),
                 Ok(device) => match route {
                     Route::Sync => return self.sync(cx, device, &query),
-                    Route::Send { room, event_type, txn_id } => self.send(cx, device, &room, &event_type, txn_id),
+                    Route::Send {
+                        room,
+                        event_type,
+                        txn_id,
+                    } => self.send(cx, device, &room, &event_type, txn_id),
                     Route::TurnServer => Ok(self.turn.clone().unwrap_or_else(|| json!({}))),
                     Route::JoinedMembers { room } => self.joined_members(&device, &room),
                     Route::CreateRoom => self.create_room_api(cx, &device),
-                    Route::WhoAmI => Ok(json!({ "user_id": device.0, "device_id": device.1, "is_guest": false })),
-                    Route::Versions | Route::LoginFlows | Route::Login => Err(unrecognized(StatusCode::NOT_FOUND)),
+                    Route::WhoAmI => {
+                        Ok(json!({ "user_id": device.0, "device_id": device.1, "is_guest": false }))
+                    }
+                    Route::Versions | Route::LoginFlows | Route::Login => {
+                        Err(unrecognized(StatusCode::NOT_FOUND))
+                    }
                 },
             },
         };
-        Some(result.map_or_else(ApiError::response, |body| json_response(StatusCode::OK, &body)))
+        Some(result.map_or_else(ApiError::response, |body| {
+            json_response(StatusCode::OK, &body)
+        }))
     }
 
     fn login(&mut self, body: &[u8]) -> Result<Value, ApiError> {
         let obj = parse_object(body)?;
         if obj.get("type").and_then(Value::as_str) != Some("m.login.password") {
-            return Err(error(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unknown login type"));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "Unknown login type",
+            ));
         }
         // `identifier.user` per spec; top-level `user` is the legacy form.
-        let user = obj.get("identifier").and_then(|i| i.get("user")).or_else(|| obj.get("user"));
-        let (Some(user), Some(password)) = (user.and_then(Value::as_str), obj.get("password").and_then(Value::as_str))
-        else {
-            return Err(error(StatusCode::BAD_REQUEST, "M_BAD_JSON", "Missing user or password"));
+        let user = obj
+            .get("identifier")
+            .and_then(|i| i.get("user"))
+            .or_else(|| obj.get("user"));
+        let (Some(user), Some(password)) = (
+            user.and_then(Value::as_str),
+            obj.get("password").and_then(Value::as_str),
+        ) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                "Missing user or password",
+            ));
         };
         let localpart = match user.strip_prefix('@').map(|u| u.split_once(':')) {
             None => Some(user),
             Some(Some((local, server))) if server == self.server_name => Some(local),
             Some(_) => None,
         };
-        let Some(localpart) = localpart.filter(|l| self.accounts.get(*l).is_some_and(|pw| pw == password)) else {
-            return Err(error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid username or password"));
+        let Some(localpart) =
+            localpart.filter(|l| self.accounts.get(*l).is_some_and(|pw| pw == password))
+        else {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "Invalid username or password",
+            ));
         };
-        let device_id = match obj.get("device_id").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+        let device_id = match obj
+            .get("device_id")
+            .and_then(Value::as_str)
+            .filter(|d| !d.is_empty())
+        {
             Some(d) => d.to_owned(),
             None => {
                 self.next_device += 1;
@@ -565,48 +721,91 @@ impl SimHomeserver {
         let token = format!("syt_{localpart}_{}", self.next_token);
         let user_id = self.user_id(localpart);
         tracing::debug!(user = %user_id, device_id, "sim homeserver login");
-        self.tokens.insert(token.clone(), (user_id.clone(), device_id.clone()));
+        self.tokens
+            .insert(token.clone(), (user_id.clone(), device_id.clone()));
         let home_server = &self.server_name;
-        Ok(json!({ "user_id": user_id, "access_token": token, "device_id": device_id, "home_server": home_server }))
+        Ok(
+            json!({ "user_id": user_id, "access_token": token, "device_id": device_id, "home_server": home_server }),
+        )
     }
 
-    fn sync(&mut self, cx: &Ctx, device: DeviceKey, query: &BTreeMap<String, String>) -> Option<Resp> {
+    fn sync(
+        &mut self,
+        cx: &Ctx,
+        device: DeviceKey,
+        query: &BTreeMap<String, String>,
+    ) -> Option<Resp> {
         // An unparsable `since` counts as 0: the client gets everything again rather than an error.
-        let since = query.get("since").map(|s| s.strip_prefix('s').and_then(|n| n.parse().ok()).unwrap_or(0));
-        let timeout_ms = query.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(0);
+        let since = query.get("since").map(|s| {
+            s.strip_prefix('s')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        });
+        let timeout_ms = query
+            .get("timeout")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
         if let Some(since) = since.filter(|s| timeout_ms > 0 && !self.has_news(&device.0, *s)) {
             let deadline = cx.now.checked_add(Duration::from_millis(timeout_ms));
-            self.held.push(HeldSync { ticket: cx.ticket, device, since, arrived: cx.now, deadline });
+            self.held.push(HeldSync {
+                ticket: cx.ticket,
+                device,
+                since,
+                arrived: cx.now,
+                deadline,
+            });
             return None;
         }
-        Some(json_response(StatusCode::OK, &self.sync_body(&device, since, cx.unix_ms)))
+        Some(json_response(
+            StatusCode::OK,
+            &self.sync_body(&device, since, cx.unix_ms),
+        ))
     }
 
     fn has_news(&self, user: &UserId, since: u64) -> bool {
-        self.rooms.values().any(|r| r.members.contains(user) && r.last_pos() > since)
+        self.rooms
+            .values()
+            .any(|r| r.members.contains(user) && r.last_pos() > since)
     }
 
     fn sync_body(&self, device: &DeviceKey, since: Option<u64>, unix_ms: u64) -> Value {
         let mut join = Map::new();
-        for (room_id, room) in self.rooms.iter().filter(|(_, r)| r.members.contains(&device.0)) {
+        for (room_id, room) in self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.members.contains(&device.0))
+        {
             let (timeline, state, limited, prev) = match since {
                 None => {
-                    let messages: Vec<&StoredEvent> = room.events.iter().filter(|e| e.state_key.is_none()).collect();
+                    let messages: Vec<&StoredEvent> = room
+                        .events
+                        .iter()
+                        .filter(|e| e.state_key.is_none())
+                        .collect();
                     let skip = messages.len().saturating_sub(INITIAL_TIMELINE_LIMIT);
                     let timeline: Vec<&StoredEvent> = messages.into_iter().skip(skip).collect();
-                    let prev = timeline.first().map_or(room.last_pos(), |e| e.pos.saturating_sub(1));
+                    let prev = timeline
+                        .first()
+                        .map_or(room.last_pos(), |e| e.pos.saturating_sub(1));
                     (timeline, room.state_at(u64::MAX), skip > 0, prev)
                 }
                 Some(since) if room.last_pos() > since => {
-                    let timeline: Vec<&StoredEvent> = room.events.iter().filter(|e| e.pos > since).collect();
+                    let timeline: Vec<&StoredEvent> =
+                        room.events.iter().filter(|e| e.pos > since).collect();
                     // Joined since the token: also the state from before the timeline.
-                    let state = if room.join_pos(&device.0) > since { room.state_at(since) } else { Vec::new() };
+                    let state = if room.join_pos(&device.0) > since {
+                        room.state_at(since)
+                    } else {
+                        Vec::new()
+                    };
                     (timeline, state, false, since)
                 }
                 Some(_) => continue,
             };
             let events = |list: Vec<&StoredEvent>| -> Vec<Value> {
-                list.into_iter().map(|e| e.sync_json(device, unix_ms)).collect()
+                list.into_iter()
+                    .map(|e| e.sync_json(device, unix_ms))
+                    .collect()
             };
             let entry = json!({
                 "timeline": { "events": events(timeline), "limited": limited, "prev_batch": format!("p{prev}") },
@@ -631,21 +830,42 @@ impl SimHomeserver {
 
     /// Resolves a room path segment to a room `user` has joined.
     fn member_room(&self, user: &UserId, room: &str) -> Result<(OwnedRoomId, &Room), ApiError> {
-        let bad_id = |_| error(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Invalid room id");
+        let bad_id = |_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "M_INVALID_PARAM",
+                "Invalid room id",
+            )
+        };
         let room_id = RoomId::parse(room).map_err(bad_id)?;
         let Some(r) = self.rooms.get(&room_id) else {
             return Err(error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown room"));
         };
         if !r.members.contains(user) {
-            return Err(error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "User not in room"));
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "User not in room",
+            ));
         }
         Ok((room_id, r))
     }
 
-    fn send(&mut self, cx: &Ctx, device: DeviceKey, room: &str, ty: &str, txn_id: String) -> Result<Value, ApiError> {
+    fn send(
+        &mut self,
+        cx: &Ctx,
+        device: DeviceKey,
+        room: &str,
+        ty: &str,
+        txn_id: String,
+    ) -> Result<Value, ApiError> {
         let (room_id, _) = self.member_room(&device.0, room)?;
         if ty.is_empty() || txn_id.is_empty() {
-            return Err(error(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Empty event type or transaction id"));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "M_INVALID_PARAM",
+                "Empty event type or transaction id",
+            ));
         }
         let key = (device, txn_id);
         if let Some(event_id) = self.txns.get(&key) {
@@ -653,7 +873,10 @@ impl SimHomeserver {
         }
         let content = Value::Object(parse_object(cx.body)?);
         let event = StoredEvent::new(&key.0 .0, ty, None, content, cx.unix_ms);
-        let event = StoredEvent { txn: Some(key.clone()), ..event };
+        let event = StoredEvent {
+            txn: Some(key.clone()),
+            ..event
+        };
         let event_id = self.append(&room_id, event).unwrap_or_default();
         self.txns.insert(key, event_id.clone());
         self.release_held(&room_id, Some(cx.now), cx.unix_ms);
@@ -663,7 +886,11 @@ impl SimHomeserver {
     fn joined_members(&self, device: &DeviceKey, room: &str) -> Result<Value, ApiError> {
         let (_, r) = self.member_room(&device.0, room)?;
         let profile = json!({ "display_name": null, "avatar_url": null });
-        let joined: Map<String, Value> = r.members.iter().map(|m| (m.to_string(), profile.clone())).collect();
+        let joined: Map<String, Value> = r
+            .members
+            .iter()
+            .map(|m| (m.to_string(), profile.clone()))
+            .collect();
         Ok(json!({ "joined": joined }))
     }
 
@@ -675,23 +902,41 @@ impl SimHomeserver {
             Some(Value::Array(list)) => {
                 for v in list {
                     let Some(user) = v.as_str().and_then(|s| UserId::parse(s).ok()) else {
-                        return Err(error(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Invalid user id in invite"));
+                        return Err(error(
+                            StatusCode::BAD_REQUEST,
+                            "M_INVALID_PARAM",
+                            "Invalid user id in invite",
+                        ));
                     };
                     // The sim only knows its own users; it auto-accepts invites on their behalf.
                     let local = user.server_name().as_str() == self.server_name;
                     if !local || !self.accounts.contains_key(user.localpart()) {
-                        return Err(error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown user in invite"));
+                        return Err(error(
+                            StatusCode::NOT_FOUND,
+                            "M_NOT_FOUND",
+                            "Unknown user in invite",
+                        ));
                     }
                     if !members.contains(&user) {
                         members.push(user);
                     }
                 }
             }
-            Some(_) => return Err(error(StatusCode::BAD_REQUEST, "M_BAD_JSON", "invite must be a list")),
+            Some(_) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "M_BAD_JSON",
+                    "invite must be a list",
+                ))
+            }
         }
         let field = |k: &str| obj.get(k).and_then(Value::as_str);
-        let public = field("preset") == Some("public_chat") || field("visibility") == Some("public");
-        let is_direct = obj.get("is_direct").and_then(Value::as_bool).unwrap_or(false);
+        let public =
+            field("preset") == Some("public_chat") || field("visibility") == Some("public");
+        let is_direct = obj
+            .get("is_direct")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let room_id = self.create_room_inner(&members, public, is_direct, cx.unix_ms);
         self.release_held(&room_id, Some(cx.now), cx.unix_ms);
         Ok(json!({ "room_id": room_id }))
@@ -705,7 +950,8 @@ fn after(t: Instant, d: Duration) -> Instant {
 fn json_response(status: StatusCode, body: &Value) -> Resp {
     let mut resp = Response::new(serde_json::to_vec(body).unwrap_or_default());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -730,7 +976,11 @@ impl ApiError {
 }
 
 fn error(status: StatusCode, errcode: &'static str, message: &'static str) -> ApiError {
-    ApiError { status, errcode, message }
+    ApiError {
+        status,
+        errcode,
+        message,
+    }
 }
 
 fn unrecognized(status: StatusCode) -> ApiError {
@@ -741,23 +991,47 @@ fn unrecognized(status: StatusCode) -> ApiError {
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(o)) => Ok(o),
-        Ok(_) => Err(error(StatusCode::BAD_REQUEST, "M_BAD_JSON", "Content must be a JSON object")),
-        Err(_) => Err(error(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Content not JSON")),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "Content must be a JSON object",
+        )),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "Content not JSON",
+        )),
     }
 }
 
 fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let only = |want: Method, r: Route| {
-        if *method == want { Ok(r) } else { Err(unrecognized(StatusCode::METHOD_NOT_ALLOWED)) }
+        if *method == want {
+            Ok(r)
+        } else {
+            Err(unrecognized(StatusCode::METHOD_NOT_ALLOWED))
+        }
     };
     if path == "/_matrix/client/versions" {
         return only(Method::GET, Route::Versions);
     }
-    let rest = path.strip_prefix("/_matrix/client/v3/").or_else(|| path.strip_prefix("/_matrix/client/r0/"));
-    let Some(rest) = rest else { return Err(unrecognized(StatusCode::NOT_FOUND)) };
+    let rest = path
+        .strip_prefix("/_matrix/client/v3/")
+        .or_else(|| path.strip_prefix("/_matrix/client/r0/"));
+    let Some(rest) = rest else {
+        return Err(unrecognized(StatusCode::NOT_FOUND));
+    };
     // Split before decoding so an escaped '/' stays inside its segment (txn ids may hold one).
-    let Some(segs) = rest.split('/').map(|s| percent_decode(s, false)).collect::<Option<Vec<String>>>() else {
-        return Err(error(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Path is not valid UTF-8"));
+    let Some(segs) = rest
+        .split('/')
+        .map(|s| percent_decode(s, false))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "Path is not valid UTF-8",
+        ));
     };
     let parts: Vec<&str> = segs.iter().map(String::as_str).collect();
     let owned = |s: &&str| (*s).to_owned();
@@ -765,11 +1039,18 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["login"] if *method == Method::GET => Ok(Route::LoginFlows),
         ["login"] => only(Method::POST, Route::Login),
         ["sync"] => only(Method::GET, Route::Sync),
-        ["rooms", room, "send", ty, txn] => {
-            only(Method::PUT, Route::Send { room: owned(room), event_type: owned(ty), txn_id: owned(txn) })
-        }
+        ["rooms", room, "send", ty, txn] => only(
+            Method::PUT,
+            Route::Send {
+                room: owned(room),
+                event_type: owned(ty),
+                txn_id: owned(txn),
+            },
+        ),
         ["voip", "turnServer"] => only(Method::GET, Route::TurnServer),
-        ["rooms", room, "joined_members"] => only(Method::GET, Route::JoinedMembers { room: owned(room) }),
+        ["rooms", room, "joined_members"] => {
+            only(Method::GET, Route::JoinedMembers { room: owned(room) })
+        }
         ["createRoom"] => only(Method::POST, Route::CreateRoom),
         ["account", "whoami"] => only(Method::GET, Route::WhoAmI),
         _ => Err(unrecognized(StatusCode::NOT_FOUND)),
@@ -816,7 +1097,9 @@ mod tests {
     use super::*;
     use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
     use ruma::api::client::{message::send_message_event, session::login, sync::sync_events};
-    use ruma::api::{auth_scheme::SendAccessToken, IncomingResponseExt, OutgoingRequestExt, SupportedVersions};
+    use ruma::api::{
+        auth_scheme::SendAccessToken, IncomingResponseExt, OutgoingRequestExt, SupportedVersions,
+    };
     use std::borrow::Cow;
 
     fn ms(n: u64) -> Duration {
@@ -824,7 +1107,9 @@ mod tests {
     }
 
     fn req(method: Method, path: &str, token: Option<&str>, body: &[u8]) -> Request<Vec<u8>> {
-        let mut b = Request::builder().method(method).uri(format!("http://sim.local/_matrix/client/v3/{path}"));
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("http://sim.local/_matrix/client/v3/{path}"));
         if let Some(t) = token {
             b = b.header(AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -838,7 +1123,10 @@ mod tests {
     /// Sends one request at `now`; asserts it is answered exactly `latency` (5 ms) later.
     fn call(hs: &mut SimHomeserver, r: Request<Vec<u8>>, now: Instant, unix_ms: u64) -> Resp {
         hs.handle_request(99, r, now, unix_ms);
-        assert!(hs.poll_response(now, unix_ms).is_none(), "answered before latency");
+        assert!(
+            hs.poll_response(now, unix_ms).is_none(),
+            "answered before latency"
+        );
         assert_eq!(hs.poll_timeout(), Some(now + ms(5)));
         let (ticket, result) = hs.poll_response(now + ms(5), unix_ms).unwrap();
         assert_eq!(ticket, 99);
@@ -852,7 +1140,12 @@ mod tests {
     }
 
     fn login_token(hs: &mut SimHomeserver, user: &str, device: Option<&str>, t: Instant) -> String {
-        let resp = call(hs, req(Method::POST, "login", None, &login_body(user, "pw", device)), t, 0);
+        let resp = call(
+            hs,
+            req(Method::POST, "login", None, &login_body(user, "pw", device)),
+            t,
+            0,
+        );
         json_of(&resp)["access_token"].as_str().unwrap().to_owned()
     }
 
@@ -867,11 +1160,17 @@ mod tests {
     }
 
     fn send_path(room: &RoomId, txn: &str) -> String {
-        format!("rooms/{}/send/m.call.invite/{txn}", room.as_str().replace('!', "%21").replace(':', "%3A"))
+        format!(
+            "rooms/{}/send/m.call.invite/{txn}",
+            room.as_str().replace('!', "%21").replace(':', "%3A")
+        )
     }
 
     fn timeline(sync: &Value, room: &str) -> Vec<Value> {
-        sync["rooms"]["join"][room]["timeline"]["events"].as_array().cloned().unwrap_or_default()
+        sync["rooms"]["join"][room]["timeline"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     #[test]
@@ -879,23 +1178,80 @@ mod tests {
         let t0 = Instant::now();
         let mut hs = SimHomeserver::new("sim.local");
         hs.register_user("alice", "pw");
-        let ok = call(&mut hs, req(Method::POST, "login", None, &login_body("@alice:sim.local", "pw", None)), t0, 0);
-        assert_eq!((ok.status(), &ok.headers()[CONTENT_TYPE]), (StatusCode::OK, &"application/json".parse().unwrap()));
+        let ok = call(
+            &mut hs,
+            req(
+                Method::POST,
+                "login",
+                None,
+                &login_body("@alice:sim.local", "pw", None),
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(
+            (ok.status(), &ok.headers()[CONTENT_TYPE]),
+            (StatusCode::OK, &"application/json".parse().unwrap())
+        );
         let b = json_of(&ok);
         assert_eq!(b["user_id"], "@alice:sim.local");
-        assert_eq!((&b["device_id"], &b["access_token"]), (&json!("DEV1"), &json!("syt_alice_1")));
-        let again = json_of(&call(&mut hs, req(Method::POST, "login", None, &login_body("alice", "pw", Some("DEV1"))), t0, 0));
-        assert_eq!((&again["device_id"], &again["access_token"]), (&json!("DEV1"), &json!("syt_alice_2")));
-        for (user, pw) in [("alice", "nope"), ("carol", "pw"), ("@alice:other.org", "pw")] {
-            let bad = call(&mut hs, req(Method::POST, "login", None, &login_body(user, pw, None)), t0, 0);
+        assert_eq!(
+            (&b["device_id"], &b["access_token"]),
+            (&json!("DEV1"), &json!("syt_alice_1"))
+        );
+        let again = json_of(&call(
+            &mut hs,
+            req(
+                Method::POST,
+                "login",
+                None,
+                &login_body("alice", "pw", Some("DEV1")),
+            ),
+            t0,
+            0,
+        ));
+        assert_eq!(
+            (&again["device_id"], &again["access_token"]),
+            (&json!("DEV1"), &json!("syt_alice_2"))
+        );
+        for (user, pw) in [
+            ("alice", "nope"),
+            ("carol", "pw"),
+            ("@alice:other.org", "pw"),
+        ] {
+            let bad = call(
+                &mut hs,
+                req(Method::POST, "login", None, &login_body(user, pw, None)),
+                t0,
+                0,
+            );
             assert_eq!(bad.status(), StatusCode::FORBIDDEN);
-            assert_eq!(json_of(&bad), json!({"errcode": "M_FORBIDDEN", "error": "Invalid username or password"}));
+            assert_eq!(
+                json_of(&bad),
+                json!({"errcode": "M_FORBIDDEN", "error": "Invalid username or password"})
+            );
         }
-        let who = call(&mut hs, req(Method::GET, "account/whoami", Some("syt_alice_2"), b""), t0, 0);
+        let who = call(
+            &mut hs,
+            req(Method::GET, "account/whoami", Some("syt_alice_2"), b""),
+            t0,
+            0,
+        );
         assert_eq!(json_of(&who)["device_id"], "DEV1");
-        for (token, errcode) in [(Some("syt_x"), "M_UNKNOWN_TOKEN"), (None, "M_MISSING_TOKEN")] {
-            let resp = call(&mut hs, req(Method::GET, "account/whoami", token, b""), t0, 0);
-            assert_eq!((resp.status(), json_of(&resp)["errcode"].as_str()), (StatusCode::UNAUTHORIZED, Some(errcode)));
+        for (token, errcode) in [
+            (Some("syt_x"), "M_UNKNOWN_TOKEN"),
+            (None, "M_MISSING_TOKEN"),
+        ] {
+            let resp = call(
+                &mut hs,
+                req(Method::GET, "account/whoami", token, b""),
+                t0,
+                0,
+            );
+            assert_eq!(
+                (resp.status(), json_of(&resp)["errcode"].as_str()),
+                (StatusCode::UNAUTHORIZED, Some(errcode))
+            );
         }
     }
 
@@ -903,22 +1259,59 @@ mod tests {
     fn send_then_sync_returns_event_with_age() {
         let t0 = Instant::now();
         let (mut hs, room, _bob, token) = world(t0);
-        let initial = json_of(&call(&mut hs, req(Method::GET, "sync", Some(&token), b""), t0, 2_000));
+        let initial = json_of(&call(
+            &mut hs,
+            req(Method::GET, "sync", Some(&token), b""),
+            t0,
+            2_000,
+        ));
         let joined = &initial["rooms"]["join"][room.as_str()];
-        let state: Vec<&Value> = joined["state"]["events"].as_array().unwrap().iter().map(|e| &e["type"]).collect();
-        assert_eq!(json!(state), json!(["m.room.create", "m.room.member", "m.room.join_rules", "m.room.member"]));
-        assert_eq!((&joined["summary"]["m.joined_member_count"], &initial["next_batch"]), (&json!(2), &json!("s4")));
+        let state: Vec<&Value> = joined["state"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["type"])
+            .collect();
+        assert_eq!(
+            json!(state),
+            json!([
+                "m.room.create",
+                "m.room.member",
+                "m.room.join_rules",
+                "m.room.member"
+            ])
+        );
+        assert_eq!(
+            (
+                &joined["summary"]["m.joined_member_count"],
+                &initial["next_batch"]
+            ),
+            (&json!(2), &json!("s4"))
+        );
 
-        let send = req(Method::PUT, &send_path(&room, "t1"), Some(&token), br#"{"call_id":"c1"}"#);
+        let send = req(
+            Method::PUT,
+            &send_path(&room, "t1"),
+            Some(&token),
+            br#"{"call_id":"c1"}"#,
+        );
         let sent = call(&mut hs, send, t0 + ms(10), 5_000);
         assert_eq!(json_of(&sent), json!({"event_id": "$e5"}));
-        let synced = json_of(&call(&mut hs, req(Method::GET, "sync?since=s4&timeout=0", Some(&token), b""), t0 + ms(20), 5_250));
+        let synced = json_of(&call(
+            &mut hs,
+            req(Method::GET, "sync?since=s4&timeout=0", Some(&token), b""),
+            t0 + ms(20),
+            5_250,
+        ));
         let events = timeline(&synced, room.as_str());
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0], json!({
-            "type": "m.call.invite", "content": {"call_id": "c1"}, "sender": "@alice:sim.local", "event_id": "$e5",
-            "origin_server_ts": 5_000, "unsigned": {"age": 250, "transaction_id": "t1"},
-        }));
+        assert_eq!(
+            events[0],
+            json!({
+                "type": "m.call.invite", "content": {"call_id": "c1"}, "sender": "@alice:sim.local", "event_id": "$e5",
+                "origin_server_ts": 5_000, "unsigned": {"age": 250, "transaction_id": "t1"},
+            })
+        );
         assert_eq!(synced["next_batch"], "s5");
         assert_eq!(hs.room_events(&room).len(), 5);
     }
@@ -927,10 +1320,34 @@ mod tests {
     fn repeated_txn_id_is_idempotent() {
         let t0 = Instant::now();
         let (mut hs, room, _bob, token) = world(t0);
-        let first = call(&mut hs, req(Method::PUT, &send_path(&room, "same"), Some(&token), br#"{"a":1}"#), t0, 0);
-        let second = call(&mut hs, req(Method::PUT, &send_path(&room, "same"), Some(&token), br#"{"a":2}"#), t0, 0);
+        let first = call(
+            &mut hs,
+            req(
+                Method::PUT,
+                &send_path(&room, "same"),
+                Some(&token),
+                br#"{"a":1}"#,
+            ),
+            t0,
+            0,
+        );
+        let second = call(
+            &mut hs,
+            req(
+                Method::PUT,
+                &send_path(&room, "same"),
+                Some(&token),
+                br#"{"a":2}"#,
+            ),
+            t0,
+            0,
+        );
         assert_eq!(json_of(&first), json_of(&second));
-        let invites: Vec<Value> = hs.room_events(&room).into_iter().filter(|e| e["type"] == "m.call.invite").collect();
+        let invites: Vec<Value> = hs
+            .room_events(&room)
+            .into_iter()
+            .filter(|e| e["type"] == "m.call.invite")
+            .collect();
         assert_eq!(invites.len(), 1);
         assert_eq!(invites[0]["content"], json!({"a": 1}));
     }
@@ -939,14 +1356,38 @@ mod tests {
     fn long_poll_is_held_until_an_event_arrives() {
         let t0 = Instant::now();
         let (mut hs, room, bob, token) = world(t0);
-        hs.handle_request(7, req(Method::GET, "sync?since=s4&timeout=30000", Some(&token), b""), t0 + ms(100), 0);
-        assert_eq!(hs.poll_timeout(), Some(t0 + ms(30_105)), "held: only the timeout answer is pending");
+        hs.handle_request(
+            7,
+            req(
+                Method::GET,
+                "sync?since=s4&timeout=30000",
+                Some(&token),
+                b"",
+            ),
+            t0 + ms(100),
+            0,
+        );
+        assert_eq!(
+            hs.poll_timeout(),
+            Some(t0 + ms(30_105)),
+            "held: only the timeout answer is pending"
+        );
         assert!(hs.poll_response(t0 + ms(1_000), 0).is_none());
-        assert_eq!(hs.inject_event(&room, &bob, "m.call.hangup", json!({"call_id": "c"}), 7_000), "$e5");
-        assert_eq!(hs.poll_timeout(), Some(t0 + ms(1_005)), "released at the latest instant seen, plus latency");
+        assert_eq!(
+            hs.inject_event(&room, &bob, "m.call.hangup", json!({"call_id": "c"}), 7_000),
+            "$e5"
+        );
+        assert_eq!(
+            hs.poll_timeout(),
+            Some(t0 + ms(1_005)),
+            "released at the latest instant seen, plus latency"
+        );
         let (ticket, resp) = hs.poll_response(t0 + ms(1_005), 7_000).unwrap();
         let events = timeline(&json_of(&resp.unwrap()), room.as_str());
-        assert_eq!((ticket, &events[0]["event_id"], &events[0]["unsigned"]), (7, &json!("$e5"), &json!({"age": 0})));
+        assert_eq!(
+            (ticket, &events[0]["event_id"], &events[0]["unsigned"]),
+            (7, &json!("$e5"), &json!({"age": 0}))
+        );
         assert_eq!(hs.poll_timeout(), None);
     }
 
@@ -954,30 +1395,68 @@ mod tests {
     fn long_poll_times_out_with_empty_rooms() {
         let t0 = Instant::now();
         let (mut hs, _room, _bob, token) = world(t0);
-        hs.handle_request(3, req(Method::GET, "sync?since=s4&timeout=2000", Some(&token), b""), t0, 0);
+        hs.handle_request(
+            3,
+            req(Method::GET, "sync?since=s4&timeout=2000", Some(&token), b""),
+            t0,
+            0,
+        );
         assert_eq!(hs.poll_timeout(), Some(t0 + ms(2_005)));
         assert!(hs.poll_response(t0 + ms(2_004), 0).is_none());
         let (ticket, resp) = hs.poll_response(t0 + ms(2_005), 0).unwrap();
         let b = json_of(&resp.unwrap());
-        assert_eq!((ticket, &b["next_batch"], &b["rooms"]["join"]), (3, &json!("s4"), &json!({})));
+        assert_eq!(
+            (ticket, &b["next_batch"], &b["rooms"]["join"]),
+            (3, &json!("s4"), &json!({}))
+        );
     }
 
     #[test]
     fn down_refuses_requests_and_fails_pending_long_polls() {
         let t0 = Instant::now();
         let (mut hs, room, _bob, token) = world(t0);
-        hs.handle_request(1, req(Method::GET, "sync?since=s4&timeout=30000", Some(&token), b""), t0, 0);
+        hs.handle_request(
+            1,
+            req(
+                Method::GET,
+                "sync?since=s4&timeout=30000",
+                Some(&token),
+                b"",
+            ),
+            t0,
+            0,
+        );
         hs.set_down(true, t0 + ms(50));
         assert!(hs.is_down());
-        assert!(matches!(hs.poll_response(t0 + ms(50), 0), Some((1, Err(SimHttpError::ConnectionRefused)))));
+        assert!(matches!(
+            hs.poll_response(t0 + ms(50), 0),
+            Some((1, Err(SimHttpError::ConnectionRefused)))
+        ));
         let served = hs.requests_served();
-        hs.handle_request(2, req(Method::PUT, &send_path(&room, "x"), Some(&token), b"{}"), t0 + ms(60), 0);
+        hs.handle_request(
+            2,
+            req(Method::PUT, &send_path(&room, "x"), Some(&token), b"{}"),
+            t0 + ms(60),
+            0,
+        );
         assert_eq!(hs.poll_timeout(), Some(t0 + ms(61)));
-        assert!(matches!(hs.poll_response(t0 + ms(61), 0), Some((2, Err(SimHttpError::ConnectionRefused)))));
+        assert!(matches!(
+            hs.poll_response(t0 + ms(61), 0),
+            Some((2, Err(SimHttpError::ConnectionRefused)))
+        ));
         assert_eq!(hs.requests_served(), served);
         hs.set_down(false, t0 + ms(70));
-        assert_eq!(hs.room_events(&room).len(), 4, "stored events kept, refused send not stored");
-        let ok = call(&mut hs, req(Method::PUT, &send_path(&room, "x"), Some(&token), b"{}"), t0 + ms(80), 0);
+        assert_eq!(
+            hs.room_events(&room).len(),
+            4,
+            "stored events kept, refused send not stored"
+        );
+        let ok = call(
+            &mut hs,
+            req(Method::PUT, &send_path(&room, "x"), Some(&token), b"{}"),
+            t0 + ms(80),
+            0,
+        );
         assert_eq!(ok.status(), StatusCode::OK);
     }
 
@@ -985,19 +1464,58 @@ mod tests {
     fn fail_next_429_then_hang_then_recovers() {
         let t0 = Instant::now();
         let (mut hs, _room, _bob, token) = world(t0);
-        hs.fail_next(2, Fault::Status429 { retry_after_ms: 1_500 });
+        hs.fail_next(
+            2,
+            Fault::Status429 {
+                retry_after_ms: 1_500,
+            },
+        );
         hs.fail_next(1, Fault::Hang);
         for _ in 0..2 {
-            let resp = call(&mut hs, req(Method::GET, "voip/turnServer", Some(&token), b""), t0, 0);
-            assert_eq!((resp.status(), &resp.headers()[RETRY_AFTER]), (StatusCode::TOO_MANY_REQUESTS, &HeaderValue::from(2)));
+            let resp = call(
+                &mut hs,
+                req(Method::GET, "voip/turnServer", Some(&token), b""),
+                t0,
+                0,
+            );
+            assert_eq!(
+                (resp.status(), &resp.headers()[RETRY_AFTER]),
+                (StatusCode::TOO_MANY_REQUESTS, &HeaderValue::from(2))
+            );
             let b = json_of(&resp);
-            assert_eq!((&b["errcode"], &b["retry_after_ms"]), (&json!("M_LIMIT_EXCEEDED"), &json!(1_500)));
+            assert_eq!(
+                (&b["errcode"], &b["retry_after_ms"]),
+                (&json!("M_LIMIT_EXCEEDED"), &json!(1_500))
+            );
         }
-        hs.handle_request(5, req(Method::GET, "voip/turnServer", Some(&token), b""), t0, 0);
+        hs.handle_request(
+            5,
+            req(Method::GET, "voip/turnServer", Some(&token), b""),
+            t0,
+            0,
+        );
         assert_eq!(hs.poll_timeout(), None, "hung request is never answered");
-        assert_eq!(json_of(&call(&mut hs, req(Method::GET, "voip/turnServer", Some(&token), b""), t0, 0)), json!({}));
-        hs.set_turn_server(vec!["turn:turn.sim.local:3478?transport=udp".into()], "u".into(), "p".into(), 86_400);
-        let resp = call(&mut hs, req(Method::GET, "voip/turnServer", Some(&token), b""), t0, 0);
+        assert_eq!(
+            json_of(&call(
+                &mut hs,
+                req(Method::GET, "voip/turnServer", Some(&token), b""),
+                t0,
+                0
+            )),
+            json!({})
+        );
+        hs.set_turn_server(
+            vec!["turn:turn.sim.local:3478?transport=udp".into()],
+            "u".into(),
+            "p".into(),
+            86_400,
+        );
+        let resp = call(
+            &mut hs,
+            req(Method::GET, "voip/turnServer", Some(&token), b""),
+            t0,
+            0,
+        );
         assert_eq!(json_of(&resp)["ttl"], 86_400);
         assert_eq!(hs.requests_served(), 6);
     }
@@ -1007,21 +1525,87 @@ mod tests {
         let t0 = Instant::now();
         let (mut hs, room, _bob, token) = world(t0);
         let cases: [(Method, String, &[u8], StatusCode, &str); 8] = [
-            (Method::PUT, send_path(&room, "a"), b"{not json", StatusCode::BAD_REQUEST, "M_NOT_JSON"),
-            (Method::PUT, send_path(&room, "b"), b"[1,2]", StatusCode::BAD_REQUEST, "M_BAD_JSON"),
-            (Method::POST, "login".into(), b"\xff\xfe", StatusCode::BAD_REQUEST, "M_NOT_JSON"),
-            (Method::POST, "login".into(), br#"{"type":"m.login.password"}"#, StatusCode::BAD_REQUEST, "M_BAD_JSON"),
-            (Method::PUT, "rooms/%21nope%3Asim.local/send/x/1".into(), b"{}", StatusCode::NOT_FOUND, "M_NOT_FOUND"),
-            (Method::PUT, "rooms/%FF/send/x/1".into(), b"{}", StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
-            (Method::GET, "rooms/x/sned".into(), b"", StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
-            (Method::GET, "createRoom".into(), b"", StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
+            (
+                Method::PUT,
+                send_path(&room, "a"),
+                b"{not json",
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+            ),
+            (
+                Method::PUT,
+                send_path(&room, "b"),
+                b"[1,2]",
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+            ),
+            (
+                Method::POST,
+                "login".into(),
+                b"\xff\xfe",
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+            ),
+            (
+                Method::POST,
+                "login".into(),
+                br#"{"type":"m.login.password"}"#,
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+            ),
+            (
+                Method::PUT,
+                "rooms/%21nope%3Asim.local/send/x/1".into(),
+                b"{}",
+                StatusCode::NOT_FOUND,
+                "M_NOT_FOUND",
+            ),
+            (
+                Method::PUT,
+                "rooms/%FF/send/x/1".into(),
+                b"{}",
+                StatusCode::BAD_REQUEST,
+                "M_INVALID_PARAM",
+            ),
+            (
+                Method::GET,
+                "rooms/x/sned".into(),
+                b"",
+                StatusCode::NOT_FOUND,
+                "M_UNRECOGNIZED",
+            ),
+            (
+                Method::GET,
+                "createRoom".into(),
+                b"",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+            ),
         ];
         for (method, path, body, status, errcode) in cases {
             let resp = call(&mut hs, req(method, &path, Some(&token), body), t0, 0);
-            assert_eq!((resp.status(), json_of(&resp)["errcode"].as_str()), (status, Some(errcode)), "{path}");
+            assert_eq!(
+                (resp.status(), json_of(&resp)["errcode"].as_str()),
+                (status, Some(errcode)),
+                "{path}"
+            );
         }
-        let garbage = call(&mut hs, req(Method::GET, "sync?since=%%zz&timeout=abc", Some(&token), b""), t0, 0);
-        assert_eq!(json_of(&garbage)["next_batch"], "s4", "unparsable since/timeout answer at once");
+        let garbage = call(
+            &mut hs,
+            req(
+                Method::GET,
+                "sync?since=%%zz&timeout=abc",
+                Some(&token),
+                b"",
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(
+            json_of(&garbage)["next_batch"],
+            "s4",
+            "unparsable since/timeout answer at once"
+        );
         assert_eq!(hs.room_events(&room).len(), 4);
     }
 
@@ -1031,16 +1615,46 @@ mod tests {
         let (mut hs, room, _bob, alice_token) = world(t0);
         let phone = login_token(&mut hs, "bob", Some("PHONE"), t0);
         let hub = login_token(&mut hs, "bob", None, t0);
-        hs.handle_request(1, req(Method::GET, "sync?since=s4&timeout=30000", Some(&phone), b""), t0, 0);
-        hs.handle_request(2, req(Method::GET, "sync?since=s4&timeout=30000", Some(&hub), b""), t0, 0);
-        hs.handle_request(3, req(Method::PUT, &send_path(&room, "t"), Some(&alice_token), b"{}"), t0 + ms(10), 100);
+        hs.handle_request(
+            1,
+            req(
+                Method::GET,
+                "sync?since=s4&timeout=30000",
+                Some(&phone),
+                b"",
+            ),
+            t0,
+            0,
+        );
+        hs.handle_request(
+            2,
+            req(Method::GET, "sync?since=s4&timeout=30000", Some(&hub), b""),
+            t0,
+            0,
+        );
+        hs.handle_request(
+            3,
+            req(
+                Method::PUT,
+                &send_path(&room, "t"),
+                Some(&alice_token),
+                b"{}",
+            ),
+            t0 + ms(10),
+            100,
+        );
         assert_eq!(hs.poll_timeout(), Some(t0 + ms(15)));
-        let answers: Vec<(Ticket, HttpResult)> = std::iter::from_fn(|| hs.poll_response(t0 + ms(15), 100)).collect();
+        let answers: Vec<(Ticket, HttpResult)> =
+            std::iter::from_fn(|| hs.poll_response(t0 + ms(15), 100)).collect();
         assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
         for (_, resp) in answers.iter().take(2) {
             let events = timeline(&json_of(resp.as_ref().unwrap()), room.as_str());
             assert_eq!(events[0]["event_id"], "$e5");
-            assert_eq!(events[0]["unsigned"], json!({"age": 0}), "no transaction_id for other devices");
+            assert_eq!(
+                events[0]["unsigned"],
+                json!({"age": 0}),
+                "no transaction_id for other devices"
+            );
         }
     }
 
@@ -1049,18 +1663,56 @@ mod tests {
         let t0 = Instant::now();
         let (mut hs, _room, bob, alice_token) = world(t0);
         let bob_token = login_token(&mut hs, "bob", None, t0);
-        hs.handle_request(1, req(Method::GET, "sync?since=s4&timeout=30000", Some(&bob_token), b""), t0 + ms(5), 0);
+        hs.handle_request(
+            1,
+            req(
+                Method::GET,
+                "sync?since=s4&timeout=30000",
+                Some(&bob_token),
+                b"",
+            ),
+            t0 + ms(5),
+            0,
+        );
         let body = json!({"preset": "trusted_private_chat", "is_direct": true, "invite": [bob]});
         let body = serde_json::to_vec(&body).unwrap();
-        hs.handle_request(2, req(Method::POST, "createRoom", Some(&alice_token), &body), t0 + ms(5), 0);
+        hs.handle_request(
+            2,
+            req(Method::POST, "createRoom", Some(&alice_token), &body),
+            t0 + ms(5),
+            0,
+        );
         let (t1, r1) = hs.poll_response(t0 + ms(10), 0).unwrap();
         let (t2, r2) = hs.poll_response(t0 + ms(10), 0).unwrap();
         assert_eq!((t1, t2), (1, 2));
-        assert_eq!(json_of(r2.as_ref().unwrap()), json!({"room_id": "!r2:sim.local"}));
+        assert_eq!(
+            json_of(r2.as_ref().unwrap()),
+            json!({"room_id": "!r2:sim.local"})
+        );
         let events = timeline(&json_of(r1.as_ref().unwrap()), "!r2:sim.local");
-        assert_eq!((events.len(), &events[3]["state_key"], &events[3]["content"]["is_direct"]), (4, &json!(bob), &json!(true)));
-        let members = call(&mut hs, req(Method::GET, "rooms/!r2:sim.local/joined_members", Some(&bob_token), b""), t0, 0);
-        assert_eq!(json_of(&members)["joined"][bob.as_str()], json!({"display_name": null, "avatar_url": null}));
+        assert_eq!(
+            (
+                events.len(),
+                &events[3]["state_key"],
+                &events[3]["content"]["is_direct"]
+            ),
+            (4, &json!(bob), &json!(true))
+        );
+        let members = call(
+            &mut hs,
+            req(
+                Method::GET,
+                "rooms/!r2:sim.local/joined_members",
+                Some(&bob_token),
+                b"",
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(
+            json_of(&members)["joined"][bob.as_str()],
+            json!({"display_name": null, "avatar_url": null})
+        );
     }
 
     /// The bytes ruma builds are understood, and ruma parses what the sim answers.
@@ -1075,25 +1727,61 @@ mod tests {
 
         let id = UserIdentifier::Matrix(MatrixUserIdentifier::new("alice".into()));
         let info = login::v3::LoginInfo::Password(login::v3::Password::new(id, "pw".into()));
-        let r = login::v3::Request::new(info).try_into_http_request(&base, SendAccessToken::None, v()).unwrap();
+        let r = login::v3::Request::new(info)
+            .try_into_http_request(&base, SendAccessToken::None, v())
+            .unwrap();
         let (head, body) = call(&mut hs, r, t0, 0).into_parts();
-        let login = login::v3::Response::try_from_http_response(Response::from_parts(head, &body[..])).unwrap();
+        let login =
+            login::v3::Response::try_from_http_response(Response::from_parts(head, &body[..]))
+                .unwrap();
         assert_eq!(login.user_id, alice);
         let auth = SendAccessToken::IfRequired(&login.access_token);
 
-        let content = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(&json!({"call_id": "c"})).unwrap());
-        let send = send_message_event::v3::Request::new_raw(room.clone(), "t/1".into(), "m.call.invite".into(), content);
-        let (head, body) = call(&mut hs, send.try_into_http_request(&base, auth, v()).unwrap(), t0, 10).into_parts();
-        let sent = send_message_event::v3::Response::try_from_http_response(Response::from_parts(head, &body[..])).unwrap();
+        let content = ruma::serde::Raw::from_json(
+            serde_json::value::to_raw_value(&json!({"call_id": "c"})).unwrap(),
+        );
+        let send = send_message_event::v3::Request::new_raw(
+            room.clone(),
+            "t/1".into(),
+            "m.call.invite".into(),
+            content,
+        );
+        let (head, body) = call(
+            &mut hs,
+            send.try_into_http_request(&base, auth, v()).unwrap(),
+            t0,
+            10,
+        )
+        .into_parts();
+        let sent = send_message_event::v3::Response::try_from_http_response(Response::from_parts(
+            head,
+            &body[..],
+        ))
+        .unwrap();
         assert_eq!(sent.event_id.as_str(), "$e4");
 
         let mut sync = sync_events::v3::Request::new();
         sync.since = Some("s3".into());
         sync.timeout = Some(Duration::from_secs(30));
-        let (head, body) = call(&mut hs, sync.try_into_http_request(&base, auth, v()).unwrap(), t0, 20).into_parts();
-        let synced = sync_events::v3::Response::try_from_http_response(Response::from_parts(head, &body[..])).unwrap();
+        let (head, body) = call(
+            &mut hs,
+            sync.try_into_http_request(&base, auth, v()).unwrap(),
+            t0,
+            20,
+        )
+        .into_parts();
+        let synced = sync_events::v3::Response::try_from_http_response(Response::from_parts(
+            head,
+            &body[..],
+        ))
+        .unwrap();
         assert_eq!(synced.next_batch, "s4");
-        let event = synced.rooms.join[&room].timeline.events[0].deserialize_as_unchecked::<Value>().unwrap();
-        assert_eq!(event["unsigned"]["transaction_id"], "t/1", "escaped '/' in a txn id survives routing");
+        let event = synced.rooms.join[&room].timeline.events[0]
+            .deserialize_as_unchecked::<Value>()
+            .unwrap();
+        assert_eq!(
+            event["unsigned"]["transaction_id"], "t/1",
+            "escaped '/' in a txn id survives routing"
+        );
     }
 }

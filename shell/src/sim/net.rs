@@ -237,8 +237,18 @@ mod tests {
         net.send(t0 + Duration::from_millis(1), dgram(2));
         assert_eq!(net.poll_timeout(), Some(t0 + Duration::from_millis(20)));
         assert!(net.poll_deliver(t0 + Duration::from_millis(19)).is_none());
-        assert_eq!(net.poll_deliver(t0 + Duration::from_millis(25)).unwrap().contents, vec![1]);
-        assert_eq!(net.poll_deliver(t0 + Duration::from_millis(25)).unwrap().contents, vec![2]);
+        assert_eq!(
+            net.poll_deliver(t0 + Duration::from_millis(25))
+                .unwrap()
+                .contents,
+            vec![1]
+        );
+        assert_eq!(
+            net.poll_deliver(t0 + Duration::from_millis(25))
+                .unwrap()
+                .contents,
+            vec![2]
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use call_assist_core::{
-    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Codec, Credentials, HttpFailure,
-    HttpId, Input, MediaKind, OutgoingFrame, Output, Secret,
+    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Codec, Credentials, HttpFailure, HttpId,
+    Input, MediaKind, OutgoingFrame, Output, Secret,
 };
 use ruma::{OwnedRoomId, OwnedUserId};
 use tracing::{debug, warn};
@@ -164,10 +164,7 @@ impl World {
         let password = format!("pw-{localpart}");
         let user_id = self.hs.register_user(localpart, &password);
         let idx = self.agents.len();
-        let addr = SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10 + idx as u8)),
-            5000,
-        );
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10 + idx as u8)), 5000);
         let mut config = AgentConfig::new(
             self.hs.base_url(),
             user_id.clone(),
@@ -316,13 +313,20 @@ impl World {
                     (Err(err), _) => warn!("test clip unusable: {err}"),
                 }
             }
-            AgentEvent::CallEnded { call_id, .. } => {
-                if self.agents[i].pump.as_ref().is_some_and(|p| &p.call_id == call_id) {
-                    self.agents[i].pump = None;
-                }
+            AgentEvent::CallEnded { call_id, .. }
+                if self.agents[i]
+                    .pump
+                    .as_ref()
+                    .is_some_and(|p| &p.call_id == call_id) =>
+            {
+                self.agents[i].pump = None;
             }
             AgentEvent::KeyframeRequested { call_id } => {
-                if let Some(p) = self.agents[i].pump.as_mut().filter(|p| &p.call_id == call_id) {
+                if let Some(p) = self.agents[i]
+                    .pump
+                    .as_mut()
+                    .filter(|p| &p.call_id == call_id)
+                {
                     p.video.restart_at_keyframe();
                 }
             }
@@ -480,7 +484,13 @@ impl World {
         lines.sort();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for l in &lines {
-            for b in l.at_ms.to_le_bytes().iter().chain(l.text.as_bytes()).chain(b"\n") {
+            for b in l
+                .at_ms
+                .to_le_bytes()
+                .iter()
+                .chain(l.text.as_bytes())
+                .chain(b"\n")
+            {
                 h ^= u64::from(*b);
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
