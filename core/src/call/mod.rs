@@ -129,7 +129,7 @@ pub(crate) struct Call {
     timers: Timers,
     rtc_deadline: Option<Instant>,
     /// Local candidates not sent yet (SDP lines); `None` entry = end-of-candidates.
-    local_candidates: VecDeque<Option<String>>,
+    local_candidates: heapless::Deque<Option<String>, { limits::MAX_LOCAL_CANDIDATES + 1 }>,
     /// Outbound: candidates per answering party, applied when that party is selected.
     early_candidates: BTreeMap<String, Vec<String>>,
     remote_candidates: usize,
@@ -210,7 +210,7 @@ impl Call {
             video_mid: None,
             timers: Timers::default(),
             rtc_deadline: None,
-            local_candidates: VecDeque::new(),
+            local_candidates: heapless::Deque::new(),
             early_candidates: BTreeMap::new(),
             remote_candidates: 0,
             ice_connected_once: false,
@@ -367,8 +367,11 @@ impl Call {
                 Ok(c) => {
                     if let Some(added) = self.rtc.add_local_candidate(c) {
                         let line = added.to_sdp_string();
-                        if self.local_candidates.len() < limits::MAX_LOCAL_CANDIDATES {
-                            self.local_candidates.push_back(Some(line));
+                        // One slot stays free for end-of-candidates.
+                        if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
+                            || self.local_candidates.push_back(Some(line)).is_err()
+                        {
+                            warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
                         }
                     }
                 }
@@ -376,7 +379,9 @@ impl Call {
             }
         }
         // Host candidates are all we gather here: end-of-candidates follows them.
-        self.local_candidates.push_back(None);
+        if self.local_candidates.push_back(None).is_err() {
+            warn!(call_id = %self.id, "no room for end-of-candidates");
+        }
         self.timers
             .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
     }
