@@ -143,9 +143,8 @@ pub struct Transmit {
     pub contents: Vec<u8>,
 }
 
-/// What the agent wants done next.
+/// What the agent wants done next. Exhaustive on purpose: a driver must handle all four.
 #[derive(Debug)]
-#[non_exhaustive]
 #[must_use]
 pub enum Output {
     Transmit(Transmit),

@@ -84,7 +84,12 @@ pub fn stored(world: &World, room: &OwnedRoomId, event_type: &str) -> Vec<Value>
 }
 
 /// Contents of the stored events of `event_type` that belong to `call_id`.
-pub fn stored_for_call(world: &World, room: &OwnedRoomId, event_type: &str, call_id: &str) -> Vec<Value> {
+pub fn stored_for_call(
+    world: &World,
+    room: &OwnedRoomId,
+    event_type: &str,
+    call_id: &str,
+) -> Vec<Value> {
     stored(world, room, event_type)
         .into_iter()
         .filter(|c| c["call_id"] == call_id)
@@ -94,14 +99,18 @@ pub fn stored_for_call(world: &World, room: &OwnedRoomId, event_type: &str, call
 /// Runs until every agent in `agents` has `call_id` connected.
 pub fn wait_connected(world: &mut World, agents: &[usize], call_id: &str) -> bool {
     world.run_until(PATIENCE, |w| {
-        agents.iter().all(|i| w.agents[*i].reached(call_id, CallState::Connected))
+        agents
+            .iter()
+            .all(|i| w.agents[*i].reached(call_id, CallState::Connected))
     })
 }
 
 /// Runs until every agent in `agents` has seen `call_id` end.
 pub fn wait_ended(world: &mut World, agents: &[usize], call_id: &str) -> bool {
     world.run_until(PATIENCE, |w| {
-        agents.iter().all(|i| w.agents[*i].ended_reason(call_id).is_some())
+        agents
+            .iter()
+            .all(|i| w.agents[*i].ended_reason(call_id).is_some())
     })
 }
 
@@ -110,9 +119,17 @@ pub fn stats(world: &World, i: usize) -> AgentStats {
 }
 
 /// Who ended `call_id` at agent `i`, with the reason.
-pub fn ending(world: &World, i: usize, call_id: &str) -> Option<(call_assist_core::HangupReason, call_assist_core::Party)> {
+pub fn ending(
+    world: &World,
+    i: usize,
+    call_id: &str,
+) -> Option<(call_assist_core::HangupReason, call_assist_core::Party)> {
     world.agents[i].events.iter().find_map(|(_, e)| match e {
-        AgentEvent::CallEnded { call_id: c, reason, by } if c == call_id => Some((reason.clone(), *by)),
+        AgentEvent::CallEnded {
+            call_id: c,
+            reason,
+            by,
+        } if c == call_id => Some((reason.clone(), *by)),
         _ => None,
     })
 }
@@ -141,7 +158,10 @@ pub fn renegotiations(world: &World, i: usize, call_id: &str) -> usize {
 /// When (simulated time since start) agent `i` saw `call_id` reach `state`.
 pub fn reached_at(world: &World, i: usize, call_id: &str, state: CallState) -> Option<Duration> {
     world.agents[i].events.iter().find_map(|(t, e)| match e {
-        AgentEvent::CallStateChanged { call_id: c, state: s } if c == call_id && *s == state => Some(*t),
+        AgentEvent::CallStateChanged {
+            call_id: c,
+            state: s,
+        } if c == call_id && *s == state => Some(*t),
         _ => None,
     })
 }
@@ -208,10 +228,19 @@ pub mod scenarios {
         let mut scene = Scene::new(config);
         let call_id = scene.connected_call();
         scene.world.run_for(Duration::from_secs(3));
-        let after_3s = [stats(&scene.world, scene.alice), stats(&scene.world, scene.bob)];
-        let hung_up = scene.world.with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
+        let after_3s = [
+            stats(&scene.world, scene.alice),
+            stats(&scene.world, scene.bob),
+        ];
+        let hung_up = scene
+            .world
+            .with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
         assert_eq!(hung_up, Ok(()));
-        assert!(wait_ended(&mut scene.world, &[scene.alice, scene.bob], &call_id));
+        assert!(wait_ended(
+            &mut scene.world,
+            &[scene.alice, scene.bob],
+            &call_id
+        ));
         scene.world.run_for(Duration::from_millis(500));
         BasicCall {
             scene,
@@ -257,17 +286,26 @@ pub mod scenarios {
         let call_id = scene.connected_call();
         scene.world.run_for(Duration::from_secs(2));
         let (alice, bob) = (scene.alice, scene.bob);
-        let received = |w: &World| [stats(w, alice).frames_received, stats(w, bob).frames_received];
+        let received = |w: &World| {
+            [
+                stats(w, alice).frames_received,
+                stats(w, bob).frames_received,
+            ]
+        };
 
         let now = scene.world.now();
         scene.world.hs.set_down(true, now);
         let at_outage = received(&scene.world);
         scene.world.run_for(Duration::from_secs(5));
         let five_s_into_outage = received(&scene.world);
-        let hung_up = scene.world.with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
+        let hung_up = scene
+            .world
+            .with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
         assert_eq!(hung_up, Ok(()));
         scene.world.run_for(Duration::from_secs(5));
-        let bob_ended_before_recovery = scene.world.agents[scene.bob].ended_reason(&call_id).is_some();
+        let bob_ended_before_recovery = scene.world.agents[scene.bob]
+            .ended_reason(&call_id)
+            .is_some();
         let now = scene.world.now();
         scene.world.hs.set_down(false, now);
         wait_ended(&mut scene.world, &[scene.bob], &call_id);

@@ -13,7 +13,10 @@ const MIN_VIDEO_FRAMES_3S: u64 = 25;
 const MIN_AUDIO_FRAMES_3S: u64 = 100;
 
 fn ringing(world: &World, i: usize, call_id: &str) -> bool {
-    world.agents[i].incoming_calls().iter().any(|c| c == call_id)
+    world.agents[i]
+        .incoming_calls()
+        .iter()
+        .any(|c| c == call_id)
 }
 
 #[test]
@@ -48,10 +51,16 @@ fn basic_call_media_flows_both_ways_then_caller_hangs_up() {
     let hangups = scene.stored("m.call.hangup");
     assert_eq!(hangups.len(), 1, "{hangups:?}");
     assert_eq!(hangups[0]["reason"], "user_hangup");
-    assert_eq!(hangups[0]["party_id"], w.agents[scene.alice].agent.party_id());
+    assert_eq!(
+        hangups[0]["party_id"],
+        w.agents[scene.alice].agent.party_id()
+    );
     let selects = scene.stored("m.call.select_answer");
     assert_eq!(selects.len(), 1);
-    assert_eq!(selects[0]["selected_party_id"], w.agents[scene.bob].agent.party_id());
+    assert_eq!(
+        selects[0]["selected_party_id"],
+        w.agents[scene.bob].agent.party_id()
+    );
 }
 
 #[test]
@@ -59,9 +68,13 @@ fn callee_rejects_the_call() {
     let mut scene = Scene::new(config(2));
     let call_id = scene.world.place_call(scene.alice, &scene.room);
     let bob = scene.bob;
-    assert!(scene.world.run_until(PATIENCE, |w| ringing(w, bob, &call_id)));
+    assert!(scene
+        .world
+        .run_until(PATIENCE, |w| ringing(w, bob, &call_id)));
 
-    let rejected = scene.world.with_agent(bob, |a, now| a.hangup(&call_id, now));
+    let rejected = scene
+        .world
+        .with_agent(bob, |a, now| a.hangup(&call_id, now));
     assert_eq!(rejected, Ok(()));
     assert!(wait_ended(&mut scene.world, &[scene.alice], &call_id));
 
@@ -87,9 +100,13 @@ fn caller_hangs_up_before_the_answer() {
     let mut scene = Scene::new(config(3));
     let call_id = scene.world.place_call(scene.alice, &scene.room);
     let bob = scene.bob;
-    assert!(scene.world.run_until(PATIENCE, |w| ringing(w, bob, &call_id)));
+    assert!(scene
+        .world
+        .run_until(PATIENCE, |w| ringing(w, bob, &call_id)));
 
-    let hung_up = scene.world.with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
+    let hung_up = scene
+        .world
+        .with_agent(scene.alice, |a, now| a.hangup(&call_id, now));
     assert_eq!(hung_up, Ok(()));
     assert!(wait_ended(&mut scene.world, &[bob], &call_id));
 
@@ -107,7 +124,10 @@ fn caller_hangs_up_before_the_answer() {
     assert_eq!(hangups.len(), 1);
     assert_eq!(hangups[0]["reason"], "user_hangup");
     // A ringing call that ended cannot be answered any more.
-    assert!(scene.world.with_agent(bob, |a, now| a.answer(&call_id, now)).is_err());
+    assert!(scene
+        .world
+        .with_agent(bob, |a, now| a.answer(&call_id, now))
+        .is_err());
 }
 
 #[test]
@@ -115,7 +135,11 @@ fn unanswered_invite_expires_after_its_lifetime() {
     let mut scene = Scene::new(config(4));
     let placed_at = scene.world.elapsed();
     let call_id = scene.world.place_call(scene.alice, &scene.room);
-    assert!(wait_ended(&mut scene.world, &[scene.alice, scene.bob], &call_id));
+    assert!(wait_ended(
+        &mut scene.world,
+        &[scene.alice, scene.bob],
+        &call_id
+    ));
     scene.world.run_for(Duration::from_secs(1));
 
     let w = &scene.world;
@@ -129,8 +153,10 @@ fn unanswered_invite_expires_after_its_lifetime() {
 
     let lifetime = Duration::from_secs(60);
     let margin = Duration::from_secs(2);
-    let alice_end = reached_at(w, scene.alice, &call_id, CallState::Ended).unwrap_or_default() - placed_at;
-    let bob_end = reached_at(w, scene.bob, &call_id, CallState::Ended).unwrap_or_default() - placed_at;
+    let alice_end =
+        reached_at(w, scene.alice, &call_id, CallState::Ended).unwrap_or_default() - placed_at;
+    let bob_end =
+        reached_at(w, scene.bob, &call_id, CallState::Ended).unwrap_or_default() - placed_at;
     assert!(
         alice_end >= lifetime && alice_end <= lifetime + margin,
         "alice gave up after {alice_end:?}"
@@ -154,7 +180,11 @@ fn glare_seeds() -> (u64, u64) {
         let mut scene = Scene::new(config(seed));
         let a = scene.world.place_call(scene.alice, &scene.room);
         let b = scene.world.place_call(scene.bob, &scene.room);
-        let slot = if a < b { &mut alice_lesser } else { &mut alice_greater };
+        let slot = if a < b {
+            &mut alice_lesser
+        } else {
+            &mut alice_greater
+        };
         slot.get_or_insert(seed);
         if let (Some(l), Some(g)) = (alice_lesser, alice_greater) {
             return (l, g);
@@ -202,8 +232,16 @@ fn glare_lesser_call_id_wins_in_both_orders() {
         );
         // The winner's owner never rings for the greater call: it ignores that invite.
         assert!(!ringing(w, winner_owner, loser), "seed {seed}");
-        assert_eq!(w.agents[winner_owner].ended_reason(winner), None, "seed {seed}");
-        assert_eq!(w.agents[loser_owner].ended_reason(winner), None, "seed {seed}");
+        assert_eq!(
+            w.agents[winner_owner].ended_reason(winner),
+            None,
+            "seed {seed}"
+        );
+        assert_eq!(
+            w.agents[loser_owner].ended_reason(winner),
+            None,
+            "seed {seed}"
+        );
         let selects = stored_for_call(w, &g.scene.room, "m.call.select_answer", winner);
         assert_eq!(selects.len(), 1, "seed {seed}");
         assert_eq!(
@@ -231,7 +269,9 @@ fn first_answer_of_two_callee_devices_is_selected() {
     let call_id = world.place_call(alice, &room);
     assert!(world.run_until(PATIENCE, |w| {
         w.agents[alice].reached(&call_id, CallState::Connected)
-            && [phone, laptop].iter().any(|d| w.agents[*d].reached(&call_id, CallState::Connected))
+            && [phone, laptop]
+                .iter()
+                .any(|d| w.agents[*d].reached(&call_id, CallState::Connected))
     }));
     world.run_for(Duration::from_secs(3));
 
@@ -241,10 +281,17 @@ fn first_answer_of_two_callee_devices_is_selected() {
         (laptop, phone)
     };
     assert!(ringing(&world, phone, &call_id) && ringing(&world, laptop, &call_id));
-    assert_eq!(stored(&world, &room, "m.call.answer").len(), 2, "both devices answered");
+    assert_eq!(
+        stored(&world, &room, "m.call.answer").len(),
+        2,
+        "both devices answered"
+    );
     let selects = stored(&world, &room, "m.call.select_answer");
     assert_eq!(selects.len(), 1, "{selects:?}");
-    assert_eq!(selects[0]["selected_party_id"], world.agents[selected].agent.party_id());
+    assert_eq!(
+        selects[0]["selected_party_id"],
+        world.agents[selected].agent.party_id()
+    );
 
     assert_eq!(
         world.agents[other].ended_reason(&call_id),
@@ -257,7 +304,8 @@ fn first_answer_of_two_callee_devices_is_selected() {
     for i in [alice, selected] {
         let s = stats(&world, i);
         assert!(
-            s.video_frames_received >= MIN_VIDEO_FRAMES_3S && s.audio_frames_received >= MIN_AUDIO_FRAMES_3S,
+            s.video_frames_received >= MIN_VIDEO_FRAMES_3S
+                && s.audio_frames_received >= MIN_AUDIO_FRAMES_3S,
             "{}: {s:?}",
             world.agents[i].name
         );
@@ -274,11 +322,14 @@ fn renegotiation_works_in_both_directions() {
 
     for (round, (offerer, answerer)) in [(alice, bob), (bob, alice)].into_iter().enumerate() {
         let expected = round + 1;
-        let renegotiated = scene.world.with_agent(offerer, |a, now| a.renegotiate(&call_id, now));
+        let renegotiated = scene
+            .world
+            .with_agent(offerer, |a, now| a.renegotiate(&call_id, now));
         assert_eq!(renegotiated, Ok(()), "round {expected}");
         assert!(
             scene.world.run_until(PATIENCE, |w| {
-                renegotiations(w, alice, &call_id) == expected && renegotiations(w, bob, &call_id) == expected
+                renegotiations(w, alice, &call_id) == expected
+                    && renegotiations(w, bob, &call_id) == expected
             }),
             "round {expected}: alice {} bob {}",
             renegotiations(&scene.world, alice, &call_id),
@@ -286,12 +337,22 @@ fn renegotiation_works_in_both_directions() {
         );
 
         let negotiates = stored_for_call(&scene.world, &scene.room, "m.call.negotiate", &call_id);
-        assert_eq!(negotiates.len(), 2 * expected, "round {expected}: {negotiates:?}");
+        assert_eq!(
+            negotiates.len(),
+            2 * expected,
+            "round {expected}: {negotiates:?}"
+        );
         let (offer, answer) = (&negotiates[2 * round], &negotiates[2 * round + 1]);
         assert_eq!(offer["description"]["type"], "offer");
-        assert_eq!(offer["party_id"], scene.world.agents[offerer].agent.party_id());
+        assert_eq!(
+            offer["party_id"],
+            scene.world.agents[offerer].agent.party_id()
+        );
         assert_eq!(answer["description"]["type"], "answer");
-        assert_eq!(answer["party_id"], scene.world.agents[answerer].agent.party_id());
+        assert_eq!(
+            answer["party_id"],
+            scene.world.agents[answerer].agent.party_id()
+        );
 
         let before = [stats(&scene.world, alice), stats(&scene.world, bob)];
         scene.world.run_for(Duration::from_secs(3));
@@ -308,7 +369,10 @@ fn renegotiation_works_in_both_directions() {
     for i in [alice, bob] {
         assert_eq!(scene.world.agents[i].ended_reason(&call_id), None);
         assert_eq!(
-            scene.world.agents[i].agent.call_info(&call_id).map(|c| c.state),
+            scene.world.agents[i]
+                .agent
+                .call_info(&call_id)
+                .map(|c| c.state),
             Some(CallState::Connected)
         );
     }

@@ -17,7 +17,11 @@ fn call_connects_over_a_lossy_link_with_300ms_rtt() {
     } = scenarios::lossy_call(11);
     let w = &scene.world;
     assert!(connected, "no connection with 10 % loss and 300 ms RTT");
-    assert!(w.net.stats.lost > 0, "the link lost nothing: {:?}", w.net.stats);
+    assert!(
+        w.net.stats.lost > 0,
+        "the link lost nothing: {:?}",
+        w.net.stats
+    );
     // 5 s connected: 75 video frames and 250 audio packets were sent each way.
     for i in [scene.alice, scene.bob] {
         let s = stats(w, i);
@@ -50,9 +54,17 @@ fn homeserver_down_for_10s_mid_call_media_continues_and_signalling_recovers() {
             at_outage[k],
             five_s_into_outage[k]
         );
-        assert_eq!(reachability(w, i), vec![false, true], "{}", w.agents[i].name);
+        assert_eq!(
+            reachability(w, i),
+            vec![false, true],
+            "{}",
+            w.agents[i].name
+        );
     }
-    assert!(!bob_ended_before_recovery, "bob heard of the hangup while the homeserver was down");
+    assert!(
+        !bob_ended_before_recovery,
+        "bob heard of the hangup while the homeserver was down"
+    );
     assert_eq!(
         ending(w, scene.bob, &call_id),
         Some((HangupReason::UserHangup, Party::Remote)),
@@ -78,8 +90,11 @@ fn garbage_call_events(call_id: &str, party: &str) -> Vec<(&'static str, Value)>
                 {"candidate": "garbage", "sdpMid": "0", "sdpMLineIndex": 0},
                 {"candidate": "candidate:x 1 udp notanumber 999.1.2.3 -5 typ nonsense", "sdpMid": "0", "sdpMLineIndex": 0},
                 {"candidate": "a=candidate:\u{0}\u{1}\u{2}", "sdpMid": "0", "sdpMLineIndex": 0},
-                {"sdpMid": "0"},
             ]}),
+        ),
+        (
+            "m.call.candidates",
+            json!({"call_id": call_id, "party_id": party, "version": "1", "candidates": [{"sdpMid": "0"}]}),
         ),
         (
             "m.call.negotiate",
@@ -108,14 +123,20 @@ fn malformed_call_events_and_sdp_are_dropped_and_the_call_goes_on() {
         let mut scene = Scene::new(config(13));
         let call_id = scene.connected_call();
         scene.world.run_for(Duration::from_secs(1));
-        let before = [stats(&scene.world, scene.alice), stats(&scene.world, scene.bob)];
+        let before = [
+            stats(&scene.world, scene.alice),
+            stats(&scene.world, scene.bob),
+        ];
         // Each side gets the garbage from the other side's user and party.
         for from in [scene.bob, scene.alice] {
             let sender = scene.world.agents[from].user_id.clone();
             let party = scene.world.agents[from].agent.party_id().to_owned();
             for (event_type, content) in garbage_call_events(&call_id, &party) {
                 let unix = scene.world.unix_ms();
-                scene.world.hs.inject_event(&scene.room, &sender, event_type, content, unix);
+                scene
+                    .world
+                    .hs
+                    .inject_event(&scene.room, &sender, event_type, content, unix);
                 scene.world.run_for(Duration::from_millis(100));
             }
         }
@@ -125,7 +146,11 @@ fn malformed_call_events_and_sdp_are_dropped_and_the_call_goes_on() {
     let w = &scene.world;
     for (i, b) in [scene.alice, scene.bob].into_iter().zip(before) {
         let name = &w.agents[i].name;
-        assert_eq!(w.agents[i].ended_reason(&call_id), None, "{name} ended the call");
+        assert_eq!(
+            w.agents[i].ended_reason(&call_id),
+            None,
+            "{name} ended the call"
+        );
         assert_eq!(
             w.agents[i].agent.call_info(&call_id).map(|c| c.state),
             Some(CallState::Connected),
@@ -143,7 +168,10 @@ fn malformed_call_events_and_sdp_are_dropped_and_the_call_goes_on() {
         "malformed remote candidate dropped",
         "negotiate offer with bad SDP dropped",
     ] {
-        assert!(logs.contains(expected), "no warning {expected:?} in:\n{logs}");
+        assert!(
+            logs.contains(expected),
+            "no warning {expected:?} in:\n{logs}"
+        );
     }
 }
 
@@ -158,7 +186,10 @@ fn invite_with_garbage_sdp_is_not_rung_and_a_later_call_works() {
             "call_id": "garbage-offer", "party_id": "mallory", "version": "1", "lifetime": 60000,
             "invitee": bob_id, "offer": {"type": "offer", "sdp": "v=0\r\nm=garbage\r\n"},
         });
-        scene.world.hs.inject_event(&scene.room, &alice_id, "m.call.invite", invite, unix);
+        scene
+            .world
+            .hs
+            .inject_event(&scene.room, &alice_id, "m.call.invite", invite, unix);
         scene.world.run_for(Duration::from_secs(2));
         scene
     });
@@ -169,7 +200,10 @@ fn invite_with_garbage_sdp_is_not_rung_and_a_later_call_works() {
     assert!(logs.contains("invite dropped"), "no warning in:\n{logs}");
 
     let call_id = scene.connected_call();
-    assert_eq!(scene.world.agents[scene.bob].incoming_calls(), vec![call_id]);
+    assert_eq!(
+        scene.world.agents[scene.bob].incoming_calls(),
+        vec![call_id]
+    );
 }
 
 #[test]
@@ -185,14 +219,27 @@ fn call_connects_after_429_once_retry_after_has_passed() {
     );
     let placed_at = scene.world.elapsed();
     let call_id = scene.world.place_call(scene.alice, &scene.room);
-    assert!(wait_connected(&mut scene.world, &[scene.alice, scene.bob], &call_id));
+    assert!(wait_connected(
+        &mut scene.world,
+        &[scene.alice, scene.bob],
+        &call_id
+    ));
 
     let w = &scene.world;
     let rang_at = reached_at(w, scene.bob, &call_id, CallState::Ringing).unwrap_or_default();
-    let connected_at = reached_at(w, scene.alice, &call_id, CallState::Connected).unwrap_or_default();
-    assert!(rang_at - placed_at >= retry_after, "the invite was retried after {:?}", rang_at - placed_at);
+    let connected_at =
+        reached_at(w, scene.alice, &call_id, CallState::Connected).unwrap_or_default();
+    assert!(
+        rang_at - placed_at >= retry_after,
+        "the invite was retried after {:?}",
+        rang_at - placed_at
+    );
     assert!(connected_at - placed_at >= retry_after);
-    assert_eq!(scene.stored("m.call.invite").len(), 1, "the rate-limited send stored nothing");
+    assert_eq!(
+        scene.stored("m.call.invite").len(),
+        1,
+        "the rate-limited send stored nothing"
+    );
     assert!(
         !reachability(w, scene.alice).contains(&false),
         "a 429 means the homeserver is there"
@@ -206,7 +253,11 @@ fn call_connects_after_two_502s_with_backoff() {
     scene.world.hs.fail_next(2, Fault::Status502);
     let placed_at = scene.world.elapsed();
     let call_id = scene.world.place_call(scene.alice, &scene.room);
-    assert!(wait_connected(&mut scene.world, &[scene.alice, scene.bob], &call_id));
+    assert!(wait_connected(
+        &mut scene.world,
+        &[scene.alice, scene.bob],
+        &call_id
+    ));
 
     let w = &scene.world;
     let rang_at = reached_at(w, scene.bob, &call_id, CallState::Ringing).unwrap_or_default();

@@ -323,7 +323,7 @@ impl SimHomeserver {
                 room,
                 StoredEvent::new(user, "m.room.member", Some(user.as_str()), content, unix_ms),
             );
-            self.release_held(room, self.last_now, unix_ms);
+            self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
         }
     }
 
@@ -340,7 +340,7 @@ impl SimHomeserver {
             room,
             StoredEvent::new(sender, event_type, None, content, unix_ms),
         );
-        self.release_held(room, self.last_now, unix_ms);
+        self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
         id.unwrap_or_default()
     }
 

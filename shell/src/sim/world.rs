@@ -258,7 +258,6 @@ impl World {
                     self.hs.handle_request(ticket, request, self.now, unix);
                 }
                 Output::Event(e) => self.on_event(i, e),
-                _ => {}
             }
         }
     }
