@@ -15,6 +15,8 @@
 
 pub mod g711;
 pub mod h264;
+pub mod ivf;
+pub mod pump;
 
 use std::fmt;
 use std::time::Duration;
@@ -27,6 +29,9 @@ use self::h264::AccessUnit;
 pub const TESTCLIP: &[u8] = include_bytes!("../../assets/testclip.h264");
 /// Frame rate the test clip was encoded at.
 pub const TESTCLIP_FPS: u32 = 15;
+/// The same picture as VP8 in IVF (for peers without H.264, such as libwebrtc builds
+/// without it); see `shell/assets/README.md`.
+pub const TESTCLIP_VP8: &[u8] = include_bytes!("../../assets/testclip_vp8.ivf");
 
 /// RTP clock rate of video (RFC 6184).
 pub const VIDEO_CLOCK_RATE: u64 = 90_000;
@@ -77,6 +82,7 @@ pub struct VideoFrame {
 pub struct LoopingVideo {
     /// Never empty and contains at least one keyframe (checked in `new`).
     aus: Vec<AccessUnit>,
+    codec: call_assist_core::Codec,
     fps: u32,
     /// Position in `aus` of the next frame.
     pos: usize,
@@ -95,7 +101,18 @@ impl LoopingVideo {
         if fps == 0 {
             return Err(MediaError::ZeroFps);
         }
-        let aus = h264::access_units(clip);
+        Self::from_units(h264::access_units(clip), fps, call_assist_core::Codec::H264)
+    }
+
+    /// Frames already split (any codec); `keyframe` marks where playback may start.
+    pub fn from_units(
+        aus: Vec<AccessUnit>,
+        fps: u32,
+        codec: call_assist_core::Codec,
+    ) -> Result<Self, MediaError> {
+        if fps == 0 {
+            return Err(MediaError::ZeroFps);
+        }
         if aus.is_empty() {
             return Err(MediaError::EmptyClip);
         }
@@ -105,6 +122,7 @@ impl LoopingVideo {
             .ok_or(MediaError::NoKeyframe)?;
         Ok(Self {
             aus,
+            codec,
             fps,
             pos: first_key,
             emitted: 0,
@@ -118,6 +136,20 @@ impl LoopingVideo {
     /// As [`Self::new`]; the shipped clip is valid, so only a broken asset fails.
     pub fn testclip() -> Result<Self, MediaError> {
         Self::new(TESTCLIP, TESTCLIP_FPS)
+    }
+
+    /// The built-in VP8 clip ([`TESTCLIP_VP8`]).
+    ///
+    /// # Errors
+    /// As [`Self::new`]; the shipped clip is valid, so only a broken asset fails.
+    pub fn testclip_vp8() -> Result<Self, MediaError> {
+        let (fps, aus) = ivf::frames(TESTCLIP_VP8).ok_or(MediaError::EmptyClip)?;
+        Self::from_units(aus, fps, call_assist_core::Codec::Vp8)
+    }
+
+    /// The codec of the clip's frames.
+    pub fn codec(&self) -> call_assist_core::Codec {
+        self.codec
     }
 
     /// The next access unit of the loop. The caller paces calls by [`Self::frame_interval`].

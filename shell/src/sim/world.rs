@@ -7,15 +7,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use call_assist_core::{
-    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Codec, Credentials, HttpFailure, HttpId,
-    Input, MediaKind, OutgoingFrame, Output, Secret,
+    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Credentials, HttpFailure, HttpId, Input,
+    MediaKind, Output, Secret,
 };
 use ruma::{OwnedRoomId, OwnedUserId};
 use tracing::{debug, warn};
 
 use super::homeserver::{SimHomeserver, SimHttpError, Ticket};
 use super::net::{Datagram, LinkProfile, SimNet};
-use crate::media::{LoopingVideo, ToneAudio};
+use crate::media::pump::{CallMedia, VideoChoice};
 
 /// Wall-clock time at the start of every simulation (fixed: part of determinism).
 pub const SIM_UNIX_START_MS: u64 = 1_767_225_600_000;
@@ -25,15 +25,6 @@ pub const SIM_UNIX_START_MS: u64 = 1_767_225_600_000;
 pub struct TraceLine {
     pub at_ms: u64,
     pub text: String,
-}
-
-/// Media each agent sends once a call is connected.
-struct MediaPump {
-    call_id: String,
-    video: LoopingVideo,
-    audio: ToneAudio,
-    next_video: Instant,
-    next_audio: Instant,
 }
 
 /// Per agent figures for reports.
@@ -60,7 +51,7 @@ pub struct SimAgent {
     /// When each call first got remote media.
     pub first_media: BTreeMap<String, Duration>,
     timeout: Option<Instant>,
-    pump: Option<MediaPump>,
+    pump: Option<CallMedia>,
     http: BTreeMap<Ticket, HttpId>,
 }
 
@@ -298,19 +289,9 @@ impl World {
                 call_id,
                 state: CallState::Connected,
             } if self.agents[i].send_media => {
-                match (LoopingVideo::testclip(), ToneAudio::new(440)) {
-                    (Ok(mut video), audio) => {
-                        video.restart_at_keyframe();
-                        self.agents[i].pump = Some(MediaPump {
-                            call_id: call_id.clone(),
-                            video,
-                            audio,
-                            next_video: now,
-                            next_audio: now,
-                        });
-                    }
-                    (Err(err), _) => warn!("test clip unusable: {err}"),
-                }
+                let media =
+                    CallMedia::start(&mut self.agents[i].agent, call_id, VideoChoice::Auto, now);
+                self.agents[i].pump = Some(media);
             }
             AgentEvent::CallEnded { call_id, .. }
                 if self.agents[i]
@@ -326,7 +307,7 @@ impl World {
                     .as_mut()
                     .filter(|p| &p.call_id == call_id)
                 {
-                    p.video.restart_at_keyframe();
+                    p.keyframe_requested();
                 }
             }
             _ => {}
@@ -351,7 +332,7 @@ impl World {
         for a in &self.agents {
             consider(a.timeout);
             if let Some(p) = &a.pump {
-                consider(Some(p.next_video.min(p.next_audio)));
+                consider(p.next_due());
             }
         }
         t
@@ -413,38 +394,12 @@ impl World {
     }
 
     fn pump_media(&mut self, i: usize, now: Instant) {
-        let Some(mut pump) = self.agents[i].pump.take() else {
+        let a = &mut self.agents[i];
+        let Some(pump) = a.pump.as_mut() else {
             return;
         };
-        let mut sent = 0;
-        while pump.next_video <= now {
-            let f = pump.video.next_frame();
-            let frame = OutgoingFrame {
-                kind: MediaKind::Video,
-                codec: Codec::H264,
-                rtp_time: f.rtp_time_90k,
-                data: &f.data,
-            };
-            if let Ok(true) = self.agents[i].agent.write_media(&pump.call_id, now, frame) {
-                sent += 1;
-            }
-            pump.next_video += pump.video.frame_interval();
-        }
-        while pump.next_audio <= now {
-            let f = pump.audio.next_frame();
-            let frame = OutgoingFrame {
-                kind: MediaKind::Audio,
-                codec: Codec::Pcmu,
-                rtp_time: f.rtp_time_8k,
-                data: &f.data,
-            };
-            if let Ok(true) = self.agents[i].agent.write_media(&pump.call_id, now, frame) {
-                sent += 1;
-            }
-            pump.next_audio += pump.audio.frame_interval();
-        }
-        self.agents[i].stats.frames_sent += sent;
-        self.agents[i].pump = Some(pump);
+        let sent = pump.pump(&mut a.agent, now);
+        a.stats.frames_sent += sent;
         if sent > 0 {
             self.drain(i);
         }
