@@ -152,6 +152,21 @@ impl Agent {
         self.turn_servers.as_ref()
     }
 
+    /// A 1:1 room (not public) where we and `peer` are the two joined members.
+    pub fn find_direct_room(&self, peer: &ruma::UserId) -> Option<OwnedRoomId> {
+        self.matrix
+            .rooms
+            .find_dm(self.matrix.user_id(), &peer.to_owned())
+    }
+
+    /// Asks the homeserver for a new unencrypted direct room with `peer` invited; answered by
+    /// [`AgentEvent::RoomCreated`] (the call can be placed once the peer has joined:
+    /// see [`Agent::room_peer`]).
+    pub fn create_direct_room(&mut self, peer: &ruma::UserId, now: Instant) {
+        self.now = now;
+        self.matrix.create_dm(peer.to_owned());
+    }
+
     /// Room events waiting for the homeserver.
     pub fn outbox_len(&self) -> usize {
         self.matrix.outbox_len()
@@ -260,6 +275,24 @@ impl Agent {
                 MatrixEvent::TurnServers(t) => {
                     debug!(uris = t.uris.len(), ttl = ?t.ttl, "TURN credentials refreshed");
                     self.turn_servers = Some(t);
+                }
+                MatrixEvent::Invited { room_id, inviter } => {
+                    let allowed = match &self.config.policy {
+                        CallPolicy::Anyone => true,
+                        CallPolicy::Allow(list) => list.contains(&inviter),
+                    };
+                    if allowed {
+                        info!(%room_id, "joining a room we were invited to");
+                        self.matrix.join(room_id);
+                    } else {
+                        info!(%room_id, "invite from a user not on the allow list ignored");
+                    }
+                }
+                MatrixEvent::RoomCreated { room_id, peer } => {
+                    self.push_event(AgentEvent::RoomCreated { room_id, peer })
+                }
+                MatrixEvent::RoomRequestFailed { what } => {
+                    self.push_event(AgentEvent::RoomRequestFailed { message: what })
                 }
                 MatrixEvent::SendGaveUp { call_id } => {
                     let now = self.now;

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use ruma::api::auth_scheme::SendAccessToken;
+use ruma::api::client::membership::join_room_by_id;
 use ruma::api::client::message::send_message_event;
+use ruma::api::client::room::create_room;
 use ruma::api::client::session::login;
 use ruma::api::client::sync::sync_events;
 use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
@@ -67,6 +69,25 @@ pub(crate) enum MatrixEvent {
     SendGaveUp {
         call_id: Option<String>,
     },
+    /// Someone invited us to a room.
+    Invited {
+        room_id: OwnedRoomId,
+        inviter: OwnedUserId,
+    },
+    /// A room we asked for exists.
+    RoomCreated {
+        room_id: OwnedRoomId,
+        peer: OwnedUserId,
+    },
+    /// Joining or creating a room was refused.
+    RoomRequestFailed { what: String },
+}
+
+/// One-off room requests (join an invite, create a direct room), sent one at a time.
+#[derive(Debug, Clone)]
+enum RoomRequest {
+    Join(OwnedRoomId),
+    CreateDm(OwnedUserId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +96,7 @@ enum RequestKind {
     Sync,
     Send,
     TurnServer,
+    Room,
 }
 
 impl RequestKind {
@@ -245,6 +267,9 @@ pub(crate) struct MatrixClient {
     turn_next: Option<Instant>,
     turn_backoff: Backoff,
     reachable: bool,
+    room_requests: VecDeque<RoomRequest>,
+    room_in_flight: bool,
+    room_backoff: Backoff,
     pub rooms: Rooms,
     events: VecDeque<MatrixEvent>,
 }
@@ -285,6 +310,9 @@ impl MatrixClient {
             turn_next: fetch_turn.then_some(now),
             turn_backoff: Backoff::default(),
             reachable: true,
+            room_requests: VecDeque::new(),
+            room_in_flight: false,
+            room_backoff: Backoff::default(),
             rooms: Rooms::default(),
             events: VecDeque::new(),
         }
@@ -340,6 +368,24 @@ impl MatrixClient {
             attempts: 0,
         });
         Ok(())
+    }
+
+    /// Joins a room we were invited to.
+    pub fn join(&mut self, room_id: OwnedRoomId) {
+        self.push_room_request(RoomRequest::Join(room_id));
+    }
+
+    /// Creates an unencrypted direct room with `peer` invited.
+    pub fn create_dm(&mut self, peer: OwnedUserId) {
+        self.push_room_request(RoomRequest::CreateDm(peer));
+    }
+
+    fn push_room_request(&mut self, r: RoomRequest) {
+        if self.room_requests.len() >= limits::MAX_OUTBOX {
+            warn!(?r, "too many room requests; dropped");
+            return;
+        }
+        self.room_requests.push_back(r);
     }
 
     pub fn poll_event(&mut self) -> Option<MatrixEvent> {
@@ -434,6 +480,37 @@ impl MatrixClient {
             }
         }
 
+        if !self.room_in_flight && self.room_backoff.ready(now) {
+            if let Some(r) = self.room_requests.front() {
+                let built = match r.clone() {
+                    RoomRequest::Join(room_id) => {
+                        join_room_by_id::v3::Request::new(room_id).try_into_http_request::<Vec<u8>>(
+                            &self.base_url,
+                            auth,
+                            Self::versions(),
+                        )
+                    }
+                    RoomRequest::CreateDm(peer) => {
+                        let mut req = create_room::v3::Request::new();
+                        req.invite = vec![peer];
+                        req.is_direct = true;
+                        req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
+                        req.try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions())
+                    }
+                };
+                match built {
+                    Ok(req) => {
+                        self.room_in_flight = true;
+                        return Some((self.next_http_id(RequestKind::Room, now), req));
+                    }
+                    Err(e) => {
+                        warn!("cannot build room request: {e}");
+                        self.room_requests.pop_front();
+                    }
+                }
+            }
+        }
+
         if self.fetch_turn
             && !self.turn_in_flight
             && self.turn_backoff.ready(now)
@@ -507,6 +584,9 @@ impl MatrixClient {
             if self.fetch_turn && !self.turn_in_flight {
                 consider(self.turn_next.max(self.turn_backoff.not_before));
             }
+            if !self.room_in_flight && !self.room_requests.is_empty() {
+                consider(self.room_backoff.not_before);
+            }
         }
         t
     }
@@ -548,6 +628,7 @@ impl MatrixClient {
             RequestKind::Sync => self.on_sync(now, response, failure, rng),
             RequestKind::Send => self.on_send(now, response, failure, rng),
             RequestKind::TurnServer => self.on_turn(now, response, failure, rng),
+            RequestKind::Room => self.on_room(now, response, failure, rng),
         }
     }
 
@@ -657,6 +738,9 @@ impl MatrixClient {
                     Ok(r) => {
                         self.sync_backoff.succeed();
                         self.since = Some(r.next_batch.clone());
+                        for (room_id, inviter) in Rooms::invites(&r, &self.user_id) {
+                            self.events.push_back(MatrixEvent::Invited { room_id, inviter });
+                        }
                         for ev in self.rooms.apply_sync(&r) {
                             self.events.push_back(MatrixEvent::Timeline(ev));
                         }
@@ -717,6 +801,53 @@ impl MatrixClient {
                     self.events.push_back(MatrixEvent::SendGaveUp {
                         call_id: ev.call_id(),
                     });
+                }
+            }
+        }
+    }
+
+    fn on_room(
+        &mut self,
+        now: Instant,
+        response: Result<http::Response<Vec<u8>>, HttpFailure>,
+        failure: Option<Failure>,
+        rng: &mut Rng,
+    ) {
+        self.room_in_flight = false;
+        match failure {
+            Some(Failure::Transient { retry_after, why }) => {
+                let d = self.room_backoff.fail(now, retry_after, rng);
+                warn!("room request failed ({why}); retrying in {d:?}");
+            }
+            Some(Failure::Permanent { status: 401, why }) => self.token_refused(&why),
+            Some(Failure::Permanent { why, .. }) => {
+                self.room_backoff.succeed();
+                let r = self.room_requests.pop_front();
+                warn!(?r, "room request refused: {why}");
+                self.events.push_back(MatrixEvent::RoomRequestFailed { what: why });
+            }
+            None => {
+                self.room_backoff.succeed();
+                match self.room_requests.pop_front() {
+                    Some(RoomRequest::Join(room_id)) => info!(%room_id, "joined room"),
+                    Some(RoomRequest::CreateDm(peer)) => {
+                        let parsed = response.ok().and_then(|r| {
+                            create_room::v3::Response::try_from_http_response(as_slice(&r)).ok()
+                        });
+                        match parsed {
+                            Some(r) => {
+                                info!(room_id = %r.room_id, "created direct room");
+                                self.events.push_back(MatrixEvent::RoomCreated {
+                                    room_id: r.room_id,
+                                    peer,
+                                });
+                            }
+                            None => self.events.push_back(MatrixEvent::RoomRequestFailed {
+                                what: "unparsable createRoom answer".into(),
+                            }),
+                        }
+                    }
+                    None => {}
                 }
             }
         }

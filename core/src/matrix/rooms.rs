@@ -65,6 +65,33 @@ impl Rooms {
         self.rooms.get(room)
     }
 
+    /// A non-public room where exactly `me` and `peer` are joined.
+    pub fn find_dm(&self, me: &OwnedUserId, peer: &OwnedUserId) -> Option<OwnedRoomId> {
+        self.rooms
+            .iter()
+            .find(|(_, r)| !r.public && r.member_count() == 2 && r.joined.contains(peer) && r.joined.contains(me))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Rooms we are invited to, with who invited us (from the invite's stripped state).
+    pub fn invites(r: &Response, me: &OwnedUserId) -> Vec<(OwnedRoomId, OwnedUserId)> {
+        let mut out = Vec::new();
+        for (room_id, invited) in &r.rooms.invite {
+            let inviter = invited.invite_state.events.iter().find_map(|raw| {
+                let ev = serde_json::from_str::<EventFields>(raw.json().get()).ok()?;
+                let ours = ev.event_type == "m.room.member"
+                    && ev.state_key.as_deref() == Some(me.as_str())
+                    && ev.content.get("membership").and_then(|m| m.as_str()) == Some("invite");
+                ours.then_some(ev.sender)
+            });
+            match inviter {
+                Some(inviter) => out.push((room_id.clone(), inviter)),
+                None => debug!("invite without our member event ignored"),
+            }
+        }
+        out
+    }
+
     /// Updates membership from a /sync answer and returns its timeline events in order.
     pub fn apply_sync(&mut self, r: &Response) -> Vec<RoomEvent> {
         let mut out = Vec::new();
