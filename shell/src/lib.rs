@@ -2,5 +2,6 @@
 //! (`sim`, mock mode) and media sources/sinks (`media`).
 
 pub mod demo;
+pub mod live;
 pub mod media;
 pub mod sim;

@@ -1,12 +1,14 @@
 //! `call-assist`: a headless Matrix calling agent.
 //!
 //! `call-assist demo [--seed N] [--loss F] [--latency-ms N] [--duration-s N] [--json]`
-//! runs a call between two agents on the simulated homeserver and network (mock mode).
+//! runs a call between two agents on the simulated homeserver and network (mock mode);
+//! `call` and `listen` run the same core on real sockets against a real homeserver.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use call_assist::demo::{self, DemoOptions};
+use call_assist::live;
 
 const USAGE: &str = "\
 usage: call-assist <command> [options]
@@ -18,6 +20,30 @@ commands:
           --latency-ms N   one-way latency of the media path (default 20)
           --duration-s N   how long the call stays up once connected (default 5)
           --json           print one JSON object as the last line
+  call    place a video call, stay connected, hang up
+          --homeserver URL --user @me:server (--room ROOM_ID | --to @peer:server)
+          [--duration-s N (default 10)] [--json] [common options]
+  listen  answer calls from allowed users
+          --homeserver URL --user @me:server [--allow @peer:server ...]
+          [--max-calls N] [--duration-s N (hang up N s after connecting)] [--json]
+          [common options]
+
+common options of call and listen:
+  --config FILE            TOML file with the same settings (keys: homeserver, user, room,
+                           to, allow, state_dir, allow_loopback, interfaces,
+                           exclude_interfaces, video_codec, max_calls, duration_s, port);
+                           flags win over the file
+  --state-dir DIR          keeps the device id and access token between runs
+                           (default $XDG_STATE_HOME/call-assist or ~/.local/state/call-assist)
+  --allow-loopback         also use loopback addresses for media (tests)
+  --interface NAME         only use this interface (repeatable)
+  --exclude-interface NAME never use this interface (repeatable)
+  --port N                 local UDP port (default: any free port)
+  --video-codec auto|h264|vp8   which test clip to send (default auto)
+secrets come from the environment only: CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN
+
+exit codes: 0 ok, 1 call did not connect, 2 usage or config error, 3 login refused,
+            4 homeserver unreachable, 5 unknown room or not a 1:1 room
 ";
 
 #[derive(Debug)]
@@ -121,6 +147,23 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        "call" | "listen" => {
+            let args: Vec<String> = args.collect();
+            if args.iter().any(|a| a == "-h" || a == "--help") {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            let opts =
+                match live::config::parse(&command, args.into_iter(), |k| std::env::var(k).ok()) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("error: {e}\n\n{USAGE}");
+                        return ExitCode::from(live::exit::USAGE);
+                    }
+                };
+            init_logs(opts.json);
+            live::run(opts)
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

@@ -10,6 +10,8 @@ use call_assist::sim::world::{AgentStats, World, WorldConfig};
 use call_assist_core::{AgentEvent, CallPolicy, CallState, OwnedRoomId};
 use serde_json::Value;
 
+pub mod live;
+
 /// Long enough for anything the tests wait for (the invite lifetime is 60 s).
 pub const PATIENCE: Duration = Duration::from_secs(90);
 

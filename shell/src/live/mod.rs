@@ -1,0 +1,779 @@
+//! The live driver: the same core on real UDP sockets, a real clock and a real homeserver.
+//!
+//! smol runs everything on the calling thread except HTTP: reqwest needs a tokio reactor, so
+//! each request runs inside `async_compat::Compat`, which keeps one tokio runtime thread in the
+//! background. Every input reaches the agent through one channel; the loop drains the agent,
+//! then waits for the channel or the next deadline.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use call_assist_core::{
+    Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Credentials, HttpFailure, HttpId, Input,
+    MediaKind, Output, Party,
+};
+use futures_lite::{FutureExt, StreamExt};
+use serde_json::json;
+use smol::channel::{Receiver, Sender};
+use smol::Async;
+use tracing::{debug, error, info, warn};
+
+use self::config::{Auth, LiveOptions, Mode, SavedSession, Target};
+use crate::media::pump::CallMedia;
+
+/// Exit codes of `call` and `listen`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const NOT_CONNECTED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const LOGIN_REFUSED: u8 = 3;
+    pub const UNREACHABLE: u8 = 4;
+    pub const NO_SUCH_ROOM: u8 = 5;
+}
+
+/// How long the homeserver may stay unreachable before the first sync (then exit 4).
+const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
+/// How long `call --to` waits for the peer to join a new direct room.
+const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
+/// After a hangup on shutdown, how long to wait for the homeserver to take the events.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// Largest response body read from the homeserver.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Datagrams queued from the sockets before the loop takes them (then the readers wait).
+const INBOX: usize = 1024;
+
+enum Msg {
+    Datagram {
+        local: SocketAddr,
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+    Http {
+        id: HttpId,
+        response: Result<http::Response<Vec<u8>>, HttpFailure>,
+    },
+    Shutdown,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Local addresses to receive media on, from the interfaces and the options.
+fn gather_ips(opts: &LiveOptions) -> Vec<IpAddr> {
+    let ifaces = match if_addrs::get_if_addrs() {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("cannot list network interfaces: {e}");
+            Vec::new()
+        }
+    };
+    let mut ips: Vec<IpAddr> = ifaces
+        .iter()
+        .filter(|i| opts.interfaces.is_empty() || opts.interfaces.contains(&i.name))
+        .filter(|i| !opts.exclude_interfaces.contains(&i.name))
+        .filter(|i| opts.allow_loopback || !i.is_loopback())
+        .filter(|i| !i.is_link_local())
+        .map(|i| i.ip())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Turns the core's HTTP request into a reqwest call and the answer back into bytes.
+async fn run_http(
+    client: reqwest::Client,
+    request: http::Request<Vec<u8>>,
+) -> Result<http::Response<Vec<u8>>, HttpFailure> {
+    let request =
+        reqwest::Request::try_from(request).map_err(|e| HttpFailure::Other(e.to_string()))?;
+    let mut response = client.execute(request).await.map_err(|e| {
+        if e.is_timeout() {
+            HttpFailure::Timeout
+        } else if e.is_connect() {
+            HttpFailure::Connect(e.to_string())
+        } else {
+            HttpFailure::Other(e.to_string())
+        }
+    })?;
+    let mut out = http::Response::builder().status(response.status());
+    for (k, v) in response.headers() {
+        out = out.header(k, v);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| HttpFailure::Other(e.to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(HttpFailure::Other("response body too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    out.body(body)
+        .map_err(|e| HttpFailure::Other(e.to_string()))
+}
+
+/// Per-process counters for the once-a-second stats line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    packets_sent: u64,
+    packets_received: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    video_frames_received: u64,
+    audio_frames_received: u64,
+}
+
+/// What the run is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    /// `call --to`: a direct room was asked for / exists, waiting for the peer to join.
+    WaitingForRoom {
+        room: Option<call_assist_core::OwnedRoomId>,
+        since: Instant,
+    },
+    Running,
+    /// Hanging up and flushing the outbox before exit.
+    ShuttingDown {
+        since: Instant,
+    },
+    Done,
+}
+
+struct Run {
+    opts: LiveOptions,
+    agent: Agent,
+    sockets: BTreeMap<SocketAddr, Arc<Async<UdpSocket>>>,
+    tx: Sender<Msg>,
+    client: reqwest::Client,
+    phase: Phase,
+    exit: u8,
+    counters: Counters,
+    media: BTreeMap<String, CallMedia>,
+    hangup_at: BTreeMap<String, Instant>,
+    placed_at: BTreeMap<String, Instant>,
+    first_media: BTreeMap<String, Duration>,
+    connected: BTreeMap<String, bool>,
+    ended: u32,
+    last_reason: Option<String>,
+    unreachable_since: Option<Instant>,
+    synced: bool,
+    next_stats: Instant,
+    password_fallback: Option<call_assist_core::Secret>,
+}
+
+impl Run {
+    fn print(&self, v: serde_json::Value) {
+        if self.opts.json {
+            println!("{v}");
+        }
+    }
+
+    fn say(&self, line: &str) {
+        if !self.opts.json {
+            println!("{line}");
+        }
+    }
+
+    fn finish(&mut self, code: u8) {
+        if self.phase != Phase::Done {
+            self.exit = code;
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// Drains the agent until it waits; returns its deadline.
+    fn drain(&mut self, now: Instant) -> Instant {
+        loop {
+            match self.agent.poll_output() {
+                Output::Timeout(at) => return at,
+                Output::Transmit(t) => {
+                    let Some(sock) = self.sockets.get(&t.source) else {
+                        debug!(source = %t.source, "no socket for transmit source");
+                        continue;
+                    };
+                    match sock.get_ref().send_to(&t.contents, t.destination) {
+                        Ok(n) => {
+                            self.counters.packets_sent += 1;
+                            self.counters.bytes_sent += n as u64;
+                        }
+                        Err(e) => debug!(dest = %t.destination, "send failed: {e}"),
+                    }
+                }
+                Output::Http { id, request } => {
+                    let tx = self.tx.clone();
+                    let client = self.client.clone();
+                    smol::spawn(async move {
+                        let response = async_compat::Compat::new(run_http(client, request)).await;
+                        let _ = tx.send(Msg::Http { id, response }).await;
+                    })
+                    .detach();
+                }
+                Output::Event(e) => self.on_event(e, now),
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: AgentEvent, now: Instant) {
+        match e {
+            AgentEvent::LoggedIn {
+                user_id,
+                device_id,
+                access_token,
+            } => {
+                info!(%device_id, "logged in as {user_id}");
+                if let Some(dir) = &self.opts.state_dir {
+                    let s = SavedSession {
+                        homeserver: self.opts.homeserver.clone(),
+                        user_id: user_id.to_string(),
+                        device_id: device_id.to_string(),
+                        access_token: access_token.expose().to_owned(),
+                    };
+                    if let Err(err) = s.save(dir) {
+                        warn!("cannot save session in {}: {err}", dir.display());
+                    }
+                }
+            }
+            AgentEvent::LoginFailed { message } => {
+                if let Some(pw) = self.password_fallback.take() {
+                    warn!("saved access token refused ({message}); logging in with the password");
+                    self.restart_with_password(pw, now);
+                    return;
+                }
+                error!("login refused: {message}");
+                self.say(&format!("error: login refused: {message}"));
+                self.print(json!({"event": "error", "kind": "login_refused", "message": message}));
+                self.finish(exit::LOGIN_REFUSED);
+            }
+            AgentEvent::HomeserverReachable(r) => {
+                self.unreachable_since = if r {
+                    None
+                } else {
+                    self.unreachable_since.or(Some(now))
+                };
+                self.print(json!({"event": "homeserver", "reachable": r}));
+                if !r {
+                    warn!("homeserver unreachable; retrying");
+                }
+            }
+            AgentEvent::Synced => {
+                self.synced = true;
+                self.unreachable_since = None;
+                self.print(json!({"event": "ready"}));
+                self.say("logged in and synced");
+                self.start_calling(now);
+            }
+            AgentEvent::RoomCreated { room_id, .. } => {
+                if let Phase::WaitingForRoom { since, .. } = self.phase {
+                    self.phase = Phase::WaitingForRoom {
+                        room: Some(room_id),
+                        since,
+                    };
+                }
+            }
+            AgentEvent::RoomRequestFailed { message } => {
+                if matches!(self.phase, Phase::WaitingForRoom { .. }) {
+                    self.say(&format!("error: cannot create a direct room: {message}"));
+                    self.print(json!({"event": "error", "kind": "room", "message": message}));
+                    self.finish(exit::NO_SUCH_ROOM);
+                }
+            }
+            AgentEvent::IncomingCall {
+                call_id,
+                from,
+                room_id,
+                ..
+            } => {
+                self.print(json!({"event": "incoming", "call_id": call_id, "from": from, "room_id": room_id}));
+                self.say(&format!("incoming call {call_id} from {from}"));
+                if matches!(self.opts.mode, Mode::Listen { .. }) {
+                    self.placed_at.insert(call_id.clone(), now);
+                    if let Err(err) = self.agent.answer(&call_id, now) {
+                        warn!(%call_id, "cannot answer: {err}");
+                    }
+                }
+            }
+            AgentEvent::CallStateChanged { call_id, state } => {
+                let name = match state {
+                    CallState::InviteSent => "invite_sent",
+                    CallState::Ringing => "ringing",
+                    CallState::Connecting => "connecting",
+                    CallState::Connected => "connected",
+                    _ => "ended",
+                };
+                self.print(json!({"event": "state", "call_id": call_id, "state": name}));
+                if state == CallState::Connected {
+                    self.say(&format!("call {call_id} connected"));
+                    self.connected.insert(call_id.clone(), true);
+                    let media = CallMedia::start(&mut self.agent, &call_id, self.opts.video, now);
+                    self.media.insert(call_id.clone(), media);
+                    let after = match &self.opts.mode {
+                        Mode::Call { duration, .. } => Some(*duration),
+                        Mode::Listen { hangup_after, .. } => *hangup_after,
+                    };
+                    if let Some(d) = after {
+                        self.hangup_at.insert(call_id, now + d);
+                    }
+                }
+            }
+            AgentEvent::Media(f) => {
+                match f.kind {
+                    MediaKind::Video => self.counters.video_frames_received += 1,
+                    MediaKind::Audio => self.counters.audio_frames_received += 1,
+                }
+                if let Some(t) = self.placed_at.get(&f.call_id) {
+                    let d = now.saturating_duration_since(*t);
+                    self.first_media.entry(f.call_id).or_insert(d);
+                }
+            }
+            AgentEvent::KeyframeRequested { call_id } => {
+                if let Some(m) = self.media.get_mut(&call_id) {
+                    m.keyframe_requested();
+                }
+            }
+            AgentEvent::CallEnded {
+                call_id,
+                reason,
+                by,
+            } => {
+                let by = if by == Party::Local {
+                    "local"
+                } else {
+                    "remote"
+                };
+                self.print(json!({"event": "ended", "call_id": call_id, "reason": reason.as_str(), "by": by}));
+                self.say(&format!("call {call_id} ended: {reason} ({by})"));
+                self.media.remove(&call_id);
+                self.hangup_at.remove(&call_id);
+                self.ended += 1;
+                self.last_reason = Some(reason.to_string());
+                match &self.opts.mode {
+                    Mode::Call { .. } => {
+                        let ok = self.connected.get(&call_id).copied().unwrap_or(false);
+                        self.begin_shutdown(now, if ok { exit::OK } else { exit::NOT_CONNECTED });
+                    }
+                    Mode::Listen { max_calls, .. } => {
+                        if max_calls.is_some_and(|m| self.ended >= m) {
+                            self.begin_shutdown(now, exit::OK);
+                        }
+                    }
+                }
+            }
+            other => debug!(?other, "event"),
+        }
+    }
+
+    fn restart_with_password(&mut self, pw: call_assist_core::Secret, now: Instant) {
+        let addrs: Vec<SocketAddr> = self.sockets.keys().copied().collect();
+        let mut config = agent_config(&self.opts, &addrs, Credentials::Password(pw));
+        config.device_id = self
+            .opts
+            .state_dir
+            .as_deref()
+            .and_then(|d| SavedSession::load(d, &self.opts.homeserver, &self.opts.user))
+            .and_then(|s| s.device_id.as_str().try_into().ok());
+        match Agent::new(config, seed(), now, unix_ms()) {
+            Ok(a) => self.agent = a,
+            Err(e) => {
+                error!("{e}");
+                self.finish(exit::USAGE);
+            }
+        }
+    }
+
+    fn start_calling(&mut self, now: Instant) {
+        if self.phase != Phase::Starting {
+            return;
+        }
+        self.phase = Phase::Running;
+        let Mode::Call { target, .. } = self.opts.mode.clone() else {
+            self.say("listening for calls");
+            return;
+        };
+        match target {
+            Target::Room(room) => self.place(&room, now),
+            Target::User(peer) => match self.agent.find_direct_room(&peer) {
+                Some(room) => self.place(&room, now),
+                None => {
+                    info!(%peer, "no direct room yet; creating one");
+                    self.agent.create_direct_room(&peer, now);
+                    self.phase = Phase::WaitingForRoom {
+                        room: None,
+                        since: now,
+                    };
+                }
+            },
+        }
+    }
+
+    fn place(&mut self, room: &call_assist_core::RoomId, now: Instant) {
+        self.phase = Phase::Running;
+        match self.agent.place_call(room, now) {
+            Ok(call_id) => {
+                self.say(&format!("calling in {room} (call {call_id})"));
+                self.placed_at.insert(call_id, now);
+            }
+            Err(e) => {
+                self.say(&format!("error: cannot call in {room}: {e}"));
+                self.print(json!({"event": "error", "kind": "room", "message": e.to_string()}));
+                self.finish(exit::NO_SUCH_ROOM);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant, code: u8) {
+        if matches!(self.phase, Phase::ShuttingDown { .. } | Phase::Done) {
+            return;
+        }
+        self.exit = code;
+        self.agent.hangup_all(now);
+        self.phase = Phase::ShuttingDown { since: now };
+    }
+
+    /// Time-driven work of the shell: media, scheduled hangups, stats, phase deadlines.
+    fn on_tick(&mut self, now: Instant) {
+        for (call_id, media) in self.media.iter_mut() {
+            if media.next_due().is_some_and(|t| t <= now) {
+                let _ = call_id;
+                media.pump(&mut self.agent, now);
+            }
+        }
+        let due: Vec<String> = self
+            .hangup_at
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for call_id in due {
+            self.hangup_at.remove(&call_id);
+            info!(%call_id, "hanging up");
+            let _ = self.agent.hangup(&call_id, now);
+        }
+        if now >= self.next_stats {
+            self.next_stats = now + Duration::from_secs(1);
+            self.print_stats();
+        }
+        if !self.synced
+            && self
+                .unreachable_since
+                .is_some_and(|t| now >= t + STARTUP_UNREACHABLE_GRACE)
+        {
+            self.say("error: homeserver unreachable");
+            self.print(json!({"event": "error", "kind": "unreachable", "message": "homeserver unreachable"}));
+            self.finish(exit::UNREACHABLE);
+        }
+        match self.phase.clone() {
+            Phase::WaitingForRoom { room, since } => {
+                if let Some(room) = room {
+                    if self.agent.room_peer(&room).is_some() {
+                        self.place(&room, now);
+                        return;
+                    }
+                }
+                if now >= since + PEER_JOIN_WAIT {
+                    self.say("error: the peer did not join the direct room");
+                    self.finish(exit::NOT_CONNECTED);
+                }
+            }
+            Phase::ShuttingDown { since } => {
+                if self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH {
+                    let code = self.exit;
+                    self.finish(code);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn print_stats(&self) {
+        let Some(call_id) = self.media.keys().next() else {
+            return;
+        };
+        let info = self.agent.call_info(call_id);
+        let c = self.counters;
+        self.print(json!({
+            "event": "stats",
+            "call_id": call_id,
+            "packets_sent": c.packets_sent,
+            "packets_received": c.packets_received,
+            "bytes_sent": c.bytes_sent,
+            "bytes_received": c.bytes_received,
+            "frames_sent": info.map_or(0, |i| i.frames_sent),
+            "frames_received": info.map_or(0, |i| i.frames_received),
+            "video_frames_received": c.video_frames_received,
+            "audio_frames_received": c.audio_frames_received,
+        }));
+    }
+
+    fn next_deadline(&self, agent_at: Instant) -> Instant {
+        let mut at = agent_at.min(self.next_stats);
+        for m in self.media.values() {
+            if let Some(t) = m.next_due() {
+                at = at.min(t);
+            }
+        }
+        for t in self.hangup_at.values() {
+            at = at.min(*t);
+        }
+        if let Some(t) = self.unreachable_since {
+            at = at.min(t + STARTUP_UNREACHABLE_GRACE);
+        }
+        match self.phase {
+            Phase::WaitingForRoom { .. } | Phase::ShuttingDown { .. } => {
+                at = at.min(Instant::now() + Duration::from_millis(100))
+            }
+            _ => {}
+        }
+        at
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let (mut sent, mut received) = (0, 0);
+        for id in self.agent.call_ids() {
+            if let Some(i) = self.agent.call_info(id) {
+                sent += i.frames_sent;
+                received += i.frames_received;
+            }
+        }
+        json!({
+            "event": "summary",
+            "connected": self.connected.values().any(|c| *c),
+            "setup_ms": self.first_media.values().next().map(|d| d.as_millis() as u64),
+            "frames_sent": sent,
+            "frames_received": received,
+            "video_frames_received": self.counters.video_frames_received,
+            "audio_frames_received": self.counters.audio_frames_received,
+            "hangup_reason": self.last_reason,
+            "calls": self.ended,
+        })
+    }
+}
+
+fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentials) -> AgentConfig {
+    let mut config = AgentConfig::new(
+        opts.homeserver.clone(),
+        opts.user.clone(),
+        credentials,
+        addrs.to_vec(),
+    );
+    config.policy = match &opts.mode {
+        Mode::Listen { allow, .. } if !allow.is_empty() => CallPolicy::Allow(allow.clone()),
+        Mode::Listen { .. } => CallPolicy::Anyone,
+        // A caller rings for nobody, but joins a room its target invites it to.
+        Mode::Call {
+            target: Target::User(u),
+            ..
+        } => CallPolicy::Allow(vec![u.clone()]),
+        Mode::Call { .. } => CallPolicy::Allow(Vec::new()),
+    };
+    config
+}
+
+fn seed() -> u64 {
+    // The live agent's randomness must be unpredictable; the core only needs a seed.
+    let mut buf = [0u8; 8];
+    match std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+    {
+        Ok(()) => u64::from_le_bytes(buf),
+        Err(_) => unix_ms() ^ u64::from(std::process::id()).rotate_left(32),
+    }
+}
+
+/// Runs `call` or `listen`; returns the exit code.
+pub fn run(opts: LiveOptions) -> ExitCode {
+    ExitCode::from(smol::block_on(run_async(opts)))
+}
+
+async fn run_async(opts: LiveOptions) -> u8 {
+    let ips = gather_ips(&opts);
+    if ips.is_empty() {
+        eprintln!("error: no usable network address (use --allow-loopback to use loopback)");
+        return exit::USAGE;
+    }
+    let (tx, rx): (Sender<Msg>, Receiver<Msg>) = smol::channel::bounded(INBOX);
+    let mut sockets = BTreeMap::new();
+    for ip in ips {
+        match Async::<UdpSocket>::bind(SocketAddr::new(ip, opts.port)) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                let local = match s.get_ref().local_addr() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!("socket without address: {e}");
+                        continue;
+                    }
+                };
+                info!(%local, "receiving media on");
+                let reader = s.clone();
+                let tx = tx.clone();
+                smol::spawn(async move {
+                    let mut buf = vec![0u8; 2048];
+                    loop {
+                        match reader.recv_from(&mut buf).await {
+                            Ok((n, from)) => {
+                                let data = buf.get(..n).unwrap_or_default().to_vec();
+                                if tx.send(Msg::Datagram { local, from, data }).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => debug!(%local, "recv: {e}"),
+                        }
+                    }
+                })
+                .detach();
+                sockets.insert(local, s);
+            }
+            Err(e) => warn!(%ip, "cannot bind UDP: {e}"),
+        }
+    }
+    if sockets.is_empty() {
+        eprintln!("error: could not bind any UDP socket");
+        return exit::USAGE;
+    }
+    {
+        let tx = tx.clone();
+        match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
+            Ok(mut signals) => {
+                smol::spawn(async move {
+                    while let Some(s) = signals.next().await {
+                        info!(signal = ?s, "signal: hanging up and exiting");
+                        let _ = tx.send(Msg::Shutdown).await;
+                    }
+                })
+                .detach();
+            }
+            Err(e) => warn!("cannot install signal handlers: {e}"),
+        }
+    }
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: HTTP client: {e}");
+            return exit::USAGE;
+        }
+    };
+
+    let saved = opts
+        .state_dir
+        .as_deref()
+        .and_then(|d| SavedSession::load(d, &opts.homeserver, &opts.user));
+    let (credentials, password_fallback) = match (&opts.auth, &saved) {
+        (Auth::Password(pw), Some(s)) => (
+            Credentials::AccessToken(call_assist_core::Secret::new(s.access_token.clone())),
+            Some(pw.clone()),
+        ),
+        (Auth::Password(pw), None) => (Credentials::Password(pw.clone()), None),
+        (Auth::AccessToken(t), _) => (Credentials::AccessToken(t.clone()), None),
+    };
+    let now = Instant::now();
+    let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
+    let mut config = agent_config(&opts, &addrs, credentials);
+    config.device_id = saved.and_then(|s| s.device_id.as_str().try_into().ok());
+    let agent = match Agent::new(config, seed(), now, unix_ms()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut run = Run {
+        opts,
+        agent,
+        sockets,
+        tx,
+        client,
+        phase: Phase::Starting,
+        exit: exit::OK,
+        counters: Counters::default(),
+        media: BTreeMap::new(),
+        hangup_at: BTreeMap::new(),
+        placed_at: BTreeMap::new(),
+        first_media: BTreeMap::new(),
+        connected: BTreeMap::new(),
+        ended: 0,
+        last_reason: None,
+        unreachable_since: None,
+        synced: false,
+        next_stats: now + Duration::from_secs(1),
+        password_fallback,
+    };
+    run.say(&format!(
+        "logging in to {} as {}",
+        run.opts.homeserver, run.opts.user
+    ));
+
+    loop {
+        let now = Instant::now();
+        run.on_tick(now);
+        let agent_at = run.drain(now);
+        if run.phase == Phase::Done {
+            break;
+        }
+        let deadline = run.next_deadline(agent_at);
+        let msg = async { Some(rx.recv().await) }
+            .or(async {
+                smol::Timer::at(deadline).await;
+                None
+            })
+            .await;
+        let now = Instant::now();
+        match msg {
+            None => run.agent.handle_input(Input::Timeout(now)),
+            Some(Ok(Msg::Datagram { local, from, data })) => {
+                run.counters.packets_received += 1;
+                run.counters.bytes_received += data.len() as u64;
+                run.agent.handle_input(Input::Receive {
+                    now,
+                    source: from,
+                    destination: local,
+                    contents: &data,
+                });
+            }
+            Some(Ok(Msg::Http { id, response })) => {
+                run.agent
+                    .handle_input(Input::HttpResponse { now, id, response })
+            }
+            Some(Ok(Msg::Shutdown)) => {
+                if matches!(run.phase, Phase::ShuttingDown { .. }) {
+                    run.finish(run.exit);
+                } else {
+                    let code = if run.connected.values().any(|c| *c) {
+                        exit::OK
+                    } else {
+                        exit::NOT_CONNECTED
+                    };
+                    run.begin_shutdown(now, code);
+                }
+            }
+            Some(Err(_)) => break,
+        }
+    }
+    let summary = run.summary();
+    run.print(summary.clone());
+    if !run.opts.json {
+        println!(
+            "connected: {}, calls ended: {}, last hangup: {}",
+            summary["connected"],
+            run.ended,
+            run.last_reason.as_deref().unwrap_or("-")
+        );
+    }
+    run.exit
+}

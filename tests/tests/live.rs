@@ -1,0 +1,466 @@
+//! The `call-assist` binary against a real Synapse and a real matrix-js-sdk peer, all on
+//! loopback inside a network namespace that has only `lo` (`tests/e2e/loopback-only.sh`).
+//!
+//! Needs: `tests/e2e/setup.sh` (Synapse venv), `npm ci` in `tests/interop`, and
+//! `cargo build -p call-assist` (the binary). Run:
+//!
+//! ```sh
+//! tests/e2e/loopback-only.sh cargo test -p call-assist-tests --test live -- --test-threads=1
+//! ```
+//!
+//! Run outside a namespace, each test re-runs itself inside `loopback-only.sh`. Each test's
+//! logs stay in `target/e2e/live/<test>/` (`<agent>.stderr`, `<agent>.stdout`, `synapse/`).
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use call_assist_tests::live::*;
+use serde_json::Value;
+
+/// Logged in and through the first sync.
+const READY: Duration = Duration::from_secs(30);
+/// From placing a call to connected on loopback (about 1 s normally: the invite waits for
+/// the callee's sync long-poll).
+const CONNECT: Duration = Duration::from_secs(30);
+/// A process that has nothing left to do exits within this.
+const EXIT: Duration = Duration::from_secs(20);
+
+/// A JSON line's `call_id`.
+fn call_id(v: &Value) -> String {
+    v["call_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no call_id in {v}"))
+        .to_owned()
+}
+
+/// The one `ended` line of `p`.
+fn ended(p: &Proc) -> Value {
+    let ended = p.events_of("ended");
+    assert_eq!(ended.len(), 1, "{}: ended lines {ended:?}\n{}", p.name, p.report());
+    ended[0].clone()
+}
+
+/// A summary of a call that connected and received both audio and video.
+fn assert_connected_with_media(p: &Proc) {
+    let s = p.summary();
+    assert_eq!(s["connected"], true, "{}: {s}\n{}", p.name, p.report());
+    for key in ["video_frames_received", "audio_frames_received", "frames_sent"] {
+        assert!(count(&s, key) > 0, "{}: {key} is 0: {s}\n{}", p.name, p.report());
+    }
+}
+
+/// The js peer's result: connected, audio and video decoded, and the agent's video was VP8
+/// (wrtc has no H.264 decoder: anything else would not be counted at all).
+fn assert_js_peer_got_media(peer: &Proc) {
+    let r = peer.last_json();
+    assert_eq!(r["connected"], true, "js peer: {r}\n{}", peer.report());
+    assert!(
+        count(&r, "video_frames_received") > 0 && count(&r, "audio_frames_received") > 0,
+        "js peer decoded no audio or no video: {r}\n{}",
+        peer.report()
+    );
+    let codec = r["rtp"]["inbound"]["video"]["codec"].as_str().unwrap_or("");
+    assert!(
+        codec.eq_ignore_ascii_case("video/VP8"),
+        "the agent's video reached the js peer as {codec:?}, expected VP8: {}",
+        r["rtp"]
+    );
+}
+
+#[test]
+fn synapse_restarts_on_the_same_port() {
+    if !in_loopback_namespace("synapse_restarts_on_the_same_port") {
+        return;
+    }
+    let live = Live::start("synapse_restarts_on_the_same_port");
+    let alice = live.user("alice");
+    let bob = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob);
+    assert!(room.starts_with('!'), "room id {room:?}");
+    assert!(live.hs.answers());
+
+    live.hs.stop();
+    assert!(!live.hs.answers(), "Synapse still answers after stop");
+    live.hs.restart();
+    assert!(live.hs.answers(), "Synapse does not answer after a restart");
+    // The database survived: registering again with the same password is a login.
+    assert_eq!(live.user("alice").id, alice.id);
+}
+
+#[test]
+fn agent_calls_agent_through_synapse() {
+    if !in_loopback_namespace("agent_calls_agent_through_synapse") {
+        return;
+    }
+    let live = Live::start("agent_calls_agent_through_synapse");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "5"]);
+
+    assert_eq!(caller.wait_exit(CONNECT + Duration::from_secs(20)), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+
+    let incoming = bob.events_of("incoming");
+    assert_eq!(incoming.len(), 1, "{}", bob.report());
+    assert_eq!(incoming[0]["from"], alice.id.as_str());
+    let placed = caller.wait_state("invite_sent", Duration::ZERO);
+    assert_eq!(call_id(&incoming[0]), call_id(&placed.value));
+
+    for p in [&caller, &bob] {
+        assert_connected_with_media(p);
+        assert_eq!(p.summary()["hangup_reason"], "user_hangup", "{}", p.report());
+        assert!(
+            p.non_json_stdout().is_empty() && p.events().iter().all(|e| e.value["event"].is_string()),
+            "{}: stdout must be JSON lines with an \"event\" key\n{}",
+            p.name,
+            p.report()
+        );
+        assert!(
+            p.events().iter().any(|e| e.value["event"] == "stats"),
+            "{}: no stats line during 5 s connected",
+            p.name
+        );
+    }
+    assert_eq!(bob.summary()["calls"], 1);
+    assert!(count(&caller.summary(), "setup_ms") > 0);
+    // The last line is the summary.
+    for p in [&caller, &bob] {
+        assert_eq!(p.last_json()["event"], "summary", "{}", p.report());
+    }
+}
+
+#[test]
+fn call_to_a_user_finds_the_dm() {
+    if !in_loopback_namespace("call_to_a_user_finds_the_dm") {
+        return;
+    }
+    let live = Live::start("call_to_a_user_finds_the_dm");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--to", &bob_user.id, "--duration-s", "2"]);
+
+    assert_eq!(caller.wait_exit(CONNECT + Duration::from_secs(15)), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+    assert_eq!(caller.summary()["connected"], true, "{}", caller.report());
+    assert_eq!(bob.events_of("incoming").len(), 1, "{}", bob.report());
+}
+
+#[test]
+fn listener_ignores_a_caller_not_allowed() {
+    if !in_loopback_namespace("listener_ignores_a_caller_not_allowed") {
+        return;
+    }
+    let live = Live::start("listener_ignores_a_caller_not_allowed");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", "@carol:localhost", "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "3"]);
+    caller.wait_state("invite_sent", CONNECT);
+    // Bob's sync delivers the invite within about a second; give him plenty more to (not) ring.
+    thread::sleep(Duration::from_secs(8));
+    caller.terminate();
+    let caller_exit = caller.wait_exit(EXIT);
+
+    assert!(
+        caller.events_of("state").iter().all(|v| !is_state(v, "connected")),
+        "{}",
+        caller.report()
+    );
+    assert_eq!(caller.summary()["connected"], false, "{}", caller.report());
+    assert_eq!(caller_exit, 1, "a call that never connected exits 1\n{}", caller.report());
+
+    assert!(bob.poll_exit().is_none(), "bob's listener quit\n{}", bob.report());
+    bob.terminate();
+    bob.wait_exit(EXIT);
+    assert!(bob.events_of("incoming").is_empty(), "{}", bob.report());
+    assert!(bob.events_of("state").is_empty(), "{}", bob.report());
+    let s = bob.summary();
+    assert_eq!(s["connected"], false, "{s}");
+    assert_eq!(s["calls"], 0, "{s}");
+}
+
+#[test]
+fn caller_hangs_up() {
+    if !in_loopback_namespace("caller_hangs_up") {
+        return;
+    }
+    let live = Live::start("caller_hangs_up");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "3"]);
+    let connected = caller.wait_state("connected", CONNECT);
+    assert_eq!(caller.wait_exit(EXIT), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+
+    let mine = ended(&caller);
+    assert_eq!((&mine["reason"], &mine["by"]), (&"user_hangup".into(), &"local".into()), "{mine}");
+    let theirs = ended(&bob);
+    assert_eq!(
+        (&theirs["reason"], &theirs["by"]),
+        (&"user_hangup".into(), &"remote".into()),
+        "{theirs}"
+    );
+    assert_eq!(bob.summary()["hangup_reason"], "user_hangup");
+    // --duration-s 3 counts from connected.
+    let ended_at = caller.wait_for("ended", Duration::ZERO, |v| v["event"] == "ended").at;
+    let talked = ended_at.duration_since(connected.at);
+    assert!(
+        talked >= Duration::from_millis(2500) && talked <= Duration::from_secs(6),
+        "connected for {talked:?} with --duration-s 3"
+    );
+}
+
+#[test]
+fn callee_hangs_up() {
+    if !in_loopback_namespace("callee_hangs_up") {
+        return;
+    }
+    let live = Live::start("callee_hangs_up");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(
+        &bob_user,
+        &["--allow", &alice.id, "--max-calls", "1", "--duration-s", "3"],
+    );
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "30"]);
+    caller.wait_state("connected", CONNECT);
+    // Well before alice's own 30 s.
+    assert_eq!(caller.wait_exit(Duration::from_secs(20)), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+
+    let mine = ended(&caller);
+    assert_eq!(
+        (&mine["reason"], &mine["by"]),
+        (&"user_hangup".into(), &"remote".into()),
+        "{mine}\n{}",
+        caller.report()
+    );
+    let theirs = ended(&bob);
+    assert_eq!(
+        (&theirs["reason"], &theirs["by"]),
+        (&"user_hangup".into(), &"local".into()),
+        "{theirs}\n{}",
+        bob.report()
+    );
+    assert_eq!(caller.summary()["connected"], true);
+    assert_eq!(caller.summary()["hangup_reason"], "user_hangup");
+}
+
+#[test]
+fn synapse_restart_mid_call_keeps_media() {
+    if !in_loopback_namespace("synapse_restart_mid_call_keeps_media") {
+        return;
+    }
+    let live = Live::start("synapse_restart_mid_call_keeps_media");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "25"]);
+    caller.wait_state("connected", CONNECT);
+    bob.wait_state("connected", CONNECT);
+    thread::sleep(Duration::from_secs(2));
+
+    live.hs.stop();
+    let down_at = Instant::now();
+    for p in [&mut caller, &mut bob] {
+        p.wait_for_after("homeserver reachable:false", down_at, Duration::from_secs(9), |v| {
+            is_reachability(v, false)
+        });
+    }
+    thread::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed()));
+    live.hs.restart();
+    let up_at = Instant::now();
+
+    for p in [&caller, &bob] {
+        // Stats from 1 s into the outage to its end: 15 fps video and 50 packets/s audio.
+        let during = stats_between(p, down_at + Duration::from_secs(1), up_at);
+        assert!(during.len() >= 5, "{}: {} stats lines in the outage\n{}", p.name, during.len(), p.report());
+        let (first, last) = (&during[0].value, &during[during.len() - 1].value);
+        for key in ["video_frames_received", "audio_frames_received"] {
+            assert!(
+                count(last, key) > count(first, key),
+                "{}: {key} stalled with Synapse down: {first} -> {last}",
+                p.name
+            );
+        }
+        let seconds = during[during.len() - 1].at.duration_since(during[0].at).as_secs_f64();
+        let gained = count(last, "frames_received") - count(first, "frames_received");
+        assert!(
+            gained as f64 >= 20.0 * seconds,
+            "{}: only {gained} frames in {seconds:.1} s with Synapse down",
+            p.name
+        );
+    }
+    for p in [&mut caller, &mut bob] {
+        p.wait_for_after("homeserver reachable:true", up_at, Duration::from_secs(30), |v| {
+            is_reachability(v, true)
+        });
+    }
+
+    assert_eq!(caller.wait_exit(Duration::from_secs(40)), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+    let theirs = ended(&bob);
+    assert_eq!(
+        (&theirs["reason"], &theirs["by"]),
+        (&"user_hangup".into(), &"remote".into()),
+        "{theirs}\n{}",
+        bob.report()
+    );
+    assert_eq!(bob.summary()["hangup_reason"], "user_hangup");
+    for p in [&caller, &bob] {
+        assert_connected_with_media(p);
+        let down = p.events_of("homeserver");
+        let flips: Vec<&Value> = down.iter().map(|v| &v["reachable"]).collect();
+        assert!(flips.contains(&&Value::Bool(false)), "{}: {down:?}", p.name);
+        assert_eq!(flips.last(), Some(&&Value::Bool(true)), "{}: {down:?}", p.name);
+    }
+}
+
+#[test]
+fn js_sdk_calls_agent() {
+    if !in_loopback_namespace("js_sdk_calls_agent") {
+        return;
+    }
+    let live = Live::start("js_sdk_calls_agent");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "5", "--require", "audio,video", "--max-wait-s", "60"],
+    );
+    let peer_exit = peer.wait_exit(Duration::from_secs(75));
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), bob.report());
+
+    assert_js_peer_got_media(&peer);
+    assert_connected_with_media(&bob);
+    let theirs = ended(&bob);
+    assert_eq!(
+        (&theirs["reason"], &theirs["by"]),
+        (&"user_hangup".into(), &"remote".into()),
+        "{theirs}"
+    );
+}
+
+#[test]
+fn agent_calls_js_sdk() {
+    if !in_loopback_namespace("agent_calls_js_sdk") {
+        return;
+    }
+    let live = Live::start("agent_calls_js_sdk");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut peer = live.js_peer(&bob_user, &["--answer", "--max-wait-s", "60"]);
+    peer.wait_stderr("waiting for an incoming call", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "5"]);
+    let caller_exit = caller.wait_exit(CONNECT + Duration::from_secs(20));
+    let peer_exit = peer.wait_exit(EXIT);
+    assert_eq!(caller_exit, 0, "{}\n{}", caller.report(), peer.report());
+    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), caller.report());
+
+    assert_connected_with_media(&caller);
+    assert_js_peer_got_media(&peer);
+    let r = peer.last_json();
+    assert_eq!(r["hangup_reason"], "user_hangup", "{r}");
+    assert_eq!(r["hangup_party"], "remote", "{r}");
+}
+
+#[test]
+fn bad_password_exits_3() {
+    if !in_loopback_namespace("bad_password_exits_3") {
+        return;
+    }
+    let live = Live::start("bad_password_exits_3");
+    let alice = live.user("alice");
+    let bob = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob);
+
+    let mut caller = live.agent(&alice, "not-the-password", "call", &["--room", &room]);
+    assert_eq!(caller.wait_exit(EXIT), 3, "{}", caller.report());
+    let mut listener = live.agent(&alice, "not-the-password", "listen", &["--allow", &bob.id]);
+    assert_eq!(listener.wait_exit(EXIT), 3, "{}", listener.report());
+}
+
+#[test]
+fn unreachable_homeserver_exits_4() {
+    if !in_loopback_namespace("unreachable_homeserver_exits_4") {
+        return;
+    }
+    let dir = test_dir("unreachable_homeserver_exits_4");
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    let mut caller = agent(
+        &dir,
+        "alice",
+        &url,
+        "@alice:localhost",
+        "alice-pw",
+        "call",
+        &["--room", "!room"],
+    );
+    assert_eq!(caller.wait_exit(Duration::from_secs(60)), 4, "{}", caller.report());
+}
+
+#[test]
+fn unknown_room_exits_5() {
+    if !in_loopback_namespace("unknown_room_exits_5") {
+        return;
+    }
+    let live = Live::start("unknown_room_exits_5");
+    let alice = live.user("alice");
+    let bob = live.user("bob");
+    live.hs.create_dm(&alice, &bob);
+
+    let mut caller = live.call(&alice, &["--room", "!nosuchroom:localhost"]);
+    assert_eq!(caller.wait_exit(Duration::from_secs(30)), 5, "{}", caller.report());
+}
+
+#[test]
+fn group_room_exits_5() {
+    if !in_loopback_namespace("group_room_exits_5") {
+        return;
+    }
+    let live = Live::start("group_room_exits_5");
+    let alice = live.user("alice");
+    let bob = live.user("bob");
+    let carol = live.user("carol");
+    let room = live.hs.create_room(&alice, &[&bob, &carol], false);
+
+    let mut caller = live.call(&alice, &["--room", &room]);
+    assert_eq!(caller.wait_exit(Duration::from_secs(30)), 5, "{}", caller.report());
+}
+
+#[test]
+fn call_without_room_or_peer_exits_2() {
+    let dir = test_dir("call_without_room_or_peer_exits_2");
+    // Never reached: usage is checked before any request.
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    let mut caller = agent(&dir, "alice", &url, "@alice:localhost", "alice-pw", "call", &[]);
+    assert_eq!(caller.wait_exit(EXIT), 2, "{}", caller.report());
+}
