@@ -176,6 +176,35 @@ fn sdp_mids(sdp: &str) -> (Option<Mid>, Option<Mid>) {
     (audio, video)
 }
 
+/// `sdp_stream_metadata` for our SDP: its msid stream marked as user media. Sent under the
+/// stable key and matrix-js-sdk's `org.matrix.msc3077.` key (Element Web reads only that one).
+fn stream_metadata(sdp: &str) -> serde_json::Value {
+    let streams: std::collections::BTreeSet<&str> = sdp
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=msid:"))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|s| *s != "-")
+        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = streams
+        .into_iter()
+        .map(|s| {
+            (
+                s.to_owned(),
+                json!({"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+fn add_stream_metadata(content: &mut serde_json::Value, sdp: &str) {
+    let meta = stream_metadata(sdp);
+    if let Some(obj) = content.as_object_mut() {
+        obj.insert("sdp_stream_metadata".into(), meta.clone());
+        obj.insert("org.matrix.msc3077.sdp_stream_metadata".into(), meta);
+    }
+}
+
 fn invite_has_video(sdp: &str) -> bool {
     sdp.lines()
         .any(|l| l.starts_with("m=video") && !l.starts_with("m=video 0 "))
@@ -265,14 +294,15 @@ impl Call {
             .apply()
             .ok_or_else(|| ApiError::Rtc("no media to offer".into()))?;
         call.pending_offer = Some(pending);
+        let sdp = offer.to_sdp_string();
         let mut content = json!({
             "call_id": call.id,
             "party_id": call.our_party,
             "version": "1",
             "lifetime": setup.lifetime.as_millis() as u64,
-            "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
-            "sdp_stream_metadata": {stream: {"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}},
+            "offer": {"type": "offer", "sdp": sdp},
         });
+        add_stream_metadata(&mut content, &sdp);
         if let (Some(invitee), Some(obj)) = (invitee, content.as_object_mut()) {
             obj.insert("invitee".into(), json!(invitee));
         }
@@ -431,6 +461,9 @@ impl Call {
             "version": self.version(),
             "answer": {"type": "answer", "sdp": sdp},
         });
+        if !self.peer_v0 {
+            add_stream_metadata(&mut content, &sdp);
+        }
         if let Some(obj) = content.as_object_mut() {
             if !self.peer_v0 {
                 obj.insert("party_id".into(), json!(self.our_party));
@@ -521,18 +554,15 @@ impl Call {
     }
 
     fn send_negotiate(&mut self, kind: &str, sdp: String) {
-        let stream = format!("ca-{}", self.id);
-        self.send(
-            "m.call.negotiate",
-            json!({
-                "call_id": self.id,
-                "party_id": self.our_party,
-                "version": "1",
-                "lifetime": self.lifetime.as_millis() as u64,
-                "description": {"type": kind, "sdp": sdp},
-                "sdp_stream_metadata": {stream: {"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}},
-            }),
-        );
+        let mut content = json!({
+            "call_id": self.id,
+            "party_id": self.our_party,
+            "version": "1",
+            "lifetime": self.lifetime.as_millis() as u64,
+            "description": {"type": kind, "sdp": sdp},
+        });
+        add_stream_metadata(&mut content, &sdp);
+        self.send("m.call.negotiate", content);
     }
 
     /// Whether a signal from `party` belongs to the other side of this call.
