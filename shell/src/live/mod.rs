@@ -382,8 +382,7 @@ impl Run {
             .opts
             .state_dir
             .as_deref()
-            .and_then(|d| SavedSession::load(d, &self.opts.homeserver, &self.opts.user))
-            .and_then(|s| s.device_id.as_str().try_into().ok());
+            .and_then(|d| SavedSession::load(d, &self.opts.homeserver, &self.opts.user)).map(|s| s.device_id.as_str().into());
         match Agent::new(config, seed(), now, unix_ms()) {
             Ok(a) => self.agent = a,
             Err(e) => {
@@ -487,12 +486,11 @@ impl Run {
                     self.finish(exit::NOT_CONNECTED);
                 }
             }
-            Phase::ShuttingDown { since } => {
-                if self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH {
+            Phase::ShuttingDown { since }
+                if (self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH) => {
                     let code = self.exit;
                     self.finish(code);
                 }
-            }
             _ => {}
         }
     }
@@ -685,7 +683,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
     let now = Instant::now();
     let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
     let mut config = agent_config(&opts, &addrs, credentials);
-    config.device_id = saved.and_then(|s| s.device_id.as_str().try_into().ok());
+    config.device_id = saved.map(|s| s.device_id.as_str().into());
     let agent = match Agent::new(config, seed(), now, unix_ms()) {
         Ok(a) => a,
         Err(e) => {
