@@ -6,7 +6,7 @@
 //! tail of its stderr. Children are killed when their [`Proc`] is dropped and Synapse is
 //! stopped when its [`Synapse`] is dropped, so a failing assertion leaves nothing running.
 //! Each test keeps its files (Synapse's logs, each child's stdout and stderr) in
-//! `target/e2e/live/<test>/`.
+//! `target/e2e/live/<pid of the test run>/<test>/`.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -70,7 +70,7 @@ pub fn in_loopback_namespace(name: &str) -> bool {
         Command::new(&script)
             .arg(&exe)
             .args([name, "--exact", "--nocapture", "--test-threads=1"])
-            .env(REEXEC_ENV, "1"),
+            .env(REEXEC_ENV, std::process::id().to_string()),
         REEXEC_TIMEOUT,
     );
     // Shown by libtest when the test fails (or with --nocapture).
@@ -154,10 +154,28 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-/// An empty directory for test `name`: `target/e2e/live/<name>` (emptied first; kept after
-/// the test for its logs).
+/// An empty directory for test `name`: `target/e2e/live/<run>/<name>`, kept after the test
+/// for its logs. `<run>` is the pid of this test process (of the one that re-ran it inside the
+/// namespace, if any), so that runs side by side never share a directory; directories of runs
+/// whose process is gone are removed.
 pub fn test_dir(name: &str) -> PathBuf {
-    let dir = workspace_root().join("target/e2e/live").join(name);
+    let live = workspace_root().join("target/e2e/live");
+    let run = std::env::var(REEXEC_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or_else(std::process::id);
+    if let Ok(entries) = fs::read_dir(&live) {
+        for entry in entries.flatten() {
+            let pid = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok());
+            if pid.is_some_and(|pid| pid != run && !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = live.join(run.to_string()).join(name);
     if dir.exists() {
         fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("emptying {}: {e}", dir.display()));
     }
@@ -404,7 +422,7 @@ pub struct Live {
 }
 
 impl Live {
-    /// A fresh directory `target/e2e/live/<name>` and a Synapse running in it.
+    /// A fresh directory for test `name` (see [`test_dir`]) and a Synapse running in it.
     pub fn start(name: &str) -> Live {
         let dir = test_dir(name);
         let hs = Synapse::start(&dir);
@@ -483,7 +501,9 @@ pub fn agent(
         .arg(&state)
         .args(args)
         .env("CALL_ASSIST_PASSWORD", password)
-        .env_remove("CALL_ASSIST_ACCESS_TOKEN");
+        .env_remove("CALL_ASSIST_ACCESS_TOKEN")
+        // Plain log lines in the files and failure reports.
+        .env("NO_COLOR", "1");
     if std::env::var_os("CALL_ASSIST_LOG").is_none() {
         cmd.env("CALL_ASSIST_LOG", "info");
     }
@@ -613,33 +633,23 @@ impl Proc {
         last.unwrap_or_else(|| panic!("{} printed no JSON line\n{}", self.name, self.report()))
     }
 
-    /// Waits for the first JSON line (from the start) that satisfies `pred`; fails, killing
-    /// nothing, if it has not come within `timeout` or the process ended without it.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Event {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = self.lock().events.iter().find(|e| pred(&e.value)).cloned();
-            if let Some(e) = found {
-                return e;
-            }
-            if self.poll_exit().is_some() {
-                self.drain_readers();
-                let found = self.lock().events.iter().find(|e| pred(&e.value)).cloned();
-                if let Some(e) = found {
-                    return e;
-                }
-                panic!("{} ended without {what}\n{}", self.name, self.report());
-            }
-            if Instant::now() >= deadline {
-                panic!("{} did not print {what} within {timeout:?}\n{}", self.name, self.report());
-            }
-            thread::sleep(POLL);
-        }
+    /// Waits for the first JSON line that satisfies `pred`; fails if it has not come within
+    /// `timeout` or the process ended without it.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Event {
+        let since = self.started;
+        self.wait_for_after(what, since, timeout, pred)
     }
 
     /// Waits for `{"event": kind}` (the first one).
     pub fn wait_event(&mut self, kind: &str, timeout: Duration) -> Event {
-        self.wait_for(&format!("an {kind:?} event"), timeout, |v| v["event"] == kind)
+        self.wait_for(&format!("an {kind:?} event"), timeout, |v| {
+            v["event"] == kind
+        })
     }
 
     /// Waits for `{"event":"state","state": state}` (the first one, any call).
@@ -656,21 +666,31 @@ impl Proc {
         pred: impl Fn(&Value) -> bool,
     ) -> Event {
         let deadline = Instant::now() + timeout;
-        loop {
-            let found = self
-                .lock()
+        let find = |p: &Proc| {
+            p.lock()
                 .events
                 .iter()
                 .find(|e| e.at >= after && pred(&e.value))
-                .cloned();
-            if let Some(e) = found {
+                .cloned()
+        };
+        loop {
+            if let Some(e) = find(self) {
                 return e;
             }
             if self.poll_exit().is_some() {
+                // Its last lines may still be in the pipe.
+                self.drain_readers();
+                if let Some(e) = find(self) {
+                    return e;
+                }
                 panic!("{} ended without {what}\n{}", self.name, self.report());
             }
             if Instant::now() >= deadline {
-                panic!("{} did not print {what} within {timeout:?}\n{}", self.name, self.report());
+                panic!(
+                    "{} did not print {what} within {timeout:?}\n{}",
+                    self.name,
+                    self.report()
+                );
             }
             thread::sleep(POLL);
         }
@@ -684,10 +704,18 @@ impl Proc {
                 return;
             }
             if self.poll_exit().is_some() {
-                panic!("{} ended before printing {needle:?}\n{}", self.name, self.report());
+                panic!(
+                    "{} ended before printing {needle:?}\n{}",
+                    self.name,
+                    self.report()
+                );
             }
             if Instant::now() >= deadline {
-                panic!("{} did not print {needle:?} within {timeout:?}\n{}", self.name, self.report());
+                panic!(
+                    "{} did not print {needle:?} within {timeout:?}\n{}",
+                    self.name,
+                    self.report()
+                );
             }
             thread::sleep(POLL);
         }
@@ -724,7 +752,11 @@ impl Proc {
         };
         self.drain_readers();
         status.code().unwrap_or_else(|| {
-            panic!("{} was killed by a signal ({status})\n{}", self.name, self.report())
+            panic!(
+                "{} was killed by a signal ({status})\n{}",
+                self.name,
+                self.report()
+            )
         })
     }
 

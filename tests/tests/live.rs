@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Run outside a namespace, each test re-runs itself inside `loopback-only.sh`. Each test's
-//! logs stay in `target/e2e/live/<test>/` (`<agent>.stderr`, `<agent>.stdout`, `synapse/`).
+//! logs stay in `target/e2e/live/<pid of the run>/<test>/` (`<agent>.stderr`, `<agent>.stdout`,
+//! `synapse/`).
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,7 +37,13 @@ fn call_id(v: &Value) -> String {
 /// The one `ended` line of `p`.
 fn ended(p: &Proc) -> Value {
     let ended = p.events_of("ended");
-    assert_eq!(ended.len(), 1, "{}: ended lines {ended:?}\n{}", p.name, p.report());
+    assert_eq!(
+        ended.len(),
+        1,
+        "{}: ended lines {ended:?}\n{}",
+        p.name,
+        p.report()
+    );
     ended[0].clone()
 }
 
@@ -44,8 +51,17 @@ fn ended(p: &Proc) -> Value {
 fn assert_connected_with_media(p: &Proc) {
     let s = p.summary();
     assert_eq!(s["connected"], true, "{}: {s}\n{}", p.name, p.report());
-    for key in ["video_frames_received", "audio_frames_received", "frames_sent"] {
-        assert!(count(&s, key) > 0, "{}: {key} is 0: {s}\n{}", p.name, p.report());
+    for key in [
+        "video_frames_received",
+        "audio_frames_received",
+        "frames_sent",
+    ] {
+        assert!(
+            count(&s, key) > 0,
+            "{}: {key} is 0: {s}\n{}",
+            p.name,
+            p.report()
+        );
     }
 }
 
@@ -101,7 +117,12 @@ fn agent_calls_agent_through_synapse() {
     bob.wait_event("ready", READY);
     let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "5"]);
 
-    assert_eq!(caller.wait_exit(CONNECT + Duration::from_secs(20)), 0, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(CONNECT + Duration::from_secs(20)),
+        0,
+        "{}",
+        caller.report()
+    );
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
 
     let incoming = bob.events_of("incoming");
@@ -112,9 +133,15 @@ fn agent_calls_agent_through_synapse() {
 
     for p in [&caller, &bob] {
         assert_connected_with_media(p);
-        assert_eq!(p.summary()["hangup_reason"], "user_hangup", "{}", p.report());
+        assert_eq!(
+            p.summary()["hangup_reason"],
+            "user_hangup",
+            "{}",
+            p.report()
+        );
         assert!(
-            p.non_json_stdout().is_empty() && p.events().iter().all(|e| e.value["event"].is_string()),
+            p.non_json_stdout().is_empty()
+                && p.events().iter().all(|e| e.value["event"].is_string()),
             "{}: stdout must be JSON lines with an \"event\" key\n{}",
             p.name,
             p.report()
@@ -147,7 +174,12 @@ fn call_to_a_user_finds_the_dm() {
     bob.wait_event("ready", READY);
     let mut caller = live.call(&alice, &["--to", &bob_user.id, "--duration-s", "2"]);
 
-    assert_eq!(caller.wait_exit(CONNECT + Duration::from_secs(15)), 0, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(CONNECT + Duration::from_secs(15)),
+        0,
+        "{}",
+        caller.report()
+    );
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
     assert_eq!(caller.summary()["connected"], true, "{}", caller.report());
     assert_eq!(bob.events_of("incoming").len(), 1, "{}", bob.report());
@@ -163,7 +195,10 @@ fn listener_ignores_a_caller_not_allowed() {
     let bob_user = live.user("bob");
     let room = live.hs.create_dm(&alice, &bob_user);
 
-    let mut bob = live.listen(&bob_user, &["--allow", "@carol:localhost", "--max-calls", "1"]);
+    let mut bob = live.listen(
+        &bob_user,
+        &["--allow", "@carol:localhost", "--max-calls", "1"],
+    );
     bob.wait_event("ready", READY);
     let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "3"]);
     caller.wait_state("invite_sent", CONNECT);
@@ -173,14 +208,26 @@ fn listener_ignores_a_caller_not_allowed() {
     let caller_exit = caller.wait_exit(EXIT);
 
     assert!(
-        caller.events_of("state").iter().all(|v| !is_state(v, "connected")),
+        caller
+            .events_of("state")
+            .iter()
+            .all(|v| !is_state(v, "connected")),
         "{}",
         caller.report()
     );
     assert_eq!(caller.summary()["connected"], false, "{}", caller.report());
-    assert_eq!(caller_exit, 1, "a call that never connected exits 1\n{}", caller.report());
+    assert_eq!(
+        caller_exit,
+        1,
+        "a call that never connected exits 1\n{}",
+        caller.report()
+    );
 
-    assert!(bob.poll_exit().is_none(), "bob's listener quit\n{}", bob.report());
+    assert!(
+        bob.poll_exit().is_none(),
+        "bob's listener quit\n{}",
+        bob.report()
+    );
     bob.terminate();
     bob.wait_exit(EXIT);
     assert!(bob.events_of("incoming").is_empty(), "{}", bob.report());
@@ -208,7 +255,11 @@ fn caller_hangs_up() {
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
 
     let mine = ended(&caller);
-    assert_eq!((&mine["reason"], &mine["by"]), (&"user_hangup".into(), &"local".into()), "{mine}");
+    assert_eq!(
+        (&mine["reason"], &mine["by"]),
+        (&"user_hangup".into(), &"local".into()),
+        "{mine}"
+    );
     let theirs = ended(&bob);
     assert_eq!(
         (&theirs["reason"], &theirs["by"]),
@@ -217,7 +268,9 @@ fn caller_hangs_up() {
     );
     assert_eq!(bob.summary()["hangup_reason"], "user_hangup");
     // --duration-s 3 counts from connected.
-    let ended_at = caller.wait_for("ended", Duration::ZERO, |v| v["event"] == "ended").at;
+    let ended_at = caller
+        .wait_for("ended", Duration::ZERO, |v| v["event"] == "ended")
+        .at;
     let talked = ended_at.duration_since(connected.at);
     assert!(
         talked >= Duration::from_millis(2500) && talked <= Duration::from_secs(6),
@@ -237,13 +290,25 @@ fn callee_hangs_up() {
 
     let mut bob = live.listen(
         &bob_user,
-        &["--allow", &alice.id, "--max-calls", "1", "--duration-s", "3"],
+        &[
+            "--allow",
+            &alice.id,
+            "--max-calls",
+            "1",
+            "--duration-s",
+            "3",
+        ],
     );
     bob.wait_event("ready", READY);
     let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "30"]);
     caller.wait_state("connected", CONNECT);
     // Well before alice's own 30 s.
-    assert_eq!(caller.wait_exit(Duration::from_secs(20)), 0, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        caller.report()
+    );
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
 
     let mine = ended(&caller);
@@ -276,17 +341,22 @@ fn synapse_restart_mid_call_keeps_media() {
 
     let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
     bob.wait_event("ready", READY);
-    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "25"]);
+    // Long enough that signalling has recovered well before alice hangs up.
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "30"]);
     caller.wait_state("connected", CONNECT);
     bob.wait_state("connected", CONNECT);
     thread::sleep(Duration::from_secs(2));
 
-    live.hs.stop();
+    // Before the stop: the agents may notice while synapse.py is still waiting for the exit.
     let down_at = Instant::now();
+    live.hs.stop();
     for p in [&mut caller, &mut bob] {
-        p.wait_for_after("homeserver reachable:false", down_at, Duration::from_secs(9), |v| {
-            is_reachability(v, false)
-        });
+        p.wait_for_after(
+            "homeserver reachable:false",
+            down_at,
+            Duration::from_secs(9),
+            |v| is_reachability(v, false),
+        );
     }
     thread::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed()));
     live.hs.restart();
@@ -295,7 +365,13 @@ fn synapse_restart_mid_call_keeps_media() {
     for p in [&caller, &bob] {
         // Stats from 1 s into the outage to its end: 15 fps video and 50 packets/s audio.
         let during = stats_between(p, down_at + Duration::from_secs(1), up_at);
-        assert!(during.len() >= 5, "{}: {} stats lines in the outage\n{}", p.name, during.len(), p.report());
+        assert!(
+            during.len() >= 5,
+            "{}: {} stats lines in the outage\n{}",
+            p.name,
+            during.len(),
+            p.report()
+        );
         let (first, last) = (&during[0].value, &during[during.len() - 1].value);
         for key in ["video_frames_received", "audio_frames_received"] {
             assert!(
@@ -304,7 +380,10 @@ fn synapse_restart_mid_call_keeps_media() {
                 p.name
             );
         }
-        let seconds = during[during.len() - 1].at.duration_since(during[0].at).as_secs_f64();
+        let seconds = during[during.len() - 1]
+            .at
+            .duration_since(during[0].at)
+            .as_secs_f64();
         let gained = count(last, "frames_received") - count(first, "frames_received");
         assert!(
             gained as f64 >= 20.0 * seconds,
@@ -312,13 +391,29 @@ fn synapse_restart_mid_call_keeps_media() {
             p.name
         );
     }
+    // The retry backoff is at most 8 s (+20 % jitter): the first retry after Synapse is back
+    // must be seen to succeed, not only the first long-poll that returns with an event.
     for p in [&mut caller, &mut bob] {
-        p.wait_for_after("homeserver reachable:true", up_at, Duration::from_secs(30), |v| {
-            is_reachability(v, true)
-        });
+        p.wait_for_after(
+            "homeserver reachable:true",
+            up_at,
+            Duration::from_secs(12),
+            |v| is_reachability(v, true),
+        );
+        assert!(
+            p.events_of("ended").is_empty(),
+            "{}: the call ended early\n{}",
+            p.name,
+            p.report()
+        );
     }
 
-    assert_eq!(caller.wait_exit(Duration::from_secs(40)), 0, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(40)),
+        0,
+        "{}",
+        caller.report()
+    );
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
     let theirs = ended(&bob);
     assert_eq!(
@@ -333,7 +428,12 @@ fn synapse_restart_mid_call_keeps_media() {
         let down = p.events_of("homeserver");
         let flips: Vec<&Value> = down.iter().map(|v| &v["reachable"]).collect();
         assert!(flips.contains(&&Value::Bool(false)), "{}: {down:?}", p.name);
-        assert_eq!(flips.last(), Some(&&Value::Bool(true)), "{}: {down:?}", p.name);
+        assert_eq!(
+            flips.last(),
+            Some(&&Value::Bool(true)),
+            "{}: {down:?}",
+            p.name
+        );
     }
 }
 
@@ -351,7 +451,16 @@ fn js_sdk_calls_agent() {
     bob.wait_event("ready", READY);
     let mut peer = live.js_peer(
         &alice,
-        &["--call", &room, "--duration-s", "5", "--require", "audio,video", "--max-wait-s", "60"],
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "5",
+            "--require",
+            "audio,video",
+            "--max-wait-s",
+            "60",
+        ],
     );
     let peer_exit = peer.wait_exit(Duration::from_secs(75));
     assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
@@ -424,7 +533,12 @@ fn unreachable_homeserver_exits_4() {
         "call",
         &["--room", "!room"],
     );
-    assert_eq!(caller.wait_exit(Duration::from_secs(60)), 4, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(60)),
+        4,
+        "{}",
+        caller.report()
+    );
 }
 
 #[test]
@@ -438,7 +552,12 @@ fn unknown_room_exits_5() {
     live.hs.create_dm(&alice, &bob);
 
     let mut caller = live.call(&alice, &["--room", "!nosuchroom:localhost"]);
-    assert_eq!(caller.wait_exit(Duration::from_secs(30)), 5, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(30)),
+        5,
+        "{}",
+        caller.report()
+    );
 }
 
 #[test]
@@ -453,7 +572,12 @@ fn group_room_exits_5() {
     let room = live.hs.create_room(&alice, &[&bob, &carol], false);
 
     let mut caller = live.call(&alice, &["--room", &room]);
-    assert_eq!(caller.wait_exit(Duration::from_secs(30)), 5, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(30)),
+        5,
+        "{}",
+        caller.report()
+    );
 }
 
 #[test]
@@ -461,6 +585,14 @@ fn call_without_room_or_peer_exits_2() {
     let dir = test_dir("call_without_room_or_peer_exits_2");
     // Never reached: usage is checked before any request.
     let url = format!("http://127.0.0.1:{}", closed_port());
-    let mut caller = agent(&dir, "alice", &url, "@alice:localhost", "alice-pw", "call", &[]);
+    let mut caller = agent(
+        &dir,
+        "alice",
+        &url,
+        "@alice:localhost",
+        "alice-pw",
+        "call",
+        &[],
+    );
     assert_eq!(caller.wait_exit(EXIT), 2, "{}", caller.report());
 }

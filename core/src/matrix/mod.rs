@@ -465,8 +465,9 @@ impl MatrixClient {
         if !self.sync_in_flight && self.sync_backoff.ready(now) {
             let mut req = sync_events::v3::Request::new();
             req.since = self.since.clone();
-            // The first sync returns at once so calls can be placed; later ones long-poll.
-            req.timeout = Some(if self.since.is_some() {
+            // The first sync, and the first after a failure, return at once (so calls can be
+            // placed, and a homeserver that came back is known to be back); others long-poll.
+            req.timeout = Some(if self.since.is_some() && self.sync_backoff.failures == 0 {
                 limits::SYNC_TIMEOUT
             } else {
                 Duration::ZERO
