@@ -26,13 +26,17 @@ struct Orphans {
 }
 
 /// Counters of one call, for the driver's reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CallInfo {
     pub state: CallState,
     pub direction: CallDirection,
     pub frames_sent: u64,
     pub frames_received: u64,
+    /// Kinds of the local and remote candidate media flows on (`host`, `srflx`, `relay`,
+    /// `prflx`), once connected.
+    pub local_candidate: Option<String>,
+    pub remote_candidate: Option<String>,
 }
 
 /// A Matrix calling agent. See the crate docs for the loop.
@@ -126,11 +130,16 @@ impl Agent {
     }
 
     pub fn call_info(&self, call_id: &str) -> Option<CallInfo> {
-        self.calls.get(call_id).map(|c| CallInfo {
-            state: c.state,
-            direction: c.direction,
-            frames_sent: c.stats.frames_sent,
-            frames_received: c.stats.frames_received,
+        self.calls.get(call_id).map(|c| {
+            let pair = c.selected_pair_kinds();
+            CallInfo {
+                state: c.state,
+                direction: c.direction,
+                frames_sent: c.stats.frames_sent,
+                frames_received: c.stats.frames_received,
+                local_candidate: pair.as_ref().map(|p| p.0.clone()),
+                remote_candidate: pair.map(|p| p.1),
+            }
         })
     }
 

@@ -330,9 +330,14 @@ pub enum AgentEvent {
     /// The first /sync finished: invites from now on ring.
     Synced,
     /// A direct room asked for with `Agent::create_direct_room` exists.
-    RoomCreated { room_id: OwnedRoomId, peer: OwnedUserId },
+    RoomCreated {
+        room_id: OwnedRoomId,
+        peer: OwnedUserId,
+    },
     /// Joining or creating a room was refused by the homeserver.
-    RoomRequestFailed { message: String },
+    RoomRequestFailed {
+        message: String,
+    },
     /// An invite rings. Answer with [`Agent::answer`](crate::Agent::answer) or reject.
     IncomingCall {
         call_id: CallId,

@@ -32,8 +32,14 @@ fn media_path_that_never_works_ends_with_ice_failed() {
             && w.agents[callee].ended_reason(&call_id).is_some()
     });
     assert!(ended, "the call must end by itself within 45 s");
-    assert_eq!(world.agents[caller].ended_reason(&call_id), Some(HangupReason::IceFailed));
-    assert_eq!(world.agents[callee].ended_reason(&call_id), Some(HangupReason::IceFailed));
+    assert_eq!(
+        world.agents[caller].ended_reason(&call_id),
+        Some(HangupReason::IceFailed)
+    );
+    assert_eq!(
+        world.agents[callee].ended_reason(&call_id),
+        Some(HangupReason::IceFailed)
+    );
     assert!(!world.agents[caller].reached(&call_id, CallState::Connected));
     let hangups: Vec<_> = world
         .hs
@@ -42,7 +48,9 @@ fn media_path_that_never_works_ends_with_ice_failed() {
         .filter(|e| e["type"] == "m.call.hangup")
         .collect();
     assert!(!hangups.is_empty(), "an m.call.hangup is sent");
-    assert!(hangups.iter().all(|h| h["content"]["reason"] == "ice_failed"));
+    assert!(hangups
+        .iter()
+        .all(|h| h["content"]["reason"] == "ice_failed"));
 }
 
 #[test]
@@ -62,9 +70,18 @@ fn media_path_lost_mid_call_ends_with_ice_timeout() {
         w.agents[caller].ended_reason(&call_id).is_some()
             && w.agents[callee].ended_reason(&call_id).is_some()
     });
-    assert!(ended, "the call must end by itself within 90 s of losing its media path");
-    assert_eq!(world.agents[caller].ended_reason(&call_id), Some(HangupReason::IceTimeout));
-    assert_eq!(world.agents[callee].ended_reason(&call_id), Some(HangupReason::IceTimeout));
+    assert!(
+        ended,
+        "the call must end by itself within 90 s of losing its media path"
+    );
+    assert_eq!(
+        world.agents[caller].ended_reason(&call_id),
+        Some(HangupReason::IceTimeout)
+    );
+    assert_eq!(
+        world.agents[callee].ended_reason(&call_id),
+        Some(HangupReason::IceTimeout)
+    );
     let took = world.elapsed() - cut_at;
     assert!(
         took >= Duration::from_secs(30),

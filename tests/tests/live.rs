@@ -151,6 +151,16 @@ fn agent_calls_agent_through_synapse() {
             "{}: no stats line during 5 s connected",
             p.name
         );
+        // On loopback without TURN, media flows between host candidates.
+        let stats = p.events_of("stats");
+        assert!(
+            stats
+                .iter()
+                .any(|s| s["local_candidate"] == "host" && s["remote_candidate"] == "host"),
+            "{}: stats name no host/host pair\n{}",
+            p.name,
+            p.report()
+        );
     }
     assert_eq!(bob.summary()["calls"], 1);
     assert!(count(&caller.summary(), "setup_ms") > 0);

@@ -15,7 +15,7 @@ use serde_json::json;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::CryptoProvider;
 use str0m::media::{Direction, MediaKind, MediaTime, Mid};
-use str0m::{Candidate, Event, IceConnectionState, Rtc, RtcConfig};
+use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
 use crate::limits;
@@ -133,6 +133,11 @@ pub(crate) struct Call {
     /// Outbound: candidates per answering party, applied when that party is selected.
     early_candidates: BTreeMap<String, Vec<String>>,
     remote_candidates: usize,
+    /// Addresses and kinds of the candidates on both sides, to name the pair in use.
+    local_kinds: Vec<(std::net::SocketAddr, CandidateKind)>,
+    remote_kinds: Vec<(std::net::SocketAddr, CandidateKind)>,
+    /// The (source, destination) of the latest datagram sent while connected.
+    pub last_route: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     ice_connected_once: bool,
     pub remote_video: bool,
     lifetime: Duration,
@@ -242,6 +247,9 @@ impl Call {
             local_candidates: heapless::Deque::new(),
             early_candidates: BTreeMap::new(),
             remote_candidates: 0,
+            local_kinds: Vec::new(),
+            remote_kinds: Vec::new(),
+            last_route: None,
             ice_connected_once: false,
             remote_video: false,
             lifetime: setup.lifetime,
@@ -396,6 +404,7 @@ impl Call {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
                     if let Some(added) = self.rtc.add_local_candidate(c) {
+                        self.local_kinds.push((added.addr(), added.kind()));
                         let line = added.to_sdp_string();
                         // One slot stays free for end-of-candidates.
                         if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
@@ -661,6 +670,7 @@ impl Call {
         match Candidate::from_sdp_string(line) {
             Ok(c) => {
                 self.remote_candidates += 1;
+                self.remote_kinds.push((c.addr(), c.kind()));
                 self.rtc.add_remote_candidate(c);
             }
             Err(e) => warn!(call_id = %self.id, "malformed remote candidate dropped: {e}"),
@@ -835,11 +845,14 @@ impl Call {
         loop {
             match self.rtc.poll_output() {
                 Ok(str0m::Output::Transmit(t)) => {
+                    if self.state == CallState::Connected {
+                        self.last_route = Some((t.source, t.destination));
+                    }
                     return Some(Transmit {
                         source: t.source,
                         destination: t.destination,
                         contents: t.contents.into(),
-                    })
+                    });
                 }
                 Ok(str0m::Output::Timeout(t)) => {
                     self.rtc_deadline = Some(t);
@@ -940,6 +953,18 @@ impl Call {
         self.stats.frames_sent += 1;
         self.rtc_deadline = Some(now);
         Ok(true)
+    }
+
+    /// Kinds (`host`, `srflx`, `relay`, `prflx`) of the local and remote candidate of the pair
+    /// media is sent on; an address we were never told about is peer-reflexive.
+    pub fn selected_pair_kinds(&self) -> Option<(String, String)> {
+        let (src, dst) = self.last_route?;
+        let kind = |list: &[(std::net::SocketAddr, CandidateKind)], a| {
+            list.iter()
+                .find(|(addr, _)| *addr == a)
+                .map_or("prflx".to_owned(), |(_, k)| k.to_string())
+        };
+        Some((kind(&self.local_kinds, src), kind(&self.remote_kinds, dst)))
     }
 
     /// The codecs negotiated for sending, for the driver to pick a source format.

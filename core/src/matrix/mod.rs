@@ -80,7 +80,9 @@ pub(crate) enum MatrixEvent {
         peer: OwnedUserId,
     },
     /// Joining or creating a room was refused.
-    RoomRequestFailed { what: String },
+    RoomRequestFailed {
+        what: String,
+    },
 }
 
 /// One-off room requests (join an invite, create a direct room), sent one at a time.
@@ -484,13 +486,8 @@ impl MatrixClient {
         if !self.room_in_flight && self.room_backoff.ready(now) {
             if let Some(r) = self.room_requests.front() {
                 let built = match r.clone() {
-                    RoomRequest::Join(room_id) => {
-                        join_room_by_id::v3::Request::new(room_id).try_into_http_request::<Vec<u8>>(
-                            &self.base_url,
-                            auth,
-                            Self::versions(),
-                        )
-                    }
+                    RoomRequest::Join(room_id) => join_room_by_id::v3::Request::new(room_id)
+                        .try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions()),
                     RoomRequest::CreateDm(peer) => {
                         let mut req = create_room::v3::Request::new();
                         req.invite = vec![peer];
@@ -740,7 +737,8 @@ impl MatrixClient {
                         self.sync_backoff.succeed();
                         self.since = Some(r.next_batch.clone());
                         for (room_id, inviter) in Rooms::invites(&r, &self.user_id) {
-                            self.events.push_back(MatrixEvent::Invited { room_id, inviter });
+                            self.events
+                                .push_back(MatrixEvent::Invited { room_id, inviter });
                         }
                         for ev in self.rooms.apply_sync(&r) {
                             self.events.push_back(MatrixEvent::Timeline(ev));
@@ -825,7 +823,8 @@ impl MatrixClient {
                 self.room_backoff.succeed();
                 let r = self.room_requests.pop_front();
                 warn!(?r, "room request refused: {why}");
-                self.events.push_back(MatrixEvent::RoomRequestFailed { what: why });
+                self.events
+                    .push_back(MatrixEvent::RoomRequestFailed { what: why });
             }
             None => {
                 self.room_backoff.succeed();

@@ -69,7 +69,12 @@ impl Rooms {
     pub fn find_dm(&self, me: &OwnedUserId, peer: &OwnedUserId) -> Option<OwnedRoomId> {
         self.rooms
             .iter()
-            .find(|(_, r)| !r.public && r.member_count() == 2 && r.joined.contains(peer) && r.joined.contains(me))
+            .find(|(_, r)| {
+                !r.public
+                    && r.member_count() == 2
+                    && r.joined.contains(peer)
+                    && r.joined.contains(me)
+            })
             .map(|(id, _)| id.clone())
     }
 

@@ -382,7 +382,8 @@ impl Run {
             .opts
             .state_dir
             .as_deref()
-            .and_then(|d| SavedSession::load(d, &self.opts.homeserver, &self.opts.user)).map(|s| s.device_id.as_str().into());
+            .and_then(|d| SavedSession::load(d, &self.opts.homeserver, &self.opts.user))
+            .map(|s| s.device_id.as_str().into());
         match Agent::new(config, seed(), now, unix_ms()) {
             Ok(a) => self.agent = a,
             Err(e) => {
@@ -487,10 +488,11 @@ impl Run {
                 }
             }
             Phase::ShuttingDown { since }
-                if (self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH) => {
-                    let code = self.exit;
-                    self.finish(code);
-                }
+                if (self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH) =>
+            {
+                let code = self.exit;
+                self.finish(code);
+            }
             _ => {}
         }
     }
@@ -508,8 +510,10 @@ impl Run {
             "packets_received": c.packets_received,
             "bytes_sent": c.bytes_sent,
             "bytes_received": c.bytes_received,
-            "frames_sent": info.map_or(0, |i| i.frames_sent),
-            "frames_received": info.map_or(0, |i| i.frames_received),
+            "frames_sent": info.as_ref().map_or(0, |i| i.frames_sent),
+            "frames_received": info.as_ref().map_or(0, |i| i.frames_received),
+            "local_candidate": info.as_ref().and_then(|i| i.local_candidate.clone()),
+            "remote_candidate": info.as_ref().and_then(|i| i.remote_candidate.clone()),
             "video_frames_received": c.video_frames_received,
             "audio_frames_received": c.audio_frames_received,
         }));
