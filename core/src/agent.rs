@@ -13,10 +13,31 @@ use crate::dtls::SeededDtlsProvider;
 use crate::limits;
 use crate::matrix::{MatrixClient, MatrixEvent, RoomEvent, TurnServers};
 use crate::rng::{Rng, Str0mRng};
+use crate::stun::StunClient;
 use crate::types::{
     AgentConfig, AgentEvent, ApiError, CallDirection, CallId, CallPolicy, CallState, ConfigError,
     HangupReason, Input, OutgoingFrame, Output, Party,
 };
+
+/// The STUN server address of a `stun:`/`turn:` URI with an IP literal (`turn:1.2.3.4:3478?...`).
+fn stun_address(uri: &str) -> Option<std::net::SocketAddr> {
+    let rest = uri
+        .strip_prefix("stun:")
+        .or_else(|| uri.strip_prefix("turn:"))?;
+    if rest.contains("transport=tcp") {
+        return None;
+    }
+    let hostport = rest.split('?').next()?;
+    if let Ok(a) = hostport.parse() {
+        return Some(a);
+    }
+    let ip: std::net::IpAddr = hostport
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()?;
+    Some(std::net::SocketAddr::new(ip, 3478))
+}
 
 /// Candidates for a call id we have not seen yet.
 #[derive(Debug)]
@@ -52,6 +73,7 @@ pub struct Agent {
     orphans: BTreeMap<CallId, Orphans>,
     events: VecDeque<AgentEvent>,
     dropped_media_events: u64,
+    stun: StunClient,
     /// The latest `/voip/turnServer` answer (used by TURN allocation once it exists).
     turn_servers: Option<TurnServers>,
     now: Instant,
@@ -92,8 +114,13 @@ impl Agent {
             config.fetch_turn_servers,
             now,
         );
+        let mut stun = StunClient::default();
+        for server in &config.stun_servers {
+            stun.add_server(*server, &config.local_addrs, now, &mut rng);
+        }
         let setup = CallSetup {
             crypto,
+            reflexive: Vec::new(),
             local_addrs: config.local_addrs.clone(),
             video: config.video,
             audio: config.audio,
@@ -111,6 +138,7 @@ impl Agent {
             events: VecDeque::new(),
             dropped_media_events: 0,
             turn_servers: None,
+            stun,
             now,
             unix_anchor: (now, unix_ms),
         })
@@ -236,6 +264,17 @@ impl Agent {
                 contents,
             } => {
                 self.now = now;
+                // Answers to our own STUN requests first: str0m does not expect them.
+                if let Some(learned) = self.stun.handle_receive(source, destination, contents) {
+                    if let Some(r) = learned {
+                        self.setup.reflexive.push(r);
+                        self.push_event(AgentEvent::ReflexiveAddress {
+                            local: r.local,
+                            mapped: r.mapped,
+                        });
+                    }
+                    return;
+                }
                 let receive = match Receive::new(Protocol::Udp, source, destination, contents) {
                     Ok(r) => r,
                     Err(e) => {
@@ -283,6 +322,20 @@ impl Agent {
                 MatrixEvent::Timeline(ev) => self.on_room_event(ev),
                 MatrixEvent::TurnServers(t) => {
                     debug!(uris = t.uris.len(), ttl = ?t.ttl, "TURN credentials refreshed");
+                    for uri in &t.uris {
+                        match stun_address(uri) {
+                            Some(server) => {
+                                let now = self.now;
+                                self.stun.add_server(
+                                    server,
+                                    &self.config.local_addrs,
+                                    now,
+                                    &mut self.rng,
+                                )
+                            }
+                            None => debug!("TURN URI without an IP address is not probed for STUN"),
+                        }
+                    }
                     self.turn_servers = Some(t);
                 }
                 MatrixEvent::Invited { room_id, inviter } => {
@@ -734,10 +787,16 @@ impl Agent {
                 return Output::Event(e);
             }
         }
+        if let Some(t) = self.stun.poll_transmit(now) {
+            return Output::Transmit(t);
+        }
         if let Some((id, request)) = self.matrix.poll_request(now, &mut self.rng) {
             return Output::Http { id, request };
         }
         let mut next = self.matrix.poll_timeout();
+        if let Some(t) = self.stun.poll_timeout() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         for c in self.calls.values() {
             next = match (next, c.poll_timeout()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -751,5 +810,33 @@ impl Agent {
         // Never return a deadline in the past: the driver would spin.
         let at = next.unwrap_or(now + Duration::from_secs(3600)).max(now);
         Output::Timeout(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stun_address;
+
+    #[test]
+    fn stun_addresses_from_uris() {
+        assert_eq!(
+            stun_address("stun:127.0.0.1:3478"),
+            Some("127.0.0.1:3478".parse().unwrap())
+        );
+        assert_eq!(
+            stun_address("turn:192.0.2.1:3479?transport=udp"),
+            Some("192.0.2.1:3479".parse().unwrap())
+        );
+        assert_eq!(
+            stun_address("turn:[::1]:3478"),
+            Some("[::1]:3478".parse().unwrap())
+        );
+        assert_eq!(
+            stun_address("turn:192.0.2.1"),
+            Some("192.0.2.1:3478".parse().unwrap())
+        );
+        assert_eq!(stun_address("turn:192.0.2.1:3478?transport=tcp"), None);
+        assert_eq!(stun_address("turn:turn.example.org:3478"), None);
+        assert_eq!(stun_address("turns:192.0.2.1:5349"), None);
     }
 }

@@ -58,6 +58,7 @@ mod dtls;
 pub mod limits;
 pub(crate) mod matrix;
 mod rng;
+mod stun;
 mod types;
 
 #[cfg(feature = "fuzzing")]
@@ -65,6 +66,7 @@ pub mod fuzzing;
 
 pub use agent::{Agent, CallInfo};
 pub use matrix::TurnServers;
+pub use stun::Reflexive;
 pub use types::*;
 
 pub use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};

@@ -72,6 +72,9 @@ pub struct AgentConfig {
     pub audio: bool,
     /// Fetch `/voip/turnServer` and keep it fresh.
     pub fetch_turn_servers: bool,
+    /// STUN servers to learn server-reflexive addresses from (the homeserver's TURN URIs
+    /// with an IP address are used too).
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -92,6 +95,7 @@ impl AgentConfig {
             video: true,
             audio: true,
             fetch_turn_servers: true,
+            stun_servers: Vec::new(),
         }
     }
 }
@@ -329,6 +333,11 @@ pub enum AgentEvent {
     HomeserverReachable(bool),
     /// The first /sync finished: invites from now on ring.
     Synced,
+    /// A STUN server told us the public address of a local socket (offered as `srflx`).
+    ReflexiveAddress {
+        local: SocketAddr,
+        mapped: SocketAddr,
+    },
     /// A direct room asked for with `Agent::create_direct_room` exists.
     RoomCreated {
         room_id: OwnedRoomId,

@@ -39,6 +39,8 @@ common options of call and listen:
   --interface NAME         only use this interface (repeatable)
   --exclude-interface NAME never use this interface (repeatable)
   --port N                 local UDP port (default: any free port)
+  --stun HOST:PORT         STUN server for server-reflexive candidates (repeatable; the
+                           homeserver's TURN URIs with an IP address are probed too)
   --video-codec auto|h264|vp8   which test clip to send (default auto)
 secrets come from the environment only: CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN
 

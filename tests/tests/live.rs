@@ -606,3 +606,70 @@ fn call_without_room_or_peer_exits_2() {
     );
     assert_eq!(caller.wait_exit(EXIT), 2, "{}", caller.report());
 }
+
+/// A coturn started by a test (STUN only), killed by PID when dropped.
+struct Coturn(std::process::Child);
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
+    s.local_addr().expect("probe address").port()
+}
+
+#[test]
+fn stun_server_gives_each_socket_its_reflexive_address() {
+    if !in_loopback_namespace("stun_server_gives_each_socket_its_reflexive_address") {
+        return;
+    }
+    let live = Live::start("stun_server_gives_each_socket_its_reflexive_address");
+    let port = free_udp_port();
+    let coturn = std::process::Command::new("turnserver")
+        .args([
+            "-n",
+            "--listening-ip=127.0.0.1",
+            "--stun-only",
+            "--no-tls",
+            "--no-dtls",
+        ])
+        .arg(format!("--listening-port={port}"))
+        .args(["--no-cli", "--simple-log"])
+        .arg(format!(
+            "--log-file={}",
+            live.dir.join("turnserver.log").display()
+        ))
+        .arg(format!(
+            "--pidfile={}",
+            live.dir.join("turnserver.pid").display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
+    let _coturn = Coturn(coturn);
+    thread::sleep(Duration::from_millis(500));
+
+    let bob = live.user("bob");
+    let stun = format!("127.0.0.1:{port}");
+    let mut listener = live.listen(&bob, &["--stun", &stun]);
+    let learned = listener.wait_event("stun", Duration::from_secs(15));
+    // On loopback there is no NAT: the server sees the socket's own address.
+    assert_eq!(
+        learned.value["local"],
+        learned.value["mapped"],
+        "{}",
+        listener.report()
+    );
+    assert!(
+        learned.value["local"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{}",
+        listener.report()
+    );
+}

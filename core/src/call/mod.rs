@@ -97,6 +97,8 @@ pub(crate) enum CallAction {
 pub(crate) struct CallSetup {
     pub crypto: Arc<CryptoProvider>,
     pub local_addrs: Vec<std::net::SocketAddr>,
+    /// Server-reflexive addresses learned so far.
+    pub reflexive: Vec<crate::stun::Reflexive>,
     pub video: bool,
     pub audio: bool,
     pub lifetime: Duration,
@@ -417,7 +419,23 @@ impl Call {
                 Err(e) => warn!(call_id = %self.id, "local address not usable as candidate: {e}"),
             }
         }
-        // Host candidates are all we gather here: end-of-candidates follows them.
+        for r in setup.reflexive.iter().filter(|r| r.mapped != r.local) {
+            match Candidate::server_reflexive(r.mapped, r.local, "udp") {
+                Ok(c) => {
+                    if let Some(added) = self.rtc.add_local_candidate(c) {
+                        self.local_kinds.push((added.addr(), added.kind()));
+                        let line = added.to_sdp_string();
+                        if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
+                            || self.local_candidates.push_back(Some(line)).is_err()
+                        {
+                            warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
+                        }
+                    }
+                }
+                Err(e) => warn!(call_id = %self.id, "reflexive address not usable: {e}"),
+            }
+        }
+        // Host and server-reflexive candidates are known up front: end-of-candidates follows.
         if self.local_candidates.push_back(None).is_err() {
             warn!(call_id = %self.id, "no room for end-of-candidates");
         }

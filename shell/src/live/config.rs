@@ -37,6 +37,8 @@ pub struct FileConfig {
     pub port: Option<u16>,
     pub room: Option<String>,
     pub to: Option<String>,
+    /// STUN servers as `host:port`.
+    pub stun: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -88,6 +90,7 @@ pub struct LiveOptions {
     pub exclude_interfaces: Vec<String>,
     pub video: VideoChoice,
     pub port: u16,
+    pub stun: Vec<String>,
 }
 
 fn next_value(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, ConfigError> {
@@ -175,6 +178,10 @@ pub fn parse(
                         .map_err(|_| ConfigError(format!("--port: {v:?} is not a port")))?,
                 );
             }
+            "--stun" => file
+                .stun
+                .get_or_insert_with(Vec::new)
+                .push(next_value(&mut it, &a)?),
             "--json" => json = true,
             other => return Err(ConfigError(format!("unknown option {other:?}"))),
         }
@@ -251,6 +258,7 @@ pub fn parse(
         exclude_interfaces: file.exclude_interfaces.unwrap_or_default(),
         video: parse_video(file.video_codec.as_deref().unwrap_or("auto"))?,
         port: file.port.unwrap_or(0),
+        stun: file.stun.unwrap_or_default(),
     })
 }
 

@@ -338,6 +338,9 @@ impl Run {
                     self.first_media.entry(f.call_id).or_insert(d);
                 }
             }
+            AgentEvent::ReflexiveAddress { local, mapped } => {
+                self.print(json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}));
+            }
             AgentEvent::KeyframeRequested { call_id } => {
                 if let Some(m) = self.media.get_mut(&call_id) {
                     m.keyframe_requested();
@@ -563,6 +566,20 @@ impl Run {
     }
 }
 
+/// Resolves `host:port` STUN servers (DNS is the shell's job; the core takes addresses).
+fn resolve_stun(servers: &[String]) -> Vec<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let mut out = Vec::new();
+    for s in servers {
+        let s = s.strip_prefix("stun:").unwrap_or(s);
+        match s.to_socket_addrs() {
+            Ok(addrs) => out.extend(addrs),
+            Err(e) => warn!("STUN server {s}: {e}"),
+        }
+    }
+    out
+}
+
 fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentials) -> AgentConfig {
     let mut config = AgentConfig::new(
         opts.homeserver.clone(),
@@ -580,6 +597,7 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
         } => CallPolicy::Allow(vec![u.clone()]),
         Mode::Call { .. } => CallPolicy::Allow(Vec::new()),
     };
+    config.stun_servers = resolve_stun(&opts.stun);
     config
 }
 
