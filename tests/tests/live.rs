@@ -673,3 +673,106 @@ fn stun_server_gives_each_socket_its_reflexive_address() {
         listener.report()
     );
 }
+
+/// `GET path` on the homeserver with a bearer token; the JSON body.
+fn get_json(base_url: &str, path: &str, token: &str) -> Value {
+    use std::io::{Read, Write};
+    let hostport = base_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(hostport).expect("connect to Synapse");
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .expect("send request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read answer");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON from {path}: {e}: {text}"))
+}
+
+#[test]
+fn restart_reuses_the_saved_device() {
+    if !in_loopback_namespace("restart_reuses_the_saved_device") {
+        return;
+    }
+    let live = Live::start("restart_reuses_the_saved_device");
+    let bob = live.user("bob");
+    let session_file = live.dir.join("bob-state").join("session.json");
+    let mut devices_seen = Vec::new();
+    for run in 0..2 {
+        let mut listener = live.listen(&bob, &[]);
+        listener.wait_event("ready", READY);
+        listener.terminate();
+        assert_eq!(
+            listener.wait_exit(EXIT),
+            0,
+            "run {run}: {}",
+            listener.report()
+        );
+        let session: Value = serde_json::from_str(
+            &std::fs::read_to_string(&session_file).expect("session.json written"),
+        )
+        .expect("session.json is JSON");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&session_file)
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "session.json must be private, mode {mode:o}"
+            );
+        }
+        devices_seen.push(session["device_id"].as_str().unwrap_or_default().to_owned());
+        let devices = get_json(
+            &live.hs.base_url,
+            "/_matrix/client/v3/devices",
+            session["access_token"].as_str().unwrap_or_default(),
+        );
+        // (Registering the user made a device of its own, without a display name.)
+        let ours = devices["devices"].as_array().map(|d| {
+            d.iter()
+                .filter(|d| d["display_name"] == "call-assist")
+                .count()
+        });
+        assert_eq!(
+            ours,
+            Some(1),
+            "run {run}: one call-assist device, got {devices}"
+        );
+        // The password never reaches the logs.
+        assert!(
+            !listener.report().contains(&bob.password),
+            "password in the output"
+        );
+    }
+    assert_eq!(
+        devices_seen[0], devices_seen[1],
+        "the second run reused the device"
+    );
+    assert!(!devices_seen[0].is_empty());
+}
+
+#[test]
+fn sigterm_hangs_up_the_active_call() {
+    if !in_loopback_namespace("sigterm_hangs_up_the_active_call") {
+        return;
+    }
+    let live = Live::start("sigterm_hangs_up_the_active_call");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "600"]);
+    caller.wait_state("connected", CONNECT);
+    caller.terminate();
+    assert_eq!(caller.wait_exit(EXIT), 0, "{}", caller.report());
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+    let end = ended(&bob);
+    assert_eq!(end["reason"], "user_hangup", "{}", bob.report());
+    assert_eq!(end["by"], "remote", "{}", bob.report());
+}

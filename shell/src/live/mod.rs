@@ -774,10 +774,12 @@ async fn run_async(opts: LiveOptions) -> u8 {
                 if matches!(run.phase, Phase::ShuttingDown { .. }) {
                     run.finish(run.exit);
                 } else {
-                    let code = if run.connected.values().any(|c| *c) {
-                        exit::OK
-                    } else {
-                        exit::NOT_CONNECTED
+                    // Stopping a listener is its normal end; a caller stopped before it
+                    // connected did not get its call through.
+                    let code = match run.opts.mode {
+                        Mode::Listen { .. } => exit::OK,
+                        Mode::Call { .. } if run.connected.values().any(|c| *c) => exit::OK,
+                        Mode::Call { .. } => exit::NOT_CONNECTED,
                     };
                     run.begin_shutdown(now, code);
                 }
