@@ -184,6 +184,16 @@ impl Agent {
             .and_then(|r| r.other_member(self.matrix.user_id()))
     }
 
+    /// Adds STUN servers (e.g. the driver resolved the host names of the homeserver's TURN
+    /// URIs); each is probed from every local address of its IP family.
+    pub fn add_stun_servers(&mut self, servers: &[std::net::SocketAddr], now: Instant) {
+        self.now = now;
+        for s in servers {
+            self.stun
+                .add_server(*s, &self.config.local_addrs, now, &mut self.rng);
+        }
+    }
+
     /// The TURN servers and credentials from the homeserver, once fetched.
     pub fn turn_servers(&self) -> Option<&TurnServers> {
         self.turn_servers.as_ref()

@@ -265,9 +265,19 @@ pub struct Synapse {
 impl Synapse {
     /// Starts a fresh Synapse in `<dir>/synapse` on a free port.
     pub fn start(dir: &Path) -> Synapse {
+        Self::start_with(dir, &[])
+    }
+
+    /// As [`Synapse::start`], with more `synapse.py start` options (`--turn-uri`, ...).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Synapse {
         let venv = venv();
         let dir = dir.join("synapse");
-        let info = synapse_py(&dir, &["start", "--venv", &path_str(&venv), "--port", "0"]);
+        let mut args = vec!["start", "--venv"];
+        let venv_s = path_str(&venv);
+        args.push(&venv_s);
+        args.extend(["--port", "0"]);
+        args.extend(extra);
+        let info = synapse_py(&dir, &args);
         let info: Value = serde_json::from_str(info.trim())
             .unwrap_or_else(|e| panic!("synapse.py start printed {info:?}: {e}"));
         let base_url = info["base_url"]

@@ -617,18 +617,7 @@ impl Drop for Coturn {
     }
 }
 
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
-    s.local_addr().expect("probe address").port()
-}
-
-#[test]
-fn stun_server_gives_each_socket_its_reflexive_address() {
-    if !in_loopback_namespace("stun_server_gives_each_socket_its_reflexive_address") {
-        return;
-    }
-    let live = Live::start("stun_server_gives_each_socket_its_reflexive_address");
-    let port = free_udp_port();
+fn start_stun_server(dir: &std::path::Path, port: u16) -> Coturn {
     let coturn = std::process::Command::new("turnserver")
         .args([
             "-n",
@@ -641,18 +630,33 @@ fn stun_server_gives_each_socket_its_reflexive_address() {
         .args(["--no-cli", "--simple-log"])
         .arg(format!(
             "--log-file={}",
-            live.dir.join("turnserver.log").display()
+            dir.join("turnserver.log").display()
         ))
         .arg(format!(
             "--pidfile={}",
-            live.dir.join("turnserver.pid").display()
+            dir.join("turnserver.pid").display()
         ))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
-    let _coturn = Coturn(coturn);
     thread::sleep(Duration::from_millis(500));
+    Coturn(coturn)
+}
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
+    s.local_addr().expect("probe address").port()
+}
+
+#[test]
+fn stun_server_gives_each_socket_its_reflexive_address() {
+    if !in_loopback_namespace("stun_server_gives_each_socket_its_reflexive_address") {
+        return;
+    }
+    let live = Live::start("stun_server_gives_each_socket_its_reflexive_address");
+    let port = free_udp_port();
+    let _coturn = start_stun_server(&live.dir, port);
 
     let bob = live.user("bob");
     let stun = format!("127.0.0.1:{port}");
@@ -775,4 +779,42 @@ fn sigterm_hangs_up_the_active_call() {
     let end = ended(&bob);
     assert_eq!(end["reason"], "user_hangup", "{}", bob.report());
     assert_eq!(end["by"], "remote", "{}", bob.report());
+}
+
+#[test]
+fn homeserver_turn_uri_with_a_host_name_is_probed_for_stun() {
+    if !in_loopback_namespace("homeserver_turn_uri_with_a_host_name_is_probed_for_stun") {
+        return;
+    }
+    let dir = test_dir("homeserver_turn_uri_with_a_host_name_is_probed_for_stun");
+    let port = free_udp_port();
+    let _coturn = start_stun_server(&dir, port);
+    // A host name, as homeservers usually hand out: the shell resolves it, the core probes it.
+    let uri = format!("turn:localhost:{port}?transport=udp");
+    let hs = Synapse::start_with(&dir, &["--turn-uri", &uri, "--turn-secret", "s3cret"]);
+    let bob = User {
+        localpart: "bob".into(),
+        id: hs.register("bob", "bob-pw"),
+        password: "bob-pw".into(),
+    };
+    let mut listener = agent(
+        &dir,
+        "bob",
+        &hs.base_url,
+        &bob.id,
+        &bob.password,
+        "listen",
+        &[],
+    );
+    let learned = listener.wait_event("stun", Duration::from_secs(20));
+    assert_eq!(
+        learned.value["local"],
+        learned.value["mapped"],
+        "{}",
+        listener.report()
+    );
+    assert!(
+        !listener.report().contains("s3cret"),
+        "TURN secret in the output"
+    );
 }

@@ -58,6 +58,7 @@ enum Msg {
         response: Result<http::Response<Vec<u8>>, HttpFailure>,
     },
     Shutdown,
+    StunServers(Vec<SocketAddr>),
 }
 
 fn unix_ms() -> u64 {
@@ -171,6 +172,8 @@ struct Run {
     unreachable_since: Option<Instant>,
     synced: bool,
     next_stats: Instant,
+    /// The homeserver's TURN URIs whose host names were last resolved.
+    turn_uris_seen: Vec<String>,
     password_fallback: Option<call_assist_core::Secret>,
 }
 
@@ -464,6 +467,7 @@ impl Run {
             info!(%call_id, "hanging up");
             let _ = self.agent.hangup(&call_id, now);
         }
+        self.resolve_turn_hosts();
         if now >= self.next_stats {
             self.next_stats = now + Duration::from_secs(1);
             self.print_stats();
@@ -498,6 +502,27 @@ impl Run {
             }
             _ => {}
         }
+    }
+
+    /// When the homeserver's TURN URIs change, resolves their host names off the loop.
+    fn resolve_turn_hosts(&mut self) {
+        let Some(uris) = self.agent.turn_servers().map(|t| t.uris.clone()) else {
+            return;
+        };
+        if uris == self.turn_uris_seen {
+            return;
+        }
+        self.turn_uris_seen = uris.clone();
+        let hosts = named_stun_hosts(&uris);
+        if hosts.is_empty() {
+            return;
+        }
+        let tx = self.tx.clone();
+        smol::spawn(async move {
+            let addrs = smol::unblock(move || resolve_stun(&hosts)).await;
+            let _ = tx.send(Msg::StunServers(addrs)).await;
+        })
+        .detach();
     }
 
     fn print_stats(&self) {
@@ -564,6 +589,24 @@ impl Run {
             "calls": self.ended,
         })
     }
+}
+
+/// `host:port` of the homeserver's `stun:`/`turn:` URIs over UDP whose host is a name (the
+/// core probes IP literals itself; names need DNS, which is the shell's job).
+fn named_stun_hosts(uris: &[String]) -> Vec<String> {
+    uris.iter()
+        .filter_map(|u| u.strip_prefix("stun:").or_else(|| u.strip_prefix("turn:")))
+        .filter(|rest| !rest.contains("transport=tcp"))
+        .filter_map(|rest| rest.split('?').next())
+        .filter(|hp| hp.parse::<SocketAddr>().is_err() && hp.parse::<IpAddr>().is_err())
+        .map(|hp| {
+            if hp.contains(':') {
+                hp.to_owned()
+            } else {
+                format!("{hp}:3478")
+            }
+        })
+        .collect()
 }
 
 /// Resolves `host:port` STUN servers (DNS is the shell's job; the core takes addresses).
@@ -732,6 +775,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
         unreachable_since: None,
         synced: false,
         next_stats: now + Duration::from_secs(1),
+        turn_uris_seen: Vec::new(),
         password_fallback,
     };
     run.say(&format!(
@@ -784,6 +828,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
                     run.begin_shutdown(now, code);
                 }
             }
+            Some(Ok(Msg::StunServers(addrs))) => run.agent.add_stun_servers(&addrs, now),
             Some(Err(_)) => break,
         }
     }
@@ -798,4 +843,28 @@ async fn run_async(opts: LiveOptions) -> u8 {
         );
     }
     run.exit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::named_stun_hosts;
+
+    #[test]
+    fn only_named_udp_hosts_need_dns() {
+        let uris = [
+            "turn:turn.example.org:3478?transport=udp",
+            "turn:turn.example.org:3478?transport=tcp",
+            "turn:192.0.2.1:3478?transport=udp",
+            "stun:stun.example.org",
+            "turns:turn.example.org:5349",
+        ]
+        .map(String::from);
+        assert_eq!(
+            named_stun_hosts(&uris),
+            vec![
+                "turn.example.org:3478".to_owned(),
+                "stun.example.org:3478".to_owned()
+            ]
+        );
+    }
 }
