@@ -5,3 +5,4 @@ pub mod demo;
 pub mod live;
 pub mod media;
 pub mod sim;
+pub mod sweep;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use call_assist::demo::{self, DemoOptions};
 use call_assist::live;
+use call_assist::sweep;
 
 const USAGE: &str = "\
 usage: call-assist <command> [options]
@@ -20,6 +21,10 @@ commands:
           --latency-ms N   one-way latency of the media path (default 20)
           --duration-s N   how long the call stays up once connected (default 5)
           --json           print one JSON object as the last line
+  sweep   many seeds of a call across fault profiles in the simulator; prints a table
+          --seeds N        seeds per profile (default 84: 12 profiles, 1008 runs)
+          --first-seed N   (default 1)   --json   one JSON line per profile
+          exits 1 if any run panicked or left a call without an end
   call    place a video call, stay connected, hang up
           --homeserver URL --user @me:server (--room ROOM_ID | --to @peer:server)
           [--duration-s N (default 10)] [--json] [common options]
@@ -148,6 +153,64 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        "sweep" => {
+            let mut seeds = 84u64;
+            let mut first = 1u64;
+            let mut json = false;
+            let mut args = args;
+            while let Some(a) = args.next() {
+                let r = match a.as_str() {
+                    "--seeds" => value(&mut args, "--seeds").map(|v| seeds = v),
+                    "--first-seed" => value(&mut args, "--first-seed").map(|v| first = v),
+                    "--json" => {
+                        json = true;
+                        Ok(())
+                    }
+                    other => Err(UsageError(format!("unknown option {other:?}"))),
+                };
+                if let Err(UsageError(e)) = r {
+                    eprintln!("error: {e}\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            }
+            init_logs(true);
+            if !json {
+                println!(
+                    "{:<22} {:>5} {:>10} {:>12} {:>6} {:>7} {:>8} {:>8}",
+                    "profile",
+                    "runs",
+                    "connected",
+                    "ended+reason",
+                    "stuck",
+                    "panics",
+                    "p50 ms",
+                    "p95 ms"
+                );
+            }
+            let reports = sweep::sweep(seeds, first, |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    let ms = |m: Option<u64>| m.map_or("-".to_owned(), |m| m.to_string());
+                    println!(
+                        "{:<22} {:>5} {:>9.1}% {:>11.1}% {:>6} {:>7} {:>8} {:>8}",
+                        r.profile,
+                        r.runs,
+                        r.connected_pct,
+                        r.ended_with_reason_pct,
+                        r.stuck,
+                        r.panics,
+                        ms(r.setup_p50_ms),
+                        ms(r.setup_p95_ms)
+                    );
+                }
+            });
+            if reports.iter().any(|r| r.stuck > 0 || r.panics > 0) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             }
         }
         "call" | "listen" => {

@@ -76,6 +76,15 @@ impl SimAgent {
         })
     }
 
+    /// Whether this agent ever had the call (placed it or saw it ring).
+    pub fn incoming_or_placed(&self, call_id: &str) -> bool {
+        self.events.iter().any(|(_, e)| match e {
+            AgentEvent::IncomingCall { call_id: c, .. } => c == call_id,
+            AgentEvent::CallStateChanged { call_id: c, .. } => c == call_id,
+            _ => false,
+        })
+    }
+
     /// Call ids this agent saw ringing.
     pub fn incoming_calls(&self) -> Vec<String> {
         self.events
@@ -196,6 +205,19 @@ impl World {
         self.hs.create_room(&refs, false, unix)
     }
 
+    /// Every agent's wall clock jumps by `delta_ms` (forward or back), as an NTP step or a
+    /// bad RTC would do; the homeserver keeps the true time.
+    pub fn jump_agent_clocks(&mut self, delta_ms: i64) {
+        let now = self.now;
+        let unix_ms = self.unix_ms().saturating_add_signed(delta_ms);
+        for i in 0..self.agents.len() {
+            self.agents[i]
+                .agent
+                .handle_input(Input::UnixTime { now, unix_ms });
+            self.drain(i);
+        }
+    }
+
     pub fn agent(&mut self, i: usize) -> &mut SimAgent {
         &mut self.agents[i]
     }
@@ -224,22 +246,34 @@ impl World {
     }
 
     /// Drains agent `i` until it waits.
+    ///
+    /// Datagrams of one drain all leave at one instant; str0m may order them differently from
+    /// run to run (HashMap order), so they enter the network sorted by their first bytes, which
+    /// are deterministic for every protocol here (RTP/RTCP headers, DTLS record headers with
+    /// their sequence numbers, STUN headers with their transaction ids).
     fn drain(&mut self, i: usize) {
+        let mut datagrams = Vec::new();
         loop {
             let out = self.agents[i].agent.poll_output();
             match out {
                 Output::Timeout(at) => {
                     self.agents[i].timeout = Some(at);
+                    datagrams.sort_by(|a: &Datagram, b: &Datagram| {
+                        let key = |d: &Datagram| {
+                            (d.destination, d.contents.get(..16).map(<[u8]>::to_vec))
+                        };
+                        key(a).cmp(&key(b))
+                    });
+                    for d in datagrams {
+                        self.net.send(self.now, d);
+                    }
                     return;
                 }
-                Output::Transmit(t) => self.net.send(
-                    self.now,
-                    Datagram {
-                        source: t.source,
-                        destination: t.destination,
-                        contents: t.contents,
-                    },
-                ),
+                Output::Transmit(t) => datagrams.push(Datagram {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents,
+                }),
                 Output::Http { id, request } => {
                     let ticket = self.next_ticket;
                     self.next_ticket += 1;
