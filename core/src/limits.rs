@@ -59,7 +59,8 @@ pub const ICE_DISCONNECTED_TIMEOUT: Duration = Duration::from_secs(30);
 /// Long-poll timeout asked of /sync.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request without an answer after this (plus the sync timeout for /sync) counts as failed.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The fault sweep's "homeserver hangs" profile did not connect in 60 s with 20 s here.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry backoff for homeserver requests: first delay, cap (doubling, +-20 % seeded jitter).
 pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(8);
