@@ -34,3 +34,29 @@ pub fn sdp(data: &[u8]) {
     }
     let _ = str0m::Candidate::from_sdp_string(text);
 }
+
+/// A whole `/sync` answer body: parsed with ruma, applied to the room state, every call
+/// event in it parsed.
+pub fn sync_response(data: &[u8]) {
+    use ruma::api::client::sync::sync_events;
+    use ruma::api::IncomingResponseExt;
+    let response = http::Response::new(data);
+    let Ok(sync) = sync_events::v3::Response::try_from_http_response(response) else {
+        return;
+    };
+    let mut rooms = crate::matrix::Rooms::default();
+    for ev in rooms.apply_sync(&sync) {
+        let _ = signal::parse(&ev.event_type, &ev.content);
+    }
+    let me: ruma::OwnedUserId = match "@fuzz:example.org".try_into() {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    let _ = crate::matrix::Rooms::invites(&sync, &me);
+}
+
+/// A datagram offered to the STUN client as the answer to its request.
+pub fn stun_answer(data: &[u8]) {
+    let txn = [0x42u8; 12];
+    let _ = crate::stun::parse_binding_success(data, &txn);
+}
