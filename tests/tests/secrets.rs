@@ -56,19 +56,30 @@ fn secrets_never_appear_in_logs_at_trace_level() {
                 _ => None,
             })
             .collect();
-        assert!(world.agents[caller].agent.turn_servers().is_some(), "TURN credentials fetched");
+        assert!(
+            world.agents[caller].agent.turn_servers().is_some(),
+            "TURN credentials fetched"
+        );
         (tokens, world.trace.len())
     });
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(trace_len > 0);
-    assert!(logs.len() > 10_000, "trace-level logs were captured ({} bytes)", logs.len());
+    assert!(
+        logs.len() > 10_000,
+        "trace-level logs were captured ({} bytes)",
+        logs.len()
+    );
     assert_eq!(tokens.len(), 2);
-    for secret in tokens
-        .iter()
-        .map(String::as_str)
-        .chain(["pw-alice", "pw-bob", "TURN-PASSWORD-d41d8cd9"])
+    for secret in
+        tokens
+            .iter()
+            .map(String::as_str)
+            .chain(["pw-alice", "pw-bob", "TURN-PASSWORD-d41d8cd9"])
     {
         assert!(!secret.is_empty());
-        assert!(!logs.contains(secret), "secret {secret:?} found in the logs");
+        assert!(
+            !logs.contains(secret),
+            "secret {secret:?} found in the logs"
+        );
     }
 }

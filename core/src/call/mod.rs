@@ -832,7 +832,8 @@ impl Call {
                     warn!(call_id = %self.id, "ICE disconnected for {:?}", limits::ICE_DISCONNECTED_TIMEOUT);
                     self.hangup(HangupReason::IceTimeout, now);
                 }
-                Timer::Forget => self.timers.set(Timer::Forget, now),
+                // Cleared by take_due: the agent now drops the call (`is_forgettable`).
+                Timer::Forget => {}
             }
         }
         if self.state != CallState::Ended && self.rtc_deadline.is_some_and(|d| d <= now) {

@@ -217,6 +217,19 @@ pub struct SimHomeserver {
     next_token: u64,
     next_room: u64,
     served: u64,
+    /// Rewrites the content of events clients send (an attacker between client and server).
+    tamper: Option<TamperFn>,
+}
+
+/// See [`SimHomeserver::set_tamper`].
+pub type Tamper = Box<dyn FnMut(&str, &mut Value)>;
+
+struct TamperFn(Tamper);
+
+impl std::fmt::Debug for TamperFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tamper")
+    }
 }
 
 impl SimHomeserver {
@@ -251,6 +264,7 @@ impl SimHomeserver {
             next_token: 0,
             next_room: 0,
             served: 0,
+            tamper: None,
         }
     }
 
@@ -363,6 +377,12 @@ impl SimHomeserver {
     // ---- faults ----
 
     /// Added to every answer (default 5 ms).
+    /// Every event a client sends passes through `f(event_type, content)` before it is stored:
+    /// for tests of what a man in the middle (or a broken client) can do.
+    pub fn set_tamper(&mut self, f: Tamper) {
+        self.tamper = Some(TamperFn(f));
+    }
+
     pub fn set_latency(&mut self, d: Duration) {
         self.latency = d;
     }
@@ -871,7 +891,10 @@ impl SimHomeserver {
         if let Some(event_id) = self.txns.get(&key) {
             return Ok(json!({ "event_id": event_id }));
         }
-        let content = Value::Object(parse_object(cx.body)?);
+        let mut content = Value::Object(parse_object(cx.body)?);
+        if let Some(TamperFn(tamper)) = self.tamper.as_mut() {
+            tamper(ty, &mut content);
+        }
         let event = StoredEvent::new(&key.0 .0, ty, None, content, cx.unix_ms);
         let event = StoredEvent {
             txn: Some(key.clone()),

@@ -1,0 +1,187 @@
+//! Hostile and broken input: nothing a peer or a homeserver sends may crash the agent, wedge a
+//! call or get media through without the right DTLS keys.
+
+use std::time::Duration;
+
+use call_assist::sim::world::{World, WorldConfig};
+use call_assist_core::{AgentEvent, CallPolicy, CallState};
+use serde_json::{json, Value};
+
+fn world(seed: u64) -> (World, usize, usize) {
+    let mut world = World::new(WorldConfig {
+        seed,
+        ..WorldConfig::default()
+    });
+    let caller = world.add_agent("caller", "alice", CallPolicy::Anyone);
+    let callee = world.add_agent("callee", "bob", CallPolicy::Anyone);
+    world.agent(callee).auto_answer = true;
+    (world, caller, callee)
+}
+
+/// Flips the first hex digit of every `a=fingerprint:` line of an SDP.
+fn spoil_fingerprint(sdp: &str) -> String {
+    sdp.split("\r\n")
+        .map(|l| match l.strip_prefix("a=fingerprint:sha-256 ") {
+            Some(fp) => {
+                let flipped = if fp.starts_with('A') { "B" } else { "A" };
+                format!("a=fingerprint:sha-256 {flipped}{}", &fp[1..])
+            }
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+#[test]
+fn peer_whose_dtls_fingerprint_does_not_match_its_sdp_never_exchanges_media() {
+    let (mut world, caller, callee) = world(21);
+    world.hs.set_tamper(Box::new(|ty, content: &mut Value| {
+        if ty == "m.call.invite" {
+            if let Some(sdp) = content["offer"]["sdp"].as_str() {
+                assert!(
+                    sdp.contains("a=fingerprint:sha-256 "),
+                    "offer carries a fingerprint"
+                );
+                content["offer"]["sdp"] = json!(spoil_fingerprint(sdp));
+            }
+        }
+    }));
+    let room = world.create_room(&[caller, callee]);
+    assert!(world.run_until_synced());
+    let call_id = world.place_call(caller, &room);
+    let ended = world.run_until(Duration::from_secs(60), |w| {
+        w.agents[caller].ended_reason(&call_id).is_some()
+            && w.agents[callee].ended_reason(&call_id).is_some()
+    });
+    assert!(ended, "the call ends by itself");
+    assert!(
+        world.agents[callee].incoming_calls().contains(&call_id),
+        "the invite did ring"
+    );
+    for a in [caller, callee] {
+        assert_eq!(
+            world.agents[a].stats.frames_received, 0,
+            "{} received media",
+            world.agents[a].name
+        );
+        assert!(
+            !world.agents[a].reached(&call_id, CallState::Connected),
+            "{} connected",
+            world.agents[a].name
+        );
+    }
+}
+
+#[test]
+fn invite_in_a_public_room_is_not_rung() {
+    let (mut world, caller, callee) = world(22);
+    let users = [
+        world.agents[caller].user_id.clone(),
+        world.agents[callee].user_id.clone(),
+    ];
+    let refs: Vec<&call_assist_core::UserId> = users.iter().map(|u| u.as_ref()).collect();
+    let unix = world.unix_ms();
+    let public_room = world.hs.create_room(&refs, true, unix);
+    assert!(world.run_until_synced());
+    let call_id = world.place_call(caller, &public_room);
+    world.run_for(Duration::from_secs(5));
+    assert!(
+        world.agents[callee].incoming_calls().is_empty(),
+        "rang in a public room"
+    );
+    assert!(!world.agents[caller].reached(&call_id, CallState::Connected));
+}
+
+#[test]
+fn replayed_invite_is_not_rung_again() {
+    let (mut world, caller, callee) = world(23);
+    let room = world.create_room(&[caller, callee]);
+    assert!(world.run_until_synced());
+    let call_id = world.place_call(caller, &room);
+    assert!(
+        world.run_until(Duration::from_secs(10), |w| w.agents[callee]
+            .reached(&call_id, CallState::Connected))
+    );
+    let _ = world.with_agent(caller, |a, now| a.hangup(&call_id, now));
+    world.run_for(Duration::from_secs(2));
+    let invite = world
+        .hs
+        .room_events(&room)
+        .into_iter()
+        .find(|e| e["type"] == "m.call.invite")
+        .expect("the invite is stored");
+    let alice = world.agents[caller].user_id.clone();
+    let ts = invite["origin_server_ts"].as_u64().unwrap();
+    // Right after the call, and again once the ended call is forgotten (its age then tells).
+    for wait in [Duration::ZERO, Duration::from_secs(130)] {
+        world.run_for(wait);
+        world.hs.inject_event(
+            &room,
+            &alice,
+            "m.call.invite",
+            invite["content"].clone(),
+            ts,
+        );
+        world.run_for(Duration::from_secs(3));
+        assert_eq!(
+            world.agents[callee].incoming_calls().len(),
+            1,
+            "replay rang after {wait:?}"
+        );
+    }
+}
+
+#[test]
+fn a_flood_of_candidates_is_cut_off_and_the_call_goes_on() {
+    let (mut world, caller, callee) = world(24);
+    let room = world.create_room(&[caller, callee]);
+    assert!(world.run_until_synced());
+    let call_id = world.place_call(caller, &room);
+    assert!(
+        world.run_until(Duration::from_secs(10), |w| w.agents[caller]
+            .reached(&call_id, CallState::Connected))
+    );
+    let bob = world.agents[callee].user_id.clone();
+    let bob_party = world.agents[callee].agent.party_id().to_owned();
+    let unix = world.unix_ms();
+    for batch in 0..50 {
+        let candidates: Vec<Value> = (0..40)
+            .map(|i| json!({"candidate": format!("candidate:{batch}{i} 1 udp 2130706431 198.51.100.{} {} typ host", i + 1, 10000 + batch), "sdpMid": "0", "sdpMLineIndex": 0}))
+            .collect();
+        world.hs.inject_event(
+            &room,
+            &bob,
+            "m.call.candidates",
+            json!({"call_id": call_id, "party_id": bob_party, "version": "1", "candidates": candidates}),
+            unix,
+        );
+    }
+    let before = world.agents[caller].stats.frames_received;
+    world.run_for(Duration::from_secs(5));
+    assert!(
+        world.agents[caller].stats.frames_received > before + 100,
+        "media stopped"
+    );
+    assert!(
+        world.agents[caller].ended_reason(&call_id).is_none(),
+        "the flood ended the call"
+    );
+    assert!(world.agents[caller].agent.outbox_len() < 4, "outbox grew");
+    // The flood reached the agent (2000 candidates) and nothing answered it in kind.
+    let sent_candidates = world
+        .hs
+        .room_events(&room)
+        .iter()
+        .filter(|e| {
+            e["type"] == "m.call.candidates" && e["sender"] == world.agents[caller].user_id.as_str()
+        })
+        .count();
+    assert!(
+        sent_candidates <= 2,
+        "caller sent {sent_candidates} candidate events"
+    );
+    assert!(world.agents[caller]
+        .events
+        .iter()
+        .all(|(_, e)| !matches!(e, AgentEvent::CallEnded { .. })));
+}
