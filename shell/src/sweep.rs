@@ -192,6 +192,8 @@ fn run_inner(p: &Profile, seed: u64) -> RunResult {
             .iter()
             .all(|a| a.ended_reason(&call_id).is_some() || !a.incoming_or_placed(&call_id))
     });
+    // Both agents stay healthy long after the call (ended calls are forgotten at 120 s).
+    world.run_for(Duration::from_secs(150));
     let setup_ms = world.agents[caller]
         .first_media
         .get(&call_id)

@@ -70,14 +70,13 @@ impl Timers {
     fn next(&self) -> Option<Instant> {
         self.0.iter().flatten().min().copied()
     }
-    /// The first timer due at `now`, cleared.
-    fn take_due(&mut self, now: Instant) -> Option<Timer> {
-        let t = TIMERS
-            .iter()
-            .copied()
-            .find(|t| self.get(*t).is_some_and(|at| at <= now))?;
-        self.stop(t);
-        Some(t)
+    /// Whether `t` is due at `now`; if so it is cleared.
+    fn take_if_due(&mut self, t: Timer, now: Instant) -> bool {
+        let due = self.get(t).is_some_and(|at| at <= now);
+        if due {
+            self.stop(t);
+        }
+        due
     }
 }
 
@@ -812,7 +811,12 @@ impl Call {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(t) = self.timers.take_due(now) {
+        // Each timer fires at most once per input, so a timer re-armed for `now` can never
+        // spin inside the core.
+        for t in TIMERS {
+            if !self.timers.take_if_due(t, now) {
+                continue;
+            }
             debug!(call_id = %self.id, timer = ?t, "call timer fired");
             match t {
                 Timer::CandidateFlush => self.flush_candidates(now),
@@ -832,7 +836,7 @@ impl Call {
                     warn!(call_id = %self.id, "ICE disconnected for {:?}", limits::ICE_DISCONNECTED_TIMEOUT);
                     self.hangup(HangupReason::IceTimeout, now);
                 }
-                // Cleared by take_due: the agent now drops the call (`is_forgettable`).
+                // Cleared above: the agent now drops the call (`is_forgettable`).
                 Timer::Forget => {}
             }
         }

@@ -125,7 +125,13 @@ pub struct World {
     pub trace: Vec<TraceLine>,
     next_ticket: Ticket,
     tickets: BTreeMap<Ticket, usize>,
+    /// Steps taken without the clock moving: a part that keeps asking to be woken "now"
+    /// without doing anything would spin forever; the world stops it loudly instead.
+    steps_at_instant: u32,
 }
+
+/// More steps than this at one instant is a livelock (a timer that re-arms at `now`).
+const MAX_STEPS_AT_ONE_INSTANT: u32 = 100_000;
 
 impl World {
     pub fn new(config: WorldConfig) -> Self {
@@ -143,6 +149,7 @@ impl World {
             trace: Vec::new(),
             next_ticket: 0,
             tickets: BTreeMap::new(),
+            steps_at_instant: 0,
         }
     }
 
@@ -382,6 +389,17 @@ impl World {
         if next > limit {
             self.now = limit;
             return false;
+        }
+        if next <= self.now {
+            self.steps_at_instant += 1;
+            assert!(
+                self.steps_at_instant < MAX_STEPS_AT_ONE_INSTANT,
+                "livelock: {} steps at {:?} without time moving",
+                self.steps_at_instant,
+                self.elapsed()
+            );
+        } else {
+            self.steps_at_instant = 0;
         }
         self.now = self.now.max(next);
         let now = self.now;
