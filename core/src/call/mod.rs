@@ -399,39 +399,19 @@ impl Call {
         }
     }
 
-    /// Adds our host candidates and schedules the first candidates batch.
+    /// Adds our host and server-reflexive candidates and schedules the first batch.
     fn gather(&mut self, setup: &CallSetup, now: Instant) {
-        for addr in &setup.local_addrs {
-            match Candidate::host(*addr, "udp") {
-                Ok(c) => {
-                    if let Some(added) = self.rtc.add_local_candidate(c) {
-                        self.local_kinds.push((added.addr(), added.kind()));
-                        let line = added.to_sdp_string();
-                        // One slot stays free for end-of-candidates.
-                        if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
-                            || self.local_candidates.push_back(Some(line)).is_err()
-                        {
-                            warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
-                        }
-                    }
-                }
+        let host = setup.local_addrs.iter().map(|a| Candidate::host(*a, "udp"));
+        let srflx = setup
+            .reflexive
+            .iter()
+            .filter(|r| r.mapped != r.local)
+            .map(|r| Candidate::server_reflexive(r.mapped, r.local, "udp"));
+        let candidates: Vec<_> = host.chain(srflx).collect();
+        for c in candidates {
+            match c {
+                Ok(c) => self.add_local_candidate(c),
                 Err(e) => warn!(call_id = %self.id, "local address not usable as candidate: {e}"),
-            }
-        }
-        for r in setup.reflexive.iter().filter(|r| r.mapped != r.local) {
-            match Candidate::server_reflexive(r.mapped, r.local, "udp") {
-                Ok(c) => {
-                    if let Some(added) = self.rtc.add_local_candidate(c) {
-                        self.local_kinds.push((added.addr(), added.kind()));
-                        let line = added.to_sdp_string();
-                        if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
-                            || self.local_candidates.push_back(Some(line)).is_err()
-                        {
-                            warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
-                        }
-                    }
-                }
-                Err(e) => warn!(call_id = %self.id, "reflexive address not usable: {e}"),
             }
         }
         // Host and server-reflexive candidates are known up front: end-of-candidates follows.
@@ -440,6 +420,20 @@ impl Call {
         }
         self.timers
             .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+    }
+
+    fn add_local_candidate(&mut self, c: Candidate) {
+        let Some(added) = self.rtc.add_local_candidate(c) else {
+            return;
+        };
+        self.local_kinds.push((added.addr(), added.kind()));
+        let line = added.to_sdp_string();
+        // One slot stays free for end-of-candidates.
+        if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
+            || self.local_candidates.push_back(Some(line)).is_err()
+        {
+            warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
+        }
     }
 
     fn flush_candidates(&mut self, now: Instant) {
