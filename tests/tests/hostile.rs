@@ -185,3 +185,58 @@ fn a_flood_of_candidates_is_cut_off_and_the_call_goes_on() {
         .iter()
         .all(|(_, e)| !matches!(e, AgentEvent::CallEnded { .. })));
 }
+
+#[test]
+fn after_select_answer_events_from_other_parties_are_ignored() {
+    let (mut world, caller, callee) = world(25);
+    let room = world.create_room(&[caller, callee]);
+    assert!(world.run_until_synced());
+    let call_id = world.place_call(caller, &room);
+    assert!(world.run_until(Duration::from_secs(10), |w| {
+        w.agents[caller].reached(&call_id, CallState::Connected)
+    }));
+    // Someone with bob's account but another device (party) tries to end or steer the call.
+    let bob = world.agents[callee].user_id.clone();
+    let unix = world.unix_ms();
+    let other = "NOT-THE-SELECTED-PARTY";
+    for (ty, content) in [
+        (
+            "m.call.hangup",
+            json!({"call_id": call_id, "party_id": other, "version": "1", "reason": "user_hangup"}),
+        ),
+        (
+            "m.call.negotiate",
+            json!({"call_id": call_id, "party_id": other, "version": "1", "lifetime": 60000, "description": {"type": "offer", "sdp": "v=0\r\n"}}),
+        ),
+        (
+            "m.call.candidates",
+            json!({"call_id": call_id, "party_id": other, "version": "1", "candidates": [{"candidate": "candidate:1 1 udp 1 198.51.100.9 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0}]}),
+        ),
+    ] {
+        world.hs.inject_event(&room, &bob, ty, content, unix);
+    }
+    let before = world.agents[caller].stats.frames_received;
+    world.run_for(Duration::from_secs(3));
+    assert!(
+        world.agents[caller].ended_reason(&call_id).is_none(),
+        "a foreign party ended the call"
+    );
+    assert!(
+        world.agents[caller].stats.frames_received > before + 50,
+        "media stopped"
+    );
+    assert!(
+        !world.agents[caller]
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, AgentEvent::Renegotiated { .. })),
+        "a foreign party renegotiated"
+    );
+    // The selected party can still end it.
+    let _ = world.with_agent(callee, |a, now| a.hangup(&call_id, now));
+    assert!(
+        world.run_until(Duration::from_secs(10), |w| w.agents[caller]
+            .ended_reason(&call_id)
+            .is_some())
+    );
+}
