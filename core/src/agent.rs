@@ -737,7 +737,7 @@ impl Agent {
     pub fn renegotiate(&mut self, call_id: &str, now: Instant) -> Result<(), ApiError> {
         self.with_rng(|a| {
             a.now = now;
-            a.call_mut(call_id)?.renegotiate(now)?;
+            a.call_mut(call_id)?.renegotiate()?;
             a.drain_call_actions();
             Ok(())
         })
@@ -800,7 +800,7 @@ impl Agent {
         if let Some(t) = self.stun.poll_transmit(now) {
             return Output::Transmit(t);
         }
-        if let Some((id, request)) = self.matrix.poll_request(now, &mut self.rng) {
+        if let Some((id, request)) = self.matrix.poll_request(now) {
             return Output::Http { id, request };
         }
         let mut next = self.matrix.poll_timeout();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use call_assist_core::{AgentEvent, CallPolicy, CallState};
+use call_assist_core::{CallPolicy, CallState};
 use serde::Serialize;
 
 use crate::sim::net::LinkProfile;
@@ -140,7 +140,6 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(&str)) -> DemoReport {
         }
     };
     let (c, e) = (side(caller), side(callee));
-    let _ = AgentEvent::Synced;
     DemoReport {
         seed: opts.seed,
         loss: link.loss,

@@ -552,7 +552,7 @@ impl Call {
     }
 
     /// Renegotiates (m.call.negotiate): an ICE restart keeping the same media.
-    pub fn renegotiate(&mut self, now: Instant) -> Result<(), ApiError> {
+    pub fn renegotiate(&mut self) -> Result<(), ApiError> {
         if !matches!(self.state, CallState::Connecting | CallState::Connected) || self.peer_v0 {
             return Err(ApiError::WrongState {
                 call_id: self.id.clone(),
@@ -569,7 +569,6 @@ impl Call {
             .ok_or_else(|| ApiError::Rtc("nothing to renegotiate".into()))?;
         self.pending_offer = Some(pending);
         self.send_negotiate("offer", offer.to_sdp_string());
-        let _ = now;
         Ok(())
     }
 

@@ -415,11 +415,7 @@ impl MatrixClient {
     }
 
     /// The next request to run now, if any.
-    pub fn poll_request(
-        &mut self,
-        now: Instant,
-        rng: &mut Rng,
-    ) -> Option<(HttpId, http::Request<Vec<u8>>)> {
+    pub fn poll_request(&mut self, now: Instant) -> Option<(HttpId, http::Request<Vec<u8>>)> {
         let token = match &self.session {
             Session::Failed | Session::LoggingIn => return None,
             Session::NeedLogin => {
@@ -523,7 +519,6 @@ impl MatrixClient {
                 Err(e) => warn!("cannot build turnServer request: {e}"),
             }
         }
-        let _ = rng;
         None
     }
 

@@ -450,9 +450,8 @@ impl Run {
 
     /// Time-driven work of the shell: media, scheduled hangups, stats, phase deadlines.
     fn on_tick(&mut self, now: Instant) {
-        for (call_id, media) in self.media.iter_mut() {
+        for media in self.media.values_mut() {
             if media.next_due().is_some_and(|t| t <= now) {
-                let _ = call_id;
                 media.pump(&mut self.agent, now);
             }
         }
