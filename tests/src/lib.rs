@@ -184,6 +184,11 @@ pub fn real_offer_sdp() -> String {
 
 /// Runs `f` with WARN-and-above logs of this thread captured; returns them with its result.
 pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, String) {
+    capture_logs(tracing::Level::WARN, f)
+}
+
+/// Runs `f` with the logs of this thread at `level` and above captured.
+pub fn capture_logs<R>(level: tracing::Level, f: impl FnOnce() -> R) -> (R, String) {
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Sink {
@@ -200,7 +205,7 @@ pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, String) {
     let sink = Sink::default();
     let writer = sink.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();

@@ -3,19 +3,17 @@
 
 use std::time::Duration;
 
-use call_assist::sim::world::{World, WorldConfig};
-use call_assist_core::{AgentEvent, CallPolicy, CallState};
+use call_assist::sim::world::World;
+use call_assist_core::OwnedRoomId;
+use call_assist_core::{AgentEvent, CallState};
+use call_assist_tests::{config, Scene};
 use serde_json::{json, Value};
 
-fn world(seed: u64) -> (World, usize, usize) {
-    let mut world = World::new(WorldConfig {
-        seed,
-        ..WorldConfig::default()
-    });
-    let caller = world.add_agent("caller", "alice", CallPolicy::Anyone);
-    let callee = world.add_agent("callee", "bob", CallPolicy::Anyone);
-    world.agent(callee).auto_answer = true;
-    (world, caller, callee)
+/// Alice and Bob in a synced 1:1 room; Bob answers at once.
+fn world(seed: u64) -> (World, usize, usize, OwnedRoomId) {
+    let mut scene = Scene::new(config(seed));
+    scene.world.agent(scene.bob).auto_answer = true;
+    (scene.world, scene.alice, scene.bob, scene.room)
 }
 
 /// Flips the first hex digit of every `a=fingerprint:` line of an SDP.
@@ -34,7 +32,7 @@ fn spoil_fingerprint(sdp: &str) -> String {
 
 #[test]
 fn peer_whose_dtls_fingerprint_does_not_match_its_sdp_never_exchanges_media() {
-    let (mut world, caller, callee) = world(21);
+    let (mut world, caller, callee, room) = world(21);
     world.hs.set_tamper(Box::new(|ty, content: &mut Value| {
         if ty == "m.call.invite" {
             if let Some(sdp) = content["offer"]["sdp"].as_str() {
@@ -46,8 +44,6 @@ fn peer_whose_dtls_fingerprint_does_not_match_its_sdp_never_exchanges_media() {
             }
         }
     }));
-    let room = world.create_room(&[caller, callee]);
-    assert!(world.run_until_synced());
     let call_id = world.place_call(caller, &room);
     let ended = world.run_until(Duration::from_secs(60), |w| {
         w.agents[caller].ended_reason(&call_id).is_some()
@@ -74,7 +70,7 @@ fn peer_whose_dtls_fingerprint_does_not_match_its_sdp_never_exchanges_media() {
 
 #[test]
 fn invite_in_a_public_room_is_not_rung() {
-    let (mut world, caller, callee) = world(22);
+    let (mut world, caller, callee, _one_to_one) = world(22);
     let users = [
         world.agents[caller].user_id.clone(),
         world.agents[callee].user_id.clone(),
@@ -82,7 +78,8 @@ fn invite_in_a_public_room_is_not_rung() {
     let refs: Vec<&call_assist_core::UserId> = users.iter().map(|u| u.as_ref()).collect();
     let unix = world.unix_ms();
     let public_room = world.hs.create_room(&refs, true, unix);
-    assert!(world.run_until_synced());
+    // Both agents learn of the new room from their next sync.
+    world.run_for(Duration::from_secs(2));
     let call_id = world.place_call(caller, &public_room);
     world.run_for(Duration::from_secs(5));
     assert!(
@@ -94,9 +91,7 @@ fn invite_in_a_public_room_is_not_rung() {
 
 #[test]
 fn replayed_invite_is_not_rung_again() {
-    let (mut world, caller, callee) = world(23);
-    let room = world.create_room(&[caller, callee]);
-    assert!(world.run_until_synced());
+    let (mut world, caller, callee, room) = world(23);
     let call_id = world.place_call(caller, &room);
     assert!(
         world.run_until(Duration::from_secs(10), |w| w.agents[callee]
@@ -133,9 +128,7 @@ fn replayed_invite_is_not_rung_again() {
 
 #[test]
 fn a_flood_of_candidates_is_cut_off_and_the_call_goes_on() {
-    let (mut world, caller, callee) = world(24);
-    let room = world.create_room(&[caller, callee]);
-    assert!(world.run_until_synced());
+    let (mut world, caller, callee, room) = world(24);
     let call_id = world.place_call(caller, &room);
     assert!(
         world.run_until(Duration::from_secs(10), |w| w.agents[caller]
@@ -188,9 +181,7 @@ fn a_flood_of_candidates_is_cut_off_and_the_call_goes_on() {
 
 #[test]
 fn after_select_answer_events_from_other_parties_are_ignored() {
-    let (mut world, caller, callee) = world(25);
-    let room = world.create_room(&[caller, callee]);
-    assert!(world.run_until_synced());
+    let (mut world, caller, callee, room) = world(25);
     let call_id = world.place_call(caller, &room);
     assert!(world.run_until(Duration::from_secs(10), |w| {
         w.agents[caller].reached(&call_id, CallState::Connected)

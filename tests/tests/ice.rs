@@ -3,20 +3,14 @@
 
 use std::time::Duration;
 
-use call_assist::sim::world::{World, WorldConfig};
-use call_assist_core::{CallPolicy, CallState, HangupReason};
+use call_assist::sim::world::World;
+use call_assist_core::{CallState, HangupReason};
+use call_assist_tests::{config, Scene};
 
 fn two_agents(seed: u64) -> (World, usize, usize, call_assist_core::OwnedRoomId) {
-    let mut world = World::new(WorldConfig {
-        seed,
-        ..WorldConfig::default()
-    });
-    let caller = world.add_agent("caller", "alice", CallPolicy::Anyone);
-    let callee = world.add_agent("callee", "bob", CallPolicy::Anyone);
-    world.agent(callee).auto_answer = true;
-    let room = world.create_room(&[caller, callee]);
-    assert!(world.run_until_synced());
-    (world, caller, callee, room)
+    let mut scene = Scene::new(config(seed));
+    scene.world.agent(scene.bob).auto_answer = true;
+    (scene.world, scene.alice, scene.bob, scene.room)
 }
 
 #[test]

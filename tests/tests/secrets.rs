@@ -1,35 +1,14 @@
 //! Passwords, access tokens and TURN credentials never reach the logs, at any level.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use call_assist::sim::world::{World, WorldConfig};
 use call_assist_core::{AgentEvent, CallPolicy, CallState};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use call_assist_tests::capture_logs;
 
 #[test]
 fn secrets_never_appear_in_logs_at_trace_level() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let (tokens, trace_len) = tracing::subscriber::with_default(subscriber, || {
+    let ((tokens, trace_len), logs) = capture_logs(tracing::Level::TRACE, || {
         let mut world = World::new(WorldConfig::default());
         world.hs.set_turn_server(
             vec!["turn:turn.sim.local:3478?transport=udp".into()],
@@ -62,7 +41,6 @@ fn secrets_never_appear_in_logs_at_trace_level() {
         );
         (tokens, world.trace.len())
     });
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(trace_len > 0);
     assert!(
         logs.len() > 10_000,
