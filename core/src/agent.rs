@@ -123,6 +123,7 @@ impl Agent {
             reflexive: Vec::new(),
             local_addrs: config.local_addrs.clone(),
             video: config.video,
+            h264_profile: config.h264_profile,
             audio: config.audio,
             lifetime: config.invite_lifetime,
         };
@@ -192,6 +193,14 @@ impl Agent {
             self.stun
                 .add_server(*s, &self.config.local_addrs, now, &mut self.rng);
         }
+    }
+
+    /// The H.264 profile the video source sends changed (a camera's first keyframe, or a
+    /// camera reconfigured): calls from now on offer and answer it; calls in progress keep
+    /// what they negotiated.
+    pub fn set_h264_profile(&mut self, profile: Option<crate::h264::ProfileLevelId>) {
+        self.config.h264_profile = profile;
+        self.setup.h264_profile = profile;
     }
 
     /// The TURN servers and credentials from the homeserver, once fetched.

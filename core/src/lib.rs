@@ -55,6 +55,7 @@
 mod agent;
 mod call;
 mod dtls;
+pub mod h264;
 pub mod limits;
 pub(crate) mod matrix;
 mod rng;

@@ -76,3 +76,8 @@ pub const TURN_RETRY_EMPTY: Duration = Duration::from_secs(300);
 
 /// Ended calls are forgotten after this (late events for them are ignored, not re-rung).
 pub const ENDED_CALL_MEMORY: Duration = Duration::from_secs(120);
+
+/// Payload type (and its RTX) of the H.264 entry naming the local source's own profile; str0m's
+/// default codec set leaves both free.
+pub const H264_SOURCE_PT: u8 = 100;
+pub const H264_SOURCE_RTX_PT: u8 = 101;

@@ -68,6 +68,10 @@ pub struct AgentConfig {
     pub invite_lifetime: Duration,
     /// Offer/accept video (H.264 out; H.264 or VP8 in).
     pub video: bool,
+    /// The H.264 profile the local video source really sends (from its SPS). Offered first,
+    /// with packetization-mode 1, and preferred for sending; `None` offers WebRTC's usual
+    /// Constrained Baseline / Baseline / Main / High set.
+    pub h264_profile: Option<crate::h264::ProfileLevelId>,
     /// Offer/accept audio (Opus, PCMU, PCMA).
     pub audio: bool,
     /// Fetch `/voip/turnServer` and keep it fresh.
@@ -93,6 +97,7 @@ impl AgentConfig {
             policy: CallPolicy::Anyone,
             invite_lifetime: limits::DEFAULT_INVITE_LIFETIME,
             video: true,
+            h264_profile: None,
             audio: true,
             fetch_turn_servers: true,
             stun_servers: Vec::new(),

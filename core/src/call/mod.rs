@@ -15,9 +15,11 @@ use serde_json::json;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::CryptoProvider;
 use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::format::PayloadParams;
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
+use crate::h264::ProfileLevelId;
 use crate::limits;
 use crate::types::{
     AgentEvent, ApiError, CallDirection, CallId, CallState, Codec, HangupReason, MediaFrame,
@@ -99,6 +101,7 @@ pub(crate) struct CallSetup {
     /// Server-reflexive addresses learned so far.
     pub reflexive: Vec<crate::stun::Reflexive>,
     pub video: bool,
+    pub h264_profile: Option<crate::h264::ProfileLevelId>,
     pub audio: bool,
     pub lifetime: Duration,
 }
@@ -145,6 +148,8 @@ pub(crate) struct Call {
     pub stats: CallStats,
     out: VecDeque<CallAction>,
     pub ended_reason: Option<HangupReason>,
+    /// The profile our H.264 source sends (chooses the payload type media goes out on).
+    h264_profile: Option<ProfileLevelId>,
 }
 
 fn rtc_config(setup: &CallSetup) -> RtcConfig {
@@ -159,9 +164,66 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
             .enable_pcma(true, false);
     }
     if setup.video {
-        c = c.enable_h264(true).enable_vp8(true);
+        if let Some(profile) = setup.h264_profile {
+            // The source's own profile first, on a payload type str0m's defaults leave free;
+            // the usual set stays for receiving whatever H.264 the peer sends.
+            let codecs = c.codec_config();
+            codecs.add_h264(
+                limits::H264_SOURCE_PT.into(),
+                Some(limits::H264_SOURCE_RTX_PT.into()),
+                true,
+                profile.0,
+            );
+        }
+        let codecs = c.codec_config();
+        let defaults: Vec<_> = {
+            let mut d = str0m::format::CodecConfig::empty();
+            d.enable_h264(true);
+            d.params().to_vec()
+        };
+        for p in defaults {
+            let f = p.spec().format;
+            let same = setup.h264_profile.is_some_and(|s| {
+                f.profile_level_id == Some(s.0) && f.packetization_mode == Some(1)
+            });
+            if !same {
+                codecs.add_h264(
+                    p.pt(),
+                    p.resend(),
+                    f.packetization_mode == Some(1),
+                    f.profile_level_id.unwrap_or(ProfileLevelId::CONSTRAINED_BASELINE_3_1.0),
+                );
+            }
+        }
+        c = c.enable_vp8(true);
     }
     c
+}
+
+/// The H.264 payload type to send on: the one naming the source's exact profile, else its
+/// profile family (levels are negotiable), else any packetization-mode 1, else the first.
+fn h264_send_pt<'a>(
+    params: impl Iterator<Item = &'a PayloadParams>,
+    profile: Option<ProfileLevelId>,
+) -> Option<PayloadParams> {
+    let h264: Vec<PayloadParams> = params
+        .filter(|p| p.spec().codec == str0m::format::Codec::H264)
+        .copied()
+        .collect();
+    let plid = |p: &PayloadParams| p.spec().format.profile_level_id.map(ProfileLevelId);
+    let mode1 = |p: &&PayloadParams| p.spec().format.packetization_mode == Some(1);
+    let exact = profile.and_then(|s| h264.iter().filter(mode1).find(|p| plid(p) == Some(s)));
+    let family = profile.and_then(|s| {
+        let fam = s.family()?;
+        h264.iter()
+            .filter(mode1)
+            .find(|p| plid(p).and_then(ProfileLevelId::family) == Some(fam))
+    });
+    exact
+        .or(family)
+        .or_else(|| h264.iter().find(mode1))
+        .or(h264.first())
+        .copied()
 }
 
 /// The first audio and video mids of an SDP (str0m reports an offer's media only when polled).
@@ -257,6 +319,7 @@ impl Call {
             stats: CallStats::default(),
             out: VecDeque::new(),
             ended_reason: None,
+            h264_profile: setup.h264_profile,
         }
     }
 
@@ -952,11 +1015,15 @@ impl Call {
         .ok_or(ApiError::NoSuchMedia)?;
         let wanted = frame.codec.to_str0m().ok_or(ApiError::NoSuchMedia)?;
         let writer = self.rtc.writer(mid).ok_or(ApiError::NoSuchMedia)?;
-        let params = writer
-            .payload_params()
-            .find(|p| p.spec().codec == wanted)
-            .copied()
-            .ok_or(ApiError::NoSuchMedia)?;
+        let params = if wanted == str0m::format::Codec::H264 {
+            h264_send_pt(writer.payload_params(), self.h264_profile)
+        } else {
+            writer
+                .payload_params()
+                .find(|p| p.spec().codec == wanted)
+                .copied()
+        }
+        .ok_or(ApiError::NoSuchMedia)?;
         let freq = params.spec().clock_rate;
         writer
             .write(

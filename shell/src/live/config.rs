@@ -2,6 +2,7 @@
 //! from the environment only, and the state directory that keeps the device across restarts.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +40,18 @@ pub struct FileConfig {
     pub to: Option<String>,
     /// STUN servers as `host:port`.
     pub stun: Option<Vec<String>>,
+    /// Video source: `testclip`, `file:PATH` (H.264 Annex B), `rtsp://...`, `none`.
+    pub video: Option<String>,
+    /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `none`.
+    pub audio: Option<String>,
+    /// Frame rate an H.264 file is played at.
+    pub video_fps: Option<u32>,
+    /// `tcp` (default) or `udp`.
+    pub rtsp_transport: Option<String>,
+    /// Directory for recordings of the remote side, one file per call.
+    pub record: Option<PathBuf>,
+    /// `HOST:PORT` to re-send the remote media to as plain RTP (+ an SDP file).
+    pub forward_rtp: Option<String>,
 }
 
 impl FileConfig {
@@ -91,7 +104,23 @@ pub struct LiveOptions {
     pub video: VideoChoice,
     pub port: u16,
     pub stun: Vec<String>,
+    pub media: MediaOptions,
 }
+
+/// Sources and sinks, as given (files are opened and cameras reached when the agent starts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaOptions {
+    pub video: String,
+    /// `None`: the camera's audio when the video is a camera, else the tone.
+    pub audio: Option<String>,
+    pub video_fps: u32,
+    pub rtsp_transport: crate::media::rtsp::RtspTransport,
+    pub record: Option<PathBuf>,
+    pub forward_rtp: Option<SocketAddr>,
+}
+
+/// Frame rate of an H.264 file source unless `--video-fps` says otherwise.
+pub const DEFAULT_FILE_FPS: u32 = 25;
 
 fn next_value(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, ConfigError> {
     args.next()
@@ -182,6 +211,20 @@ pub fn parse(
                 .stun
                 .get_or_insert_with(Vec::new)
                 .push(next_value(&mut it, &a)?),
+            "--video" => file.video = Some(next_value(&mut it, &a)?),
+            "--audio" => file.audio = Some(next_value(&mut it, &a)?),
+            "--video-fps" => {
+                let v = next_value(&mut it, &a)?;
+                file.video_fps = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|f| (1..=240).contains(f))
+                        .ok_or_else(|| ConfigError(format!("--video-fps: {v:?} is not 1..240")))?,
+                );
+            }
+            "--rtsp-transport" => file.rtsp_transport = Some(next_value(&mut it, &a)?),
+            "--record" => file.record = Some(PathBuf::from(next_value(&mut it, &a)?)),
+            "--forward-rtp" => file.forward_rtp = Some(next_value(&mut it, &a)?),
             "--json" => json = true,
             other => return Err(ConfigError(format!("unknown option {other:?}"))),
         }
@@ -259,7 +302,40 @@ pub fn parse(
         video: parse_video(file.video_codec.as_deref().unwrap_or("auto"))?,
         port: file.port.unwrap_or(0),
         stun: file.stun.unwrap_or_default(),
+        media: MediaOptions {
+            video: file.video.unwrap_or_else(|| "testclip".into()),
+            audio: file.audio,
+            video_fps: file.video_fps.unwrap_or(DEFAULT_FILE_FPS),
+            rtsp_transport: file
+                .rtsp_transport
+                .as_deref()
+                .unwrap_or("tcp")
+                .parse()
+                .map_err(|e| ConfigError(format!("--rtsp-transport: {e}")))?,
+            record: file.record,
+            forward_rtp: file
+                .forward_rtp
+                .map(|f| parse_forward(&f))
+                .transpose()?,
+        },
     })
+}
+
+/// `HOST:PORT` with an IP literal on this host (loopback or a local address: the stream is
+/// unencrypted and meant for a player next to the hub).
+fn parse_forward(s: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        ConfigError(format!(
+            "--forward-rtp: {s:?} is not IP:PORT (e.g. 127.0.0.1:5004)"
+        ))
+    })?;
+    if addr.port() == 0 || addr.port() > u16::MAX - 2 {
+        return Err(ConfigError(format!(
+            "--forward-rtp: port {} leaves no room for audio at port + 2",
+            addr.port()
+        )));
+    }
+    Ok(addr)
 }
 
 /// What is kept between runs, so a restart reuses the same device.

@@ -6,6 +6,7 @@
 //! then waits for the channel or the next deadline.
 
 pub mod config;
+mod media;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -24,7 +25,8 @@ use smol::Async;
 use tracing::{debug, error, info, warn};
 
 use self::config::{Auth, LiveOptions, Mode, SavedSession, Target};
-use crate::media::pump::CallMedia;
+use self::media::LiveMedia;
+use crate::media::rtsp::{CameraEvent, RtspError};
 
 /// Exit codes of `call` and `listen`.
 pub mod exit {
@@ -34,7 +36,15 @@ pub mod exit {
     pub const LOGIN_REFUSED: u8 = 3;
     pub const UNREACHABLE: u8 = 4;
     pub const NO_SUCH_ROOM: u8 = 5;
+    /// The camera refused our credentials, or has nothing we can send.
+    pub const MEDIA_SOURCE: u8 = 6;
 }
+
+/// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
+/// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
+const CAMERA_START_WAIT: Duration = Duration::from_secs(10);
+/// Camera events queued before the camera task waits.
+const CAMERA_QUEUE: usize = 256;
 
 /// How long the homeserver may stay unreachable before the first sync (then exit 4).
 const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
@@ -59,6 +69,7 @@ enum Msg {
     },
     Shutdown,
     StunServers(Vec<SocketAddr>),
+    Camera(CameraEvent),
 }
 
 fn unix_ms() -> u64 {
@@ -162,7 +173,8 @@ struct Run {
     phase: Phase,
     exit: u8,
     counters: Counters,
-    media: BTreeMap<String, CallMedia>,
+    media: LiveMedia,
+    h264_profile: Option<call_assist_core::h264::ProfileLevelId>,
     hangup_at: BTreeMap<String, Instant>,
     placed_at: BTreeMap<String, Instant>,
     first_media: BTreeMap<String, Duration>,
@@ -320,8 +332,9 @@ impl Run {
                 if state == CallState::Connected {
                     self.say(&format!("call {call_id} connected"));
                     self.connected.insert(call_id.clone(), true);
-                    let media = CallMedia::start(&mut self.agent, &call_id, self.opts.video, now);
-                    self.media.insert(call_id.clone(), media);
+                    for line in self.media.start_call(&mut self.agent, &call_id, now, unix_ms()) {
+                        self.print(line);
+                    }
                     let after = match &self.opts.mode {
                         Mode::Call { duration, .. } => Some(*duration),
                         Mode::Listen { hangup_after, .. } => *hangup_after,
@@ -332,6 +345,7 @@ impl Run {
                 }
             }
             AgentEvent::Media(f) => {
+                self.media.remote_frame(&f);
                 match f.kind {
                     MediaKind::Video => self.counters.video_frames_received += 1,
                     MediaKind::Audio => self.counters.audio_frames_received += 1,
@@ -345,9 +359,8 @@ impl Run {
                 self.print(json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}));
             }
             AgentEvent::KeyframeRequested { call_id } => {
-                if let Some(m) = self.media.get_mut(&call_id) {
-                    m.keyframe_requested();
-                }
+                self.media
+                    .keyframe_requested(&mut self.agent, &call_id, now);
             }
             AgentEvent::CallEnded {
                 call_id,
@@ -361,7 +374,9 @@ impl Run {
                 };
                 self.print(json!({"event": "ended", "call_id": call_id, "reason": reason.as_str(), "by": by}));
                 self.say(&format!("call {call_id} ended: {reason} ({by})"));
-                self.media.remove(&call_id);
+                if let Some(line) = self.media.end_call(&call_id) {
+                    self.print(line);
+                }
                 self.hangup_at.remove(&call_id);
                 self.ended += 1;
                 self.last_reason = Some(reason.to_string());
@@ -384,6 +399,7 @@ impl Run {
     fn restart_with_password(&mut self, pw: call_assist_core::Secret, now: Instant) {
         let addrs: Vec<SocketAddr> = self.sockets.keys().copied().collect();
         let mut config = agent_config(&self.opts, &addrs, Credentials::Password(pw));
+        config.h264_profile = self.h264_profile;
         config.device_id = self
             .opts
             .state_dir
@@ -450,11 +466,7 @@ impl Run {
 
     /// Time-driven work of the shell: media, scheduled hangups, stats, phase deadlines.
     fn on_tick(&mut self, now: Instant) {
-        for media in self.media.values_mut() {
-            if media.next_due().is_some_and(|t| t <= now) {
-                media.pump(&mut self.agent, now);
-            }
-        }
+        self.media.pump(&mut self.agent, now);
         let due: Vec<String> = self
             .hangup_at
             .iter()
@@ -525,7 +537,7 @@ impl Run {
     }
 
     fn print_stats(&self) {
-        let Some(call_id) = self.media.keys().next() else {
+        let Some(call_id) = self.media.first_call() else {
             return;
         };
         let info = self.agent.call_info(call_id);
@@ -543,15 +555,15 @@ impl Run {
             "remote_candidate": info.as_ref().and_then(|i| i.remote_candidate.clone()),
             "video_frames_received": c.video_frames_received,
             "audio_frames_received": c.audio_frames_received,
+            "camera_up": self.media.camera_up,
+            "camera_frames": self.media.camera_frames,
         }));
     }
 
     fn next_deadline(&self, agent_at: Instant) -> Instant {
         let mut at = agent_at.min(self.next_stats);
-        for m in self.media.values() {
-            if let Some(t) = m.next_due() {
-                at = at.min(t);
-            }
+        if let Some(t) = self.media.next_due() {
+            at = at.min(t);
         }
         for t in self.hangup_at.values() {
             at = at.min(*t);
@@ -643,6 +655,112 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
     config
 }
 
+/// Reads the media options: files are loaded and checked, a camera is connected to and its
+/// first keyframe awaited (for its H.264 profile). `Err` is the exit code, after a clear
+/// message.
+async fn start_media(
+    opts: &LiveOptions,
+    tx: &Sender<Msg>,
+) -> Result<(LiveMedia, Option<call_assist_core::h264::ProfileLevelId>), u8> {
+    let m = &opts.media;
+    let rtsp_password = std::env::var("CALL_ASSIST_RTSP_PASSWORD").ok();
+    let sources = crate::media::source::plan(
+        &m.video,
+        m.audio.as_deref(),
+        m.video_fps,
+        opts.video,
+        m.rtsp_transport,
+        rtsp_password.as_deref(),
+    )
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        exit::USAGE
+    })?;
+    let mut profile = sources.h264_profile;
+    if let Some(dir) = &m.record {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("error: --record: cannot create {}: {e}", dir.display());
+            return Err(exit::USAGE);
+        }
+    }
+    let forward = m.forward_rtp.map(|dest| {
+        let dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        (dest, dir.join("forward.sdp"))
+    });
+    if let Some((_, sdp)) = &forward {
+        if let Some(dir) = sdp.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+    }
+    let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
+    let Some(camera) = sources.camera else {
+        return Ok((live, profile));
+    };
+    info!(camera = %camera, transport = ?camera.transport, "connecting to the camera");
+    let (cam_tx, cam_rx) = smol::channel::bounded(CAMERA_QUEUE);
+    smol::spawn(async_compat::Compat::new(crate::media::rtsp::run(
+        camera.clone(),
+        cam_tx,
+    )))
+    .detach();
+    let deadline = Instant::now() + CAMERA_START_WAIT;
+    let mut early = Vec::new();
+    let mut last_error = None;
+    loop {
+        let ev = async { cam_rx.recv().await.ok() }
+            .or(async {
+                smol::Timer::at(deadline).await;
+                None
+            })
+            .await;
+        let Some(ev) = ev else { break };
+        match &ev {
+            CameraEvent::Lost {
+                error: e @ (RtspError::Unauthorized(_) | RtspError::NoUsableStream(_)),
+                ..
+            } => {
+                eprintln!("error: camera {camera}: {e}");
+                return Err(exit::MEDIA_SOURCE);
+            }
+            CameraEvent::Lost { error, .. } => last_error = Some(error.to_string()),
+            CameraEvent::Video {
+                profile: Some(p), ..
+            } => {
+                profile = Some(*p);
+                info!(profile = %p, "camera H.264 profile");
+                early.push(ev);
+                break;
+            }
+            _ => {}
+        }
+        early.push(ev);
+    }
+    if profile.is_none() {
+        warn!(
+            camera = %camera,
+            last_error = last_error.as_deref().unwrap_or("no keyframe yet"),
+            "no keyframe from the camera within {} s; starting anyway, calls get its video once it is up",
+            CAMERA_START_WAIT.as_secs()
+        );
+    }
+    for ev in &early {
+        live.prime(ev);
+    }
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = cam_rx.recv().await {
+            if tx.send(Msg::Camera(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok((live, profile))
+}
+
 fn seed() -> u64 {
     // The live agent's randomness must be unpredictable; the core only needs a seed.
     let mut buf = [0u8; 8];
@@ -720,6 +838,10 @@ async fn run_async(opts: LiveOptions) -> u8 {
             Err(e) => warn!("cannot install signal handlers: {e}"),
         }
     }
+    let (media, h264_profile) = match start_media(&opts, &tx).await {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(90))
         .connect_timeout(Duration::from_secs(10))
@@ -747,6 +869,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
     let now = Instant::now();
     let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
     let mut config = agent_config(&opts, &addrs, credentials);
+    config.h264_profile = h264_profile;
     config.device_id = saved.map(|s| s.device_id.as_str().into());
     let agent = match Agent::new(config, seed(), now, unix_ms()) {
         Ok(a) => a,
@@ -764,7 +887,8 @@ async fn run_async(opts: LiveOptions) -> u8 {
         phase: Phase::Starting,
         exit: exit::OK,
         counters: Counters::default(),
-        media: BTreeMap::new(),
+        media,
+        h264_profile,
         hangup_at: BTreeMap::new(),
         placed_at: BTreeMap::new(),
         first_media: BTreeMap::new(),
@@ -828,6 +952,14 @@ async fn run_async(opts: LiveOptions) -> u8 {
                 }
             }
             Some(Ok(Msg::StunServers(addrs))) => run.agent.add_stun_servers(&addrs, now),
+            Some(Ok(Msg::Camera(e))) => {
+                if let Some(line) =
+                    run.media
+                        .camera(&mut run.agent, e, now, &mut run.h264_profile)
+                {
+                    run.print(line);
+                }
+            }
             Some(Err(_)) => break,
         }
     }

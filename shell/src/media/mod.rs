@@ -16,7 +16,11 @@
 pub mod g711;
 pub mod h264;
 pub mod ivf;
+pub mod ogg;
 pub mod pump;
+pub mod sink;
+pub mod rtsp;
+pub mod source;
 
 use std::fmt;
 use std::time::Duration;

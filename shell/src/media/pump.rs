@@ -1,11 +1,23 @@
-//! Feeds a connected call with the test clip and tone at their real rates, in whichever video
-//! codec the call negotiated. Shared by mock mode and the live shell.
+//! Feeds a connected call from the configured sources, in whichever codecs the call
+//! negotiated. Shared by mock mode and the live shell.
+//!
+//! Paced sources (the test clip, an H.264 file, the tone, an Ogg Opus file) are written when
+//! due ([`CallMedia::pump`]); a camera pushes frames as they arrive ([`CallMedia::camera_video`],
+//! [`CallMedia::camera_audio`]).
+//!
+//! Keyframes from a camera: a passthrough source cannot make the camera encode a new IDR, so
+//! the latest IDR (with its SPS/PPS) is kept in a [`CameraCache`]. A call that starts, or a
+//! peer that sends PLI/FIR, gets that cached IDR at once, and then no P-frame until the
+//! camera's next IDR (P-frames after the cached IDR refer to pictures the peer never got). The
+//! picture appears at once and is clean; it moves from the camera's next IDR on (its GOP length,
+//! typically 1-2 s).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use call_assist_core::{Agent, Codec, MediaKind, OutgoingFrame};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::ogg::LoopingOpus;
 use super::{LoopingVideo, ToneAudio};
 
 /// Which clip to send.
@@ -18,83 +30,324 @@ pub enum VideoChoice {
     Vp8,
 }
 
+/// Where a call's video comes from.
+#[derive(Debug, Clone)]
+pub enum VideoSource {
+    /// The built-in clip in the chosen codec.
+    TestClip(VideoChoice),
+    /// An H.264 Annex B file, looped (parsed once; each call plays its own copy).
+    File(LoopingVideo),
+    /// The RTSP camera (frames pushed by the shell).
+    Camera,
+    None,
+}
+
+/// Where a call's audio comes from.
+#[derive(Debug, Clone)]
+pub enum AudioSource {
+    /// A 440 Hz PCMU tone.
+    Tone,
+    /// An Ogg Opus file, looped.
+    Opus(LoopingOpus),
+    /// The RTSP camera's G.711 (frames pushed by the shell).
+    Camera,
+    None,
+}
+
+/// What every call of this process sends.
+#[derive(Debug, Clone)]
+pub struct MediaPlan {
+    pub video: VideoSource,
+    pub audio: AudioSource,
+}
+
+impl MediaPlan {
+    /// The test clip and tone (mock mode and the live default).
+    pub fn testclip(choice: VideoChoice) -> Self {
+        MediaPlan {
+            video: VideoSource::TestClip(choice),
+            audio: AudioSource::Tone,
+        }
+    }
+}
+
+/// A camera's latest keyframe, for calls that start or ask for one.
+#[derive(Debug, Default, Clone)]
+pub struct CameraCache {
+    /// SPS + PPS + IDR access unit and its 90 kHz timestamp.
+    pub keyframe: Option<(Vec<u8>, u64)>,
+    /// Frames the camera sent after that keyframe.
+    pub frames_since_keyframe: u64,
+}
+
+impl CameraCache {
+    /// Notes a camera frame; keeps it when it is a keyframe.
+    pub fn observe(&mut self, data: &[u8], rtp_time: u64, keyframe: bool) {
+        if keyframe {
+            self.keyframe = Some((data.to_vec(), rtp_time));
+            self.frames_since_keyframe = 0;
+        } else {
+            self.frames_since_keyframe = self.frames_since_keyframe.saturating_add(1);
+        }
+    }
+
+    /// Forgets the keyframe (the camera reconnected: its next frames do not follow it).
+    pub fn reset(&mut self) {
+        self.keyframe = None;
+        self.frames_since_keyframe = 0;
+    }
+}
+
+/// A peer's repeated PLI/FIR resends the cached keyframe at most this often.
+const KEYFRAME_RESEND_MIN: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+enum Video {
+    Clip(LoopingVideo),
+    Camera {
+        /// Hold P-frames until the camera's next IDR.
+        waiting_keyframe: bool,
+        last_rtp_time: Option<u64>,
+        last_resend: Option<Instant>,
+    },
+    Off,
+}
+
+#[derive(Debug)]
+enum Audio {
+    Tone(ToneAudio, Codec),
+    Opus(LoopingOpus),
+    Camera(Codec),
+    Off,
+}
+
 pub struct CallMedia {
     pub call_id: String,
-    video: Option<LoopingVideo>,
-    audio: Option<(ToneAudio, Codec)>,
+    video: Video,
+    audio: Audio,
     next_video: Instant,
     next_audio: Instant,
     pub frames_sent: u64,
 }
 
+fn clip_for(choice: VideoChoice, codecs: &[Codec], call_id: &str) -> Video {
+    let want = match choice {
+        VideoChoice::H264 => Some(Codec::H264),
+        VideoChoice::Vp8 => Some(Codec::Vp8),
+        VideoChoice::Auto => [Codec::H264, Codec::Vp8]
+            .into_iter()
+            .find(|c| codecs.contains(c)),
+    };
+    let clip = match want {
+        Some(Codec::H264) if codecs.contains(&Codec::H264) => LoopingVideo::testclip().ok(),
+        Some(Codec::Vp8) if codecs.contains(&Codec::Vp8) => LoopingVideo::testclip_vp8().ok(),
+        _ => None,
+    };
+    match clip {
+        Some(c) => Video::Clip(c),
+        None => {
+            warn!(%call_id, ?codecs, "no test clip in a codec the peer accepts; sending no video");
+            Video::Off
+        }
+    }
+}
+
 impl CallMedia {
-    /// Starts media for a call that just connected.
-    pub fn start(agent: &mut Agent, call_id: &str, choice: VideoChoice, now: Instant) -> Self {
+    /// Starts media for a call that just connected. A camera's cached keyframe goes out at
+    /// once.
+    pub fn start(
+        agent: &mut Agent,
+        call_id: &str,
+        plan: &MediaPlan,
+        cache: &CameraCache,
+        now: Instant,
+    ) -> Self {
         let video_codecs = agent
             .send_codecs(call_id, MediaKind::Video)
             .unwrap_or_default();
         let audio_codecs = agent
             .send_codecs(call_id, MediaKind::Audio)
             .unwrap_or_default();
-        let want = match choice {
-            VideoChoice::H264 => Some(Codec::H264),
-            VideoChoice::Vp8 => Some(Codec::Vp8),
-            VideoChoice::Auto => [Codec::H264, Codec::Vp8]
-                .into_iter()
-                .find(|c| video_codecs.contains(c)),
-        };
-        let video = match want {
-            Some(Codec::H264) if video_codecs.contains(&Codec::H264) => {
-                LoopingVideo::testclip().ok()
+        let h264 = video_codecs.contains(&Codec::H264);
+        let video = match &plan.video {
+            _ if video_codecs.is_empty() => Video::Off,
+            VideoSource::TestClip(choice) => clip_for(*choice, &video_codecs, call_id),
+            VideoSource::File(v) if h264 => Video::Clip(v.clone()),
+            VideoSource::Camera if h264 => Video::Camera {
+                waiting_keyframe: true,
+                last_rtp_time: None,
+                last_resend: None,
+            },
+            VideoSource::File(_) | VideoSource::Camera => {
+                warn!(%call_id, ?video_codecs, "the peer takes no H.264; sending no video");
+                Video::Off
             }
-            Some(Codec::Vp8) if video_codecs.contains(&Codec::Vp8) => {
-                LoopingVideo::testclip_vp8().ok()
-            }
-            _ => None,
+            VideoSource::None => Video::Off,
         };
-        let video = video.map(|mut v| {
-            v.restart_at_keyframe();
-            v
-        });
-        if video.is_none() && !video_codecs.is_empty() {
-            warn!(%call_id, ?video_codecs, "no test clip in a codec the peer accepts; sending no video");
-        }
-        let audio = [Codec::Pcmu]
-            .into_iter()
-            .find(|c| audio_codecs.contains(c))
-            .map(|c| (ToneAudio::new(440), c));
-        info!(%call_id, video = ?video.as_ref().map(|v| v.codec()), audio = ?audio.as_ref().map(|a| a.1), "sending media");
-        CallMedia {
+        let video = match video {
+            Video::Clip(mut v) => {
+                v.restart_at_keyframe();
+                Video::Clip(v)
+            }
+            v => v,
+        };
+        let audio = match &plan.audio {
+            _ if audio_codecs.is_empty() => Audio::Off,
+            AudioSource::Tone if audio_codecs.contains(&Codec::Pcmu) => {
+                Audio::Tone(ToneAudio::new(ToneAudio::DEFAULT_FREQ_HZ), Codec::Pcmu)
+            }
+            AudioSource::Opus(o) if audio_codecs.contains(&Codec::Opus) => Audio::Opus(o.clone()),
+            AudioSource::Camera => Audio::Camera(Codec::Other),
+            AudioSource::None => Audio::Off,
+            _ => {
+                warn!(%call_id, ?audio_codecs, "the peer takes none of the source's audio codecs; sending no audio");
+                Audio::Off
+            }
+        };
+        info!(%call_id, video = ?describe_video(&video), audio = ?describe_audio(&audio), "sending media");
+        let mut media = CallMedia {
             call_id: call_id.to_owned(),
             video,
             audio,
             next_video: now,
             next_audio: now,
             frames_sent: 0,
-        }
+        };
+        media.send_cached_keyframe(agent, cache, now);
+        media
     }
 
-    /// When the next frame is due.
+    /// When the next paced frame is due (`None` when only pushed sources or nothing).
     pub fn next_due(&self) -> Option<Instant> {
-        let v = self.video.as_ref().map(|_| self.next_video);
-        let a = self.audio.as_ref().map(|_| self.next_audio);
+        let v = matches!(self.video, Video::Clip(_)).then_some(self.next_video);
+        let a = matches!(self.audio, Audio::Tone(..) | Audio::Opus(_)).then_some(self.next_audio);
         match (v, a) {
             (Some(v), Some(a)) => Some(v.min(a)),
             (v, a) => v.or(a),
         }
     }
 
-    /// The peer asked for a keyframe: the next video frame is the clip's next keyframe.
-    pub fn keyframe_requested(&mut self) {
-        if let Some(v) = &mut self.video {
-            v.restart_at_keyframe();
+    /// The peer asked for a keyframe (PLI/FIR).
+    pub fn keyframe_requested(&mut self, agent: &mut Agent, cache: &CameraCache, now: Instant) {
+        match &mut self.video {
+            Video::Clip(v) => v.restart_at_keyframe(),
+            Video::Camera { last_resend, .. } => {
+                if last_resend.is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_RESEND_MIN)
+                {
+                    return;
+                }
+                *last_resend = Some(now);
+                self.send_cached_keyframe(agent, cache, now);
+            }
+            Video::Off => {}
         }
     }
 
-    /// Writes every frame due at `now`; returns how many the agent took.
+    fn send_cached_keyframe(&mut self, agent: &mut Agent, cache: &CameraCache, now: Instant) {
+        let Video::Camera {
+            waiting_keyframe,
+            last_rtp_time,
+            ..
+        } = &mut self.video
+        else {
+            return;
+        };
+        let Some((data, at)) = &cache.keyframe else {
+            debug!(call_id = %self.call_id, "no camera keyframe cached yet; waiting for one");
+            *waiting_keyframe = true;
+            return;
+        };
+        // Time must not go backwards for a resent IDR.
+        let t = last_rtp_time.map_or(*at, |l| (*at).max(l.saturating_add(1)));
+        let frame = OutgoingFrame {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            rtp_time: t,
+            data,
+        };
+        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+            self.frames_sent += 1;
+            *last_rtp_time = Some(t);
+            // Frames after the cached IDR refer to pictures this peer never got.
+            *waiting_keyframe = cache.frames_since_keyframe > 0;
+        }
+    }
+
+    /// A camera video frame (call after [`CameraCache::observe`] for the same frame).
+    pub fn camera_video(
+        &mut self,
+        agent: &mut Agent,
+        data: &[u8],
+        rtp_time: u64,
+        keyframe: bool,
+        now: Instant,
+    ) {
+        let Video::Camera {
+            waiting_keyframe,
+            last_rtp_time,
+            ..
+        } = &mut self.video
+        else {
+            return;
+        };
+        if *waiting_keyframe && !keyframe {
+            return;
+        }
+        let t = last_rtp_time.map_or(rtp_time, |l| rtp_time.max(l.saturating_add(1)));
+        let frame = OutgoingFrame {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            rtp_time: t,
+            data,
+        };
+        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+            *waiting_keyframe = false;
+            *last_rtp_time = Some(t);
+            self.frames_sent += 1;
+        }
+    }
+
+    /// A camera audio packet (G.711, 8 kHz timestamp).
+    pub fn camera_audio(
+        &mut self,
+        agent: &mut Agent,
+        codec: Codec,
+        data: &[u8],
+        rtp_time: u64,
+        now: Instant,
+    ) {
+        let Audio::Camera(sending) = &mut self.audio else {
+            return;
+        };
+        if *sending != codec {
+            let codecs = agent
+                .send_codecs(&self.call_id, MediaKind::Audio)
+                .unwrap_or_default();
+            if !codecs.contains(&codec) {
+                if *sending != Codec::Other || codecs.is_empty() {
+                    return;
+                }
+                warn!(call_id = %self.call_id, ?codec, ?codecs, "the peer does not take the camera's audio codec; sending no audio");
+                self.audio = Audio::Off;
+                return;
+            }
+            *sending = codec;
+        }
+        let frame = OutgoingFrame {
+            kind: MediaKind::Audio,
+            codec,
+            rtp_time,
+            data,
+        };
+        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+            self.frames_sent += 1;
+        }
+    }
+
+    /// Writes every paced frame due at `now`; returns how many the agent took.
     pub fn pump(&mut self, agent: &mut Agent, now: Instant) -> u64 {
         let mut sent = 0;
-        if let Some(video) = &mut self.video {
+        if let Video::Clip(video) = &mut self.video {
             while self.next_video <= now {
                 let f = video.next_frame();
                 let frame = OutgoingFrame {
@@ -109,22 +362,47 @@ impl CallMedia {
                 self.next_video += video.frame_interval();
             }
         }
-        if let Some((audio, codec)) = &mut self.audio {
-            while self.next_audio <= now {
-                let f = audio.next_frame();
-                let frame = OutgoingFrame {
-                    kind: MediaKind::Audio,
-                    codec: *codec,
-                    rtp_time: f.rtp_time_8k,
-                    data: &f.data,
-                };
-                if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
-                    sent += 1;
+        while self.next_audio <= now {
+            let (codec, rtp_time, data, interval) = match &mut self.audio {
+                Audio::Tone(tone, codec) => {
+                    let f = tone.next_frame();
+                    (*codec, f.rtp_time_8k, f.data, tone.frame_interval())
                 }
-                self.next_audio += audio.frame_interval();
+                Audio::Opus(o) => {
+                    let (data, t, d) = o.next_packet();
+                    (Codec::Opus, t, data.to_vec(), d.max(Duration::from_millis(2)))
+                }
+                Audio::Camera(_) | Audio::Off => break,
+            };
+            let frame = OutgoingFrame {
+                kind: MediaKind::Audio,
+                codec,
+                rtp_time,
+                data: &data,
+            };
+            if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+                sent += 1;
             }
+            self.next_audio += interval;
         }
         self.frames_sent += sent;
         sent
+    }
+}
+
+fn describe_video(v: &Video) -> Option<String> {
+    match v {
+        Video::Clip(c) => Some(format!("{:?} clip", c.codec())),
+        Video::Camera { .. } => Some("camera H264".into()),
+        Video::Off => None,
+    }
+}
+
+fn describe_audio(a: &Audio) -> Option<String> {
+    match a {
+        Audio::Tone(_, c) => Some(format!("{c:?} tone")),
+        Audio::Opus(_) => Some("Opus file".into()),
+        Audio::Camera(_) => Some("camera".into()),
+        Audio::Off => None,
     }
 }

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::homeserver::{SimHomeserver, SimHttpError, Ticket};
 use super::net::{Datagram, LinkProfile, SimNet};
-use crate::media::pump::{CallMedia, VideoChoice};
+use crate::media::pump::{CallMedia, CameraCache, MediaPlan, VideoChoice};
 
 /// Wall-clock time at the start of every simulation (fixed: part of determinism).
 pub const SIM_UNIX_START_MS: u64 = 1_767_225_600_000;
@@ -330,8 +330,9 @@ impl World {
                 call_id,
                 state: CallState::Connected,
             } if self.agents[i].send_media => {
-                let media =
-                    CallMedia::start(&mut self.agents[i].agent, call_id, VideoChoice::Auto, now);
+                let plan = MediaPlan::testclip(VideoChoice::Auto);
+                let cache = CameraCache::default();
+                let media = CallMedia::start(&mut self.agents[i].agent, call_id, &plan, &cache, now);
                 self.agents[i].pump = Some(media);
             }
             AgentEvent::CallEnded { call_id, .. }
@@ -343,12 +344,9 @@ impl World {
                 self.agents[i].pump = None;
             }
             AgentEvent::KeyframeRequested { call_id } => {
-                if let Some(p) = self.agents[i]
-                    .pump
-                    .as_mut()
-                    .filter(|p| &p.call_id == call_id)
-                {
-                    p.keyframe_requested();
+                let a = &mut self.agents[i];
+                if let Some(p) = a.pump.as_mut().filter(|p| &p.call_id == call_id) {
+                    p.keyframe_requested(&mut a.agent, &CameraCache::default(), now);
                 }
             }
             _ => {}

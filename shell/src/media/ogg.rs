@@ -1,0 +1,254 @@
+//! Ogg Opus files (RFC 7845) as an audio source: the Opus packets of the first logical stream,
+//! each with its duration read from its TOC byte (RFC 6716 §3.1), so a file plays at its real
+//! rate whatever frame size the encoder chose. Panic-free on any input.
+
+use std::time::Duration;
+
+/// RTP clock of Opus (always 48 kHz, RFC 7587).
+pub const OPUS_CLOCK_RATE: u64 = 48_000;
+
+/// One Opus packet and how long it plays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpusPacket {
+    pub data: Vec<u8>,
+    /// Samples at 48 kHz.
+    pub samples: u32,
+}
+
+/// Why an Ogg Opus file was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OggError {
+    NotOgg,
+    NotOpus,
+    NoAudioPackets,
+}
+
+impl std::fmt::Display for OggError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OggError::NotOgg => "not an Ogg file (no OggS page)",
+            OggError::NotOpus => "Ogg file whose first stream is not Opus (no OpusHead)",
+            OggError::NoAudioPackets => "Ogg Opus file without audio packets",
+        })
+    }
+}
+
+impl std::error::Error for OggError {}
+
+/// The packets of the first logical stream, in order. Truncated pages end the list.
+fn packets(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut partial: Vec<u8> = Vec::new();
+    let mut serial = None;
+    let mut at = 0usize;
+    while let Some(header) = data.get(at..at + 27) {
+        if header.get(..4) != Some(b"OggS") {
+            break;
+        }
+        let page_serial = header.get(14..18).map(|b| b.to_vec());
+        let nsegs = usize::from(header.get(26).copied().unwrap_or(0));
+        let Some(lacing) = data.get(at + 27..at + 27 + nsegs) else {
+            break;
+        };
+        let body_len: usize = lacing.iter().map(|&l| usize::from(l)).sum();
+        let body_at = at + 27 + nsegs;
+        let Some(body) = data.get(body_at..body_at + body_len) else {
+            break;
+        };
+        at = body_at + body_len;
+        if serial.is_none() {
+            serial = page_serial.clone();
+        }
+        if page_serial != serial {
+            continue; // another multiplexed stream
+        }
+        let mut pos = 0usize;
+        for &l in lacing {
+            let l = usize::from(l);
+            partial.extend_from_slice(body.get(pos..pos + l).unwrap_or_default());
+            pos += l;
+            if l < 255 {
+                out.push(std::mem::take(&mut partial));
+            }
+        }
+    }
+    out
+}
+
+/// Samples (48 kHz) of one Opus packet from its TOC byte; `None` for an empty or
+/// malformed packet.
+pub fn packet_samples(packet: &[u8]) -> Option<u32> {
+    let toc = *packet.first()?;
+    let config = toc >> 3;
+    // Frame size per config (RFC 6716 Table 2), in 48 kHz samples.
+    let frame: u32 = match config {
+        0..=11 => [480, 960, 1920, 2880][usize::from(config % 4)],
+        12..=15 => [480, 960][usize::from(config % 2)],
+        _ => [120, 240, 480, 960][usize::from(config % 4)],
+    };
+    let frames = match toc & 3 {
+        0 => 1,
+        1 | 2 => 2,
+        _ => u32::from(*packet.get(1)? & 0x3f),
+    };
+    let total = frame * frames;
+    // RFC 6716 §3.2.5: at most 120 ms per packet.
+    (frames > 0 && total <= 5760).then_some(total)
+}
+
+/// Parses an Ogg Opus file into its audio packets.
+///
+/// # Errors
+/// [`OggError`] when it is not Ogg, not Opus, or has no audio.
+pub fn opus_packets(data: &[u8]) -> Result<Vec<OpusPacket>, OggError> {
+    let all = packets(data);
+    let head = all.first().ok_or(OggError::NotOgg)?;
+    if !head.starts_with(b"OpusHead") {
+        return Err(OggError::NotOpus);
+    }
+    // Packet 2 is OpusTags; audio follows.
+    let out: Vec<OpusPacket> = all
+        .into_iter()
+        .skip(2)
+        .filter_map(|data| {
+            let samples = packet_samples(&data)?;
+            Some(OpusPacket { data, samples })
+        })
+        .collect();
+    if out.is_empty() {
+        return Err(OggError::NoAudioPackets);
+    }
+    Ok(out)
+}
+
+/// An Ogg Opus file looped forever with a 48 kHz timestamp that keeps increasing.
+#[derive(Debug, Clone)]
+pub struct LoopingOpus {
+    packets: Vec<OpusPacket>,
+    pos: usize,
+    rtp_time: u64,
+}
+
+impl LoopingOpus {
+    /// # Errors
+    /// As [`opus_packets`].
+    pub fn new(data: &[u8]) -> Result<Self, OggError> {
+        Ok(LoopingOpus {
+            packets: opus_packets(data)?,
+            pos: 0,
+            rtp_time: 0,
+        })
+    }
+
+    /// The next packet, its 48 kHz timestamp and how long until the one after it.
+    pub fn next_packet(&mut self) -> (&[u8], u64, Duration) {
+        if self.pos >= self.packets.len() {
+            self.pos = 0;
+        }
+        let t = self.rtp_time;
+        let Some(p) = self.packets.get(self.pos) else {
+            return (&[], t, Duration::from_millis(20));
+        };
+        self.pos += 1;
+        self.rtp_time = t.saturating_add(u64::from(p.samples));
+        let d = Duration::from_micros(u64::from(p.samples) * 1_000_000 / OPUS_CLOCK_RATE);
+        (&p.data, t, d)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn page(serial: u32, seq: u32, packets: &[&[u8]]) -> Vec<u8> {
+        let mut lacing = Vec::new();
+        let mut body = Vec::new();
+        for p in packets {
+            let mut n = p.len();
+            while n >= 255 {
+                lacing.push(255);
+                n -= 255;
+            }
+            lacing.push(n as u8);
+            body.extend_from_slice(p);
+        }
+        let mut out = b"OggS\0\0".to_vec();
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&serial.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes()); // CRC: not checked by the reader
+        out.push(lacing.len() as u8);
+        out.extend_from_slice(&lacing);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// A small Ogg Opus file: head, tags, then `n` 20 ms packets (config 9: SILK WB 20 ms).
+    pub fn sample_file(n: usize) -> Vec<u8> {
+        let mut f = page(1, 0, &[b"OpusHead\x01\x01\x38\x01\x80\xbb\0\0\0\0\0"]);
+        f.extend(page(1, 1, &[b"OpusTags\0\0\0\0\0\0\0\0"]));
+        let audio: Vec<Vec<u8>> = (0..n).map(|i| vec![9 << 3, i as u8, 0xaa]).collect();
+        let refs: Vec<&[u8]> = audio.iter().map(|v| v.as_slice()).collect();
+        f.extend(page(1, 2, &refs));
+        f
+    }
+
+    #[test]
+    fn reads_packets_and_loops() {
+        let mut l = LoopingOpus::new(&sample_file(3)).unwrap();
+        let (p, t, d) = l.next_packet();
+        assert_eq!((p.to_vec(), t, d), (vec![72, 0, 0xaa], 0, Duration::from_millis(20)));
+        l.next_packet();
+        l.next_packet();
+        let (p, t, _) = l.next_packet();
+        assert_eq!((p[1], t), (0, 3 * 960));
+    }
+
+    #[test]
+    fn long_packets_span_segments() {
+        let big = vec![1u8 << 3; 600];
+        let mut f = page(7, 0, &[b"OpusHead\x01\x01"]);
+        f.extend(page(7, 1, &[b"OpusTags"]));
+        f.extend(page(8, 0, &[b"other stream"]));
+        f.extend(page(7, 2, &[&big]));
+        let p = opus_packets(&f).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].data.len(), 600);
+        assert_eq!(p[0].samples, 960);
+    }
+
+    #[test]
+    fn toc_durations() {
+        assert_eq!(packet_samples(&[0 << 3]), Some(480)); // SILK NB 10 ms
+        assert_eq!(packet_samples(&[(3 << 3) | 1]), Some(5760)); // SILK NB 60 ms x 2 = 120 ms, the most allowed
+        assert_eq!(packet_samples(&[(31 << 3) | 3, 0x05]), Some(4800)); // CELT 20 ms x 5
+        assert_eq!(packet_samples(&[(31 << 3) | 3, 0x07]), None); // 140 ms: invalid
+        assert_eq!(packet_samples(&[(16 << 3) | 3]), None); // code 3 without count byte
+        assert_eq!(packet_samples(&[]), None);
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        assert_eq!(opus_packets(b"").unwrap_err(), OggError::NotOgg);
+        assert_eq!(opus_packets(b"RIFF....").unwrap_err(), OggError::NotOgg);
+        assert_eq!(
+            opus_packets(&page(1, 0, &[b"\x01vorbis"])).unwrap_err(),
+            OggError::NotOpus
+        );
+        assert_eq!(
+            opus_packets(&sample_file(0)).unwrap_err(),
+            OggError::NoAudioPackets
+        );
+        let mut rng = fastrand::Rng::with_seed(3);
+        let f = sample_file(20);
+        for _ in 0..300 {
+            let mut g = f.clone();
+            for _ in 0..rng.usize(1..6) {
+                let i = rng.usize(..g.len());
+                g[i] = rng.u8(..);
+            }
+            g.truncate(rng.usize(..=g.len()));
+            let _ = opus_packets(&g);
+        }
+    }
+}
