@@ -183,8 +183,13 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
         };
         for p in defaults {
             let f = p.spec().format;
+            // One entry per profile family and packetization mode: str0m panics ("Pt locked
+            // multiple times") when two local entries match one offered payload type.
             let same = setup.h264_profile.is_some_and(|s| {
-                f.profile_level_id == Some(s.0) && f.packetization_mode == Some(1)
+                let theirs = f.profile_level_id.map(ProfileLevelId);
+                f.packetization_mode == Some(1)
+                    && (theirs == Some(s)
+                        || (s.family().is_some() && theirs.and_then(ProfileLevelId::family) == s.family()))
             });
             if !same {
                 codecs.add_h264(
