@@ -1071,3 +1071,42 @@ impl Call {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(profile: Option<ProfileLevelId>) -> String {
+        let setup = CallSetup {
+            crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
+            local_addrs: vec!["127.0.0.1:5000".parse().unwrap()],
+            reflexive: Vec::new(),
+            video: true,
+            h264_profile: profile,
+            audio: false,
+            lifetime: Duration::from_secs(60),
+        };
+        let mut rtc = rtc_config(&setup).build(Instant::now());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+        let (offer, _) = api.apply().unwrap();
+        offer.to_sdp_string()
+    }
+
+    #[test]
+    fn the_source_profile_is_offered_first_once_per_family() {
+        let sdp = offer(Some(ProfileLevelId(0x640016)));
+        let m = sdp.lines().find(|l| l.starts_with("m=video")).unwrap();
+        let pts: Vec<&str> = m.split(' ').skip(3).collect();
+        assert_eq!(pts[0], limits::H264_SOURCE_PT.to_string());
+        assert!(sdp.contains("profile-level-id=640016"), "{sdp}");
+        // The default High entry (64001f, mode 1) would make two of one family: left out.
+        assert!(!sdp.contains("profile-level-id=64001f;"), "{sdp}");
+        assert!(sdp.contains("profile-level-id=42e01f"), "{sdp}");
+        assert!(sdp.contains("VP8/90000"), "{sdp}");
+        // Without a source profile: str0m's usual set.
+        let plain = offer(None);
+        assert!(plain.contains("profile-level-id=64001f"), "{plain}");
+        assert!(!plain.contains("profile-level-id=640016"), "{plain}");
+    }
+}
