@@ -22,16 +22,17 @@
 # --protocols: lower transports allowed in SETUP (a disallowed one gets 461).
 # --user/--password: every request on the mount needs credentials (401 otherwise), Basic or
 # (--auth digest) Digest, never both (a Basic header on a digest server gets 401).
-# Start-up to READY: ~60-120 ms. The pipeline is built at the first DESCRIBE (~0.1-0.3 s).
+# Start-up to READY: ~60-120 ms; the pipeline is built at the first DESCRIBE (answers in ~10-20 ms).
 # SIGTERM/SIGINT: exit 0 at once. Errors (port in use, missing GStreamer element, bad
 # arguments): a message on stderr, exit 1 (2 for argument errors).
 # The listening socket has SO_REUSEADDR (gst-rtsp-server binds with allow_reuse), so a
 # server killed with SIGKILL can be restarted on the same port immediately.
 #
-# Debian packages: python3-gi gir1.2-gst-rtsp-server-1.0 (pulls gir1.2-gstreamer-1.0,
-# libgstrtspserver-1.0-0) gstreamer1.0-plugins-base (videotestsrc, audiotestsrc,
-# audioconvert, audioresample, opus) gstreamer1.0-plugins-good (rtp payloaders, mulaw, alaw)
-# gstreamer1.0-plugins-ugly (x264enc).
+# Debian 12 packages (GStreamer 1.22): python3-gi gir1.2-gst-rtsp-server-1.0 (pulls
+# libgstrtspserver-1.0-0, gir1.2-gstreamer-1.0, gir1.2-gst-plugins-base-1.0 for GstRtsp)
+# gstreamer1.0-plugins-base (videotestsrc, audiotestsrc, audioconvert, audioresample, opus)
+# gstreamer1.0-plugins-good (rtp payloaders, rtpbin, udp, mulaw, alaw)
+# gstreamer1.0-plugins-ugly (x264enc). plugins-bad is not needed.
 #
 # Client check:  ffprobe -rtsp_transport tcp -v error -show_streams rtsp://127.0.0.1:8554/cam
 

@@ -120,7 +120,13 @@ pub(crate) mod testutil {
         dir
     }
 
-    pub fn frame(kind: MediaKind, codec: Codec, rtp_time: u64, clock_rate: u32, data: &[u8]) -> MediaFrame {
+    pub fn frame(
+        kind: MediaKind,
+        codec: Codec,
+        rtp_time: u64,
+        clock_rate: u32,
+        data: &[u8],
+    ) -> MediaFrame {
         MediaFrame {
             call_id: "test-call".into(),
             kind,
@@ -137,7 +143,15 @@ pub(crate) mod testutil {
         access_units(crate::media::TESTCLIP)
             .iter()
             .enumerate()
-            .map(|(i, au)| frame(MediaKind::Video, Codec::H264, base + 6_000 * i as u64, 90_000, &au.data))
+            .map(|(i, au)| {
+                frame(
+                    MediaKind::Video,
+                    Codec::H264,
+                    base + 6_000 * i as u64,
+                    90_000,
+                    &au.data,
+                )
+            })
             .collect()
     }
 
@@ -147,7 +161,15 @@ pub(crate) mod testutil {
         frames
             .iter()
             .enumerate()
-            .map(|(i, f)| frame(MediaKind::Video, Codec::Vp8, base + 6_000 * i as u64, 90_000, &f.data))
+            .map(|(i, f)| {
+                frame(
+                    MediaKind::Video,
+                    Codec::Vp8,
+                    base + 6_000 * i as u64,
+                    90_000,
+                    &f.data,
+                )
+            })
             .collect()
     }
 
@@ -155,7 +177,15 @@ pub(crate) mod testutil {
     pub fn pcmu(base: u64, n: usize) -> Vec<MediaFrame> {
         let mut tone = ToneGenerator::new(440);
         (0..n)
-            .map(|i| frame(MediaKind::Audio, Codec::Pcmu, base + 160 * i as u64, 8_000, &tone.next_frame()))
+            .map(|i| {
+                frame(
+                    MediaKind::Audio,
+                    Codec::Pcmu,
+                    base + 160 * i as u64,
+                    8_000,
+                    &tone.next_frame(),
+                )
+            })
             .collect()
     }
 
@@ -163,7 +193,15 @@ pub(crate) mod testutil {
     /// stacks send for silence) from rtp time `base`.
     pub fn opus_silence(base: u64, n: usize) -> Vec<MediaFrame> {
         (0..n)
-            .map(|i| frame(MediaKind::Audio, Codec::Opus, base + 960 * i as u64, 48_000, &[0xf8, 0xff, 0xfe]))
+            .map(|i| {
+                frame(
+                    MediaKind::Audio,
+                    Codec::Opus,
+                    base + 960 * i as u64,
+                    48_000,
+                    &[0xf8, 0xff, 0xfe],
+                )
+            })
             .collect()
     }
 
@@ -188,7 +226,15 @@ pub(crate) mod testutil {
     /// ffprobe is not installed.
     pub fn ffprobe(path: &Path) -> Option<serde_json::Value> {
         let out = match Command::new("ffprobe")
-            .args(["-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json"])
+            .args([
+                "-v",
+                "error",
+                "-count_frames",
+                "-show_streams",
+                "-show_format",
+                "-of",
+                "json",
+            ])
             .arg(path)
             .output()
         {
@@ -215,8 +261,13 @@ pub(crate) mod testutil {
         for st in json["streams"].as_array().into_iter().flatten() {
             s.push_str(&format!(
                 "  stream {} {} {}x{} sample_rate={} nb_read_frames={} duration={}\n",
-                st["codec_type"], st["codec_name"], st["width"], st["height"], st["sample_rate"],
-                st["nb_read_frames"], st["duration"]
+                st["codec_type"],
+                st["codec_name"],
+                st["width"],
+                st["height"],
+                st["sample_rate"],
+                st["nb_read_frames"],
+                st["duration"]
             ));
         }
         s.push_str(&format!("  format duration={}", json["format"]["duration"]));
@@ -224,7 +275,10 @@ pub(crate) mod testutil {
     }
 
     /// The first stream of `codec_type`.
-    pub fn stream<'a>(json: &'a serde_json::Value, codec_type: &str) -> Option<&'a serde_json::Value> {
+    pub fn stream<'a>(
+        json: &'a serde_json::Value,
+        codec_type: &str,
+    ) -> Option<&'a serde_json::Value> {
         json["streams"]
             .as_array()?
             .iter()
@@ -246,7 +300,10 @@ mod tests {
 
     #[test]
     fn call_ids_become_safe_file_names() {
-        assert_eq!(sanitise_call_id("1700000000abc-DEF_1.2"), "1700000000abc-DEF_1.2");
+        assert_eq!(
+            sanitise_call_id("1700000000abc-DEF_1.2"),
+            "1700000000abc-DEF_1.2"
+        );
         assert_eq!(sanitise_call_id("../../etc/passwd"), "_._.._etc_passwd");
         assert_eq!(sanitise_call_id("a b/c\\d:é"), "a_b_c_d__");
         assert_eq!(sanitise_call_id(""), "call");

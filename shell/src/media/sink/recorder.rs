@@ -251,7 +251,11 @@ impl Recorder {
     /// # Errors
     /// Creating or writing the file failed.
     pub fn create(dir: &Path, call_id: &str, started_unix_ms: u64) -> io::Result<Recorder> {
-        let stem = format!("{}-{}", utc_stamp(started_unix_ms), sanitise_call_id(call_id));
+        let stem = format!(
+            "{}-{}",
+            utc_stamp(started_unix_ms),
+            sanitise_call_id(call_id)
+        );
         let mut attempt = 0;
         let (file, path) = loop {
             let name = if attempt == 0 {
@@ -262,7 +266,10 @@ impl Recorder {
             let path = dir.join(name);
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => break (f, path),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < MAX_NAME_COLLISIONS => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::AlreadyExists
+                        && attempt < MAX_NAME_COLLISIONS =>
+                {
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -287,11 +294,19 @@ impl Recorder {
         let mut info = Vec::new();
         ebml::put_uint(&mut info, id::TIMESTAMP_SCALE, 1_000_000);
         ebml::put_str(&mut info, id::MUXING_APP, "call-assist");
-        ebml::put_str(&mut info, id::WRITING_APP, concat!("call-assist ", env!("CARGO_PKG_VERSION")));
+        ebml::put_str(
+            &mut info,
+            id::WRITING_APP,
+            concat!("call-assist ", env!("CARGO_PKG_VERSION")),
+        );
         let since_2001_ms = i64::try_from(started_unix_ms)
             .unwrap_or(i64::MAX)
             .saturating_sub(MATROSKA_EPOCH_UNIX_MS);
-        ebml::put_int8(&mut info, id::DATE_UTC, since_2001_ms.saturating_mul(1_000_000));
+        ebml::put_int8(
+            &mut info,
+            id::DATE_UTC,
+            since_2001_ms.saturating_mul(1_000_000),
+        );
         let void_in_info = info.len();
         ebml::put_void(&mut info, DURATION_ELEMENT_BYTES);
         ebml::put_id(&mut head, id::INFO);
@@ -337,7 +352,9 @@ impl Recorder {
     /// every later call fails too.
     pub fn write(&mut self, f: &MediaFrame) -> io::Result<()> {
         if self.phase == Phase::Failed {
-            return Err(io::Error::other("recording stopped after an earlier write error"));
+            return Err(io::Error::other(
+                "recording stopped after an earlier write error",
+            ));
         }
         match self.accept(f) {
             Ok(()) => Ok(()),
@@ -362,7 +379,9 @@ impl Recorder {
     /// Writing, seeking or removing the file failed, or an earlier write did.
     pub fn finish(mut self) -> io::Result<RecordingSummary> {
         if self.phase == Phase::Failed {
-            return Err(io::Error::other("recording stopped after an earlier write error"));
+            return Err(io::Error::other(
+                "recording stopped after an earlier write error",
+            ));
         }
         if self.phase == Phase::Waiting {
             if self.video.setup.is_none() && self.audio.setup.is_none() {
@@ -452,10 +471,14 @@ impl Recorder {
             Codec::Vp8 => {
                 let keyframe = f.data.first().is_some_and(|b| b & 1 == 0);
                 if keyframe && codec_private::vp8_keyframe_dimensions(&f.data).is_none() {
-                    return Err(WriteError::Skip(Skip::Garbage("VP8 keyframe without a valid header")));
+                    return Err(WriteError::Skip(Skip::Garbage(
+                        "VP8 keyframe without a valid header",
+                    )));
                 }
                 if f.data.len() < 3 {
-                    return Err(WriteError::Skip(Skip::Garbage("VP8 frame shorter than its frame tag")));
+                    return Err(WriteError::Skip(Skip::Garbage(
+                        "VP8 frame shorter than its frame tag",
+                    )));
                 }
                 (f.data.to_vec(), keyframe)
             }
@@ -545,7 +568,9 @@ impl Recorder {
             };
             let ty = header & 0x1f;
             if header & 0x80 != 0 || ty == 0 {
-                return Err(WriteError::Skip(Skip::Garbage("H.264 NAL unit with forbidden bit or type 0")));
+                return Err(WriteError::Skip(Skip::Garbage(
+                    "H.264 NAL unit with forbidden bit or type 0",
+                )));
             }
             match ty {
                 nal_type::AUD => continue,
@@ -560,7 +585,9 @@ impl Recorder {
             out.extend_from_slice(nal);
         }
         if !any {
-            return Err(WriteError::Skip(Skip::Garbage("H.264 frame without a start code")));
+            return Err(WriteError::Skip(Skip::Garbage(
+                "H.264 frame without a start code",
+            )));
         }
         Ok(has_slice.then_some((out, keyframe)))
     }
@@ -595,14 +622,16 @@ impl Recorder {
         if !v_ready && !a_ready {
             return Ok(());
         }
-        let unready_but_seen = (self.video.seen.is_some() && !v_ready) || (self.audio.seen.is_some() && !a_ready);
+        let unready_but_seen =
+            (self.video.seen.is_some() && !v_ready) || (self.audio.seen.is_some() && !a_ready);
         let wait = if unready_but_seen {
             WAIT_FOR_KEYFRAME_MS
         } else {
             WAIT_FOR_OTHER_KIND_MS
         };
         let span = self.video.seen_span_ms().max(self.audio.seen_span_ms());
-        let full = self.pending.len() >= MAX_PENDING_FRAMES || self.pending_bytes >= MAX_PENDING_BYTES;
+        let full =
+            self.pending.len() >= MAX_PENDING_FRAMES || self.pending_bytes >= MAX_PENDING_BYTES;
         if (v_ready && a_ready) || full || span >= wait {
             self.declare()?;
         }
@@ -712,7 +741,8 @@ impl Recorder {
             }
             None => block.ms,
         };
-        let rel = (i128::from(block.ms) - i128::from(start)).clamp(i128::from(i16::MIN), i128::from(i16::MAX));
+        let rel = (i128::from(block.ms) - i128::from(start))
+            .clamp(i128::from(i16::MIN), i128::from(i16::MAX));
         let rel = i16::try_from(rel).unwrap_or(0);
         let mut out = Vec::with_capacity(block.data.len() + 16);
         ebml::put_id(&mut out, id::SIMPLE_BLOCK);
@@ -780,8 +810,9 @@ enum Stamp {
 impl Track {
     /// Media time between the first and the latest frame seen, in ms.
     fn seen_span_ms(&self) -> u64 {
-        self.seen
-            .map_or(0, |(first, last, rate)| rtp_to_ms(last.saturating_sub(first), rate))
+        self.seen.map_or(0, |(first, last, rate)| {
+            rtp_to_ms(last.saturating_sub(first), rate)
+        })
     }
 
     /// Advances the clock to `rtp` (see the module docs) and says how.
@@ -865,7 +896,10 @@ mod tests {
         let Some(probe) = ffprobe(&path) else { return };
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "h264");
-        assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(320), Some(240)));
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(320), Some(240))
+        );
         assert_eq!(num(&v["nb_read_frames"]), 60.0);
         let a = stream(&probe, "audio").expect("audio stream");
         assert_eq!(a["codec_name"], "pcm_mulaw");
@@ -884,7 +918,10 @@ mod tests {
         let Some(probe) = ffprobe(&path) else { return };
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "vp8");
-        assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(320), Some(240)));
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(320), Some(240))
+        );
         assert_eq!(num(&v["nb_read_frames"]), 60.0);
         let a = stream(&probe, "audio").expect("audio stream");
         assert_eq!(a["codec_name"], "opus");
@@ -910,7 +947,9 @@ mod tests {
         }
         let summary = rec.finish().unwrap();
         assert_eq!((summary.video_codec, summary.audio_frames), (None, 150));
-        let Some(probe) = ffprobe(&summary.path.unwrap()) else { return };
+        let Some(probe) = ffprobe(&summary.path.unwrap()) else {
+            return;
+        };
         assert!(stream(&probe, "video").is_none());
         assert_eq!(stream(&probe, "audio").unwrap()["codec_name"], "pcm_alaw");
         assert_close(num(&probe["format"]["duration"]), 3.0, 0.1, "duration");
@@ -944,10 +983,20 @@ mod tests {
         let summary = record(&dir, &frames).finish().unwrap();
         assert_eq!(summary.video_frames, 45);
         assert_eq!(summary.skipped_frames, 10);
-        let Some(probe) = ffprobe(&summary.path.unwrap()) else { return };
-        assert_eq!(num(&stream(&probe, "video").unwrap()["nb_read_frames"]), 45.0);
+        let Some(probe) = ffprobe(&summary.path.unwrap()) else {
+            return;
+        };
+        assert_eq!(
+            num(&stream(&probe, "video").unwrap()["nb_read_frames"]),
+            45.0
+        );
         // Video starts where audio was when its keyframe came: about 10 frames / 15 fps in.
-        assert_close(num(&stream(&probe, "video").unwrap()["start_time"]), 0.667, 0.05, "video start");
+        assert_close(
+            num(&stream(&probe, "video").unwrap()["start_time"]),
+            0.667,
+            0.05,
+            "video start",
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -968,8 +1017,20 @@ mod tests {
         let dir = temp_dir("garbage");
         let mut rec = Recorder::create(&dir, "garbage", 0).unwrap();
         let bad = [
-            frame(MediaKind::Video, Codec::H264, 0, 90_000, &[0xde, 0xad, 0xbe, 0xef]),
-            frame(MediaKind::Video, Codec::H264, 0, 90_000, &[0, 0, 1, 0x80, 1, 2]),
+            frame(
+                MediaKind::Video,
+                Codec::H264,
+                0,
+                90_000,
+                &[0xde, 0xad, 0xbe, 0xef],
+            ),
+            frame(
+                MediaKind::Video,
+                Codec::H264,
+                0,
+                90_000,
+                &[0, 0, 1, 0x80, 1, 2],
+            ),
             frame(MediaKind::Video, Codec::Vp8, 0, 90_000, &[0x00, 1, 2, 3, 4]),
             frame(MediaKind::Audio, Codec::Pcmu, 0, 8_000, &[]),
             frame(MediaKind::Audio, Codec::H264, 0, 8_000, &[1, 2, 3]),
@@ -979,7 +1040,10 @@ mod tests {
         for f in &bad {
             let err = rec.write(f).unwrap_err();
             assert!(
-                matches!(err.kind(), io::ErrorKind::InvalidData | io::ErrorKind::Unsupported),
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::Unsupported
+                ),
                 "{f:?}: {err}"
             );
         }
@@ -989,7 +1053,10 @@ mod tests {
         }
         // A codec switch mid-call is refused for the track.
         let switched = frame(MediaKind::Video, Codec::Vp8, 400_000, 90_000, &[1, 2, 3]);
-        assert_eq!(rec.write(&switched).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            rec.write(&switched).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
         let summary = rec.finish().unwrap();
         assert_eq!((summary.video_frames, summary.audio_frames), (60, 200));
         assert_eq!(summary.skipped_frames, bad.len() as u64 + 1);
@@ -1013,8 +1080,16 @@ mod tests {
                 data[..4].copy_from_slice(&[0, 0, 0, 1]);
             }
             let (kind, codec) = codecs[rng.usize(..codecs.len())];
-            let rate = if kind == MediaKind::Video { 90_000 } else { 8_000 };
-            let t = if rng.u8(..) == 0 { rng.u64(..) } else { i * 3_000 };
+            let rate = if kind == MediaKind::Video {
+                90_000
+            } else {
+                8_000
+            };
+            let t = if rng.u8(..) == 0 {
+                rng.u64(..)
+            } else {
+                i * 3_000
+            };
             let _ = rec.write(&frame(kind, codec, t, rate, &data));
         }
         rec.finish().unwrap();
@@ -1039,7 +1114,11 @@ mod tests {
         let a = Recorder::create(&dir, "c", 0).unwrap();
         let b = Recorder::create(&dir, "c", 0).unwrap();
         assert_ne!(a.path(), b.path());
-        assert!(b.path().to_str().unwrap().ends_with("19700101T000000Z-c-1.mkv"));
+        assert!(b
+            .path()
+            .to_str()
+            .unwrap()
+            .ends_with("19700101T000000Z-c-1.mkv"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -132,7 +132,10 @@ impl RtpForwarder {
                 if self.warned.first(WARN_UNSUPPORTED) {
                     tracing::warn!(call_id = %f.call_id, codec = ?f.codec, kind = ?f.kind, "cannot forward this codec as RTP");
                 }
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "codec not forwarded"));
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "codec not forwarded",
+                ));
             }
         };
         let payloads = match f.codec {
@@ -148,10 +151,17 @@ impl RtpForwarder {
             if self.warned.first(WARN_GARBAGE) {
                 tracing::warn!(call_id = %f.call_id, codec = ?f.codec, "frame gives no RTP packet; skipped");
             }
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame gives no RTP packet"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "frame gives no RTP packet",
+            ));
         }
 
-        let slot = if is_video { &mut self.video } else { &mut self.audio };
+        let slot = if is_video {
+            &mut self.video
+        } else {
+            &mut self.audio
+        };
         if slot.is_none_or(|s| s.codec != f.codec) {
             // A new codec is a new stream for the player: fresh SSRC, new SDP.
             *slot = Some(Stream {
@@ -163,10 +173,18 @@ impl RtpForwarder {
             self.sdp_version += 1;
             tracing::debug!(call_id = %f.call_id, codec = ?f.codec, "RTP forward stream started");
         }
-        let dest = if is_video { self.video_dest } else { self.audio_dest };
+        let dest = if is_video {
+            self.video_dest
+        } else {
+            self.audio_dest
+        };
         let last = payloads.len() - 1;
         for (i, payload) in payloads.iter().enumerate() {
-            let slot = if is_video { &mut self.video } else { &mut self.audio };
+            let slot = if is_video {
+                &mut self.video
+            } else {
+                &mut self.audio
+            };
             let Some(stream) = slot.as_mut() else {
                 break;
             };
@@ -220,14 +238,23 @@ impl RtpForwarder {
         );
         if let Some(v) = self.video {
             let pt = v.payload_type;
-            sdp.push_str(&format!("m=video {} RTP/AVP {pt}\r\n", self.video_dest.port()));
+            sdp.push_str(&format!(
+                "m=video {} RTP/AVP {pt}\r\n",
+                self.video_dest.port()
+            ));
             if v.codec == Codec::H264 {
-                sdp.push_str(&format!("a=rtpmap:{pt} H264/90000\r\na=fmtp:{pt} packetization-mode=1"));
+                sdp.push_str(&format!(
+                    "a=rtpmap:{pt} H264/90000\r\na=fmtp:{pt} packetization-mode=1"
+                ));
                 if let (Some(sps), Some(pps)) = (&self.sps, &self.pps) {
                     if let Some(plid) = call_assist_core::h264::profile_level_id(sps) {
                         sdp.push_str(&format!(";profile-level-id={plid:06x}"));
                     }
-                    sdp.push_str(&format!(";sprop-parameter-sets={},{}", base64(sps), base64(pps)));
+                    sdp.push_str(&format!(
+                        ";sprop-parameter-sets={},{}",
+                        base64(sps),
+                        base64(pps)
+                    ));
                 }
                 sdp.push_str("\r\n");
             } else {
@@ -392,13 +419,17 @@ mod tests {
     }
 
     fn annexb(nals: &[&[u8]]) -> Vec<u8> {
-        nals.iter().flat_map(|n| START_CODE.iter().chain(n.iter()).copied()).collect()
+        nals.iter()
+            .flat_map(|n| START_CODE.iter().chain(n.iter()).copied())
+            .collect()
     }
 
     fn big_idr(len: usize) -> Vec<u8> {
         let mut rng = fastrand::Rng::with_seed(3);
         // Never 0, so no start code appears inside.
-        std::iter::once(0x65).chain((1..len).map(|_| rng.u8(1..))).collect()
+        std::iter::once(0x65)
+            .chain((1..len).map(|_| rng.u8(1..)))
+            .collect()
     }
 
     #[test]
@@ -422,7 +453,10 @@ mod tests {
             };
             assert_eq!(p[1], expected, "FU header {i}");
         }
-        assert_eq!(depacketize_h264(&payloads), vec![sps.to_vec(), pps.to_vec(), idr]);
+        assert_eq!(
+            depacketize_h264(&payloads),
+            vec![sps.to_vec(), pps.to_vec(), idr]
+        );
     }
 
     #[test]
@@ -439,15 +473,27 @@ mod tests {
         let frame: Vec<u8> = (0..3_000u32).map(|i| i as u8).collect();
         let payloads = packetize_vp8(&frame, MAX_RTP_PAYLOAD);
         assert_eq!(payloads.len(), 3);
-        assert_eq!(payloads.iter().map(|p| p[0]).collect::<Vec<_>>(), [0x10, 0, 0]);
-        let joined: Vec<u8> = payloads.iter().flat_map(|p| p[1..].iter().copied()).collect();
+        assert_eq!(
+            payloads.iter().map(|p| p[0]).collect::<Vec<_>>(),
+            [0x10, 0, 0]
+        );
+        let joined: Vec<u8> = payloads
+            .iter()
+            .flat_map(|p| p[1..].iter().copied())
+            .collect();
         assert_eq!(joined, frame);
         assert!(packetize_vp8(&[], MAX_RTP_PAYLOAD).is_empty());
     }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        let cases = [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")];
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ];
         for (plain, coded) in cases {
             assert_eq!(base64(plain.as_bytes()), coded);
         }
@@ -457,8 +503,12 @@ mod tests {
     fn port_pair() -> (UdpSocket, UdpSocket) {
         for _ in 0..200 {
             let p = 2 * fastrand::u16(10_000..32_000);
-            let Ok(a) = UdpSocket::bind(("127.0.0.1", p)) else { continue };
-            let Ok(b) = UdpSocket::bind(("127.0.0.1", p + 2)) else { continue };
+            let Ok(a) = UdpSocket::bind(("127.0.0.1", p)) else {
+                continue;
+            };
+            let Ok(b) = UdpSocket::bind(("127.0.0.1", p + 2)) else {
+                continue;
+            };
             return (a, b);
         }
         panic!("no free UDP port pair on 127.0.0.1");
@@ -474,7 +524,8 @@ mod tests {
     }
 
     fn recv_all(sock: &UdpSocket) -> Vec<Packet> {
-        sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut out = Vec::new();
         let mut buf = [0u8; 2_000];
         while let Ok(n) = sock.recv(&mut buf) {
@@ -527,7 +578,9 @@ mod tests {
 
         let ap = recv_all(&audio_rx);
         assert_eq!(ap.len(), 50);
-        assert!(ap.iter().all(|p| p.pt == PT_PCMU && !p.marker && p.payload.len() == 160));
+        assert!(ap
+            .iter()
+            .all(|p| p.pt == PT_PCMU && !p.marker && p.payload.len() == 160));
         assert_ne!(ap[0].ssrc, ssrc);
         for (p, f) in ap.iter().zip(&audio) {
             assert_eq!(p.ts, f.rtp_time as u32);
@@ -549,14 +602,19 @@ mod tests {
         assert!(sdp.contains("c=IN IP4 127.0.0.1\r\n"));
         assert!(sdp.contains(&format!("m=video {port} RTP/AVP 96\r\n")));
         assert!(sdp.contains("a=rtpmap:96 H264/90000\r\n"));
-        assert!(sdp.contains("a=fmtp:96 packetization-mode=1;profile-level-id=42c01e;sprop-parameter-sets="));
+        assert!(sdp.contains(
+            "a=fmtp:96 packetization-mode=1;profile-level-id=42c01e;sprop-parameter-sets="
+        ));
         assert!(!sdp.contains("m=audio"));
         let v1 = fwd.sdp_version();
         fwd.forward(&h264_clip(0)[1]).unwrap();
         assert_eq!(fwd.sdp_version(), v1, "same parameter sets, same SDP");
 
         fwd.forward(&opus_silence(0, 1)[0]).unwrap();
-        assert!(fwd.sdp().contains(&format!("m=audio {} RTP/AVP 111\r\na=rtpmap:111 opus/48000/2\r\n", port + 2)));
+        assert!(fwd.sdp().contains(&format!(
+            "m=audio {} RTP/AVP 111\r\na=rtpmap:111 opus/48000/2\r\n",
+            port + 2
+        )));
         fwd.forward(&vp8_clip(0)[0]).unwrap();
         assert!(fwd.sdp().contains("m=video"));
         assert!(fwd.sdp().contains("a=rtpmap:97 VP8/90000\r\n"));
@@ -586,7 +644,12 @@ mod tests {
     /// ffmpeg, started on the SDP, receives the forwarded clip and remuxes 2 s of it.
     #[test]
     fn ffmpeg_receives_forwarded_media() {
-        if Command::new("ffmpeg").arg("-version").stdout(Stdio::null()).status().is_err() {
+        if Command::new("ffmpeg")
+            .arg("-version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
             eprintln!("ffmpeg not on PATH; skipping the live RTP check");
             return;
         }
@@ -605,7 +668,15 @@ mod tests {
         fwd.write_sdp(&sdp).unwrap();
         let out = dir.join("out.mkv");
         let mut child = Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-protocol_whitelist", "file,udp,rtp", "-i"])
+            .args([
+                "-nostdin",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-protocol_whitelist",
+                "file,udp,rtp",
+                "-i",
+            ])
             .arg(&sdp)
             .args(["-t", "2", "-c", "copy", "-y"])
             .arg(&out)
@@ -616,7 +687,10 @@ mod tests {
         let bound = |port: u16| UdpSocket::bind(("127.0.0.1", port)).is_err();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(bound(dest.port()) && bound(dest.port() + 2)) {
-            assert!(Instant::now() < deadline, "ffmpeg did not bind the RTP ports");
+            assert!(
+                Instant::now() < deadline,
+                "ffmpeg did not bind the RTP ports"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // Real-time pace, looping the clip, until ffmpeg has its 2 s (at most 15 s).
@@ -641,7 +715,13 @@ mod tests {
                 fwd.forward(&f).unwrap();
                 next_video += 1;
             } else if audio_due <= elapsed {
-                let f = frame(MediaKind::Audio, Codec::Pcmu, 160 * (next_audio + 1), 8_000, &tone_gen.next_frame());
+                let f = frame(
+                    MediaKind::Audio,
+                    Codec::Pcmu,
+                    160 * (next_audio + 1),
+                    8_000,
+                    &tone_gen.next_frame(),
+                );
                 fwd.forward(&f).unwrap();
                 next_audio += 1;
             } else {
@@ -649,13 +729,22 @@ mod tests {
             }
         };
         assert!(status.success(), "ffmpeg failed: {status}");
-        eprintln!("sent {next_video} video and {next_audio} audio frames in {:?}", start.elapsed());
+        eprintln!(
+            "sent {next_video} video and {next_audio} audio frames in {:?}",
+            start.elapsed()
+        );
         let Some(probe) = ffprobe(&out) else { return };
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "h264");
-        assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(320), Some(240)));
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(320), Some(240))
+        );
         assert!(num(&v["nb_read_frames"]) >= 20.0, "about 2 s of 15 fps");
-        assert_eq!(stream(&probe, "audio").expect("audio stream")["codec_name"], "pcm_mulaw");
+        assert_eq!(
+            stream(&probe, "audio").expect("audio stream")["codec_name"],
+            "pcm_mulaw"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
