@@ -117,7 +117,8 @@ enum Video {
 enum Audio {
     Tone(ToneAudio, Codec),
     Opus(LoopingOpus),
-    Camera(Codec),
+    /// The camera's G.711; the codec last checked against what the call negotiated.
+    Camera(Option<Codec>),
     Off,
 }
 
@@ -197,7 +198,7 @@ impl CallMedia {
                 Audio::Tone(ToneAudio::new(ToneAudio::DEFAULT_FREQ_HZ), Codec::Pcmu)
             }
             AudioSource::Opus(o) if audio_codecs.contains(&Codec::Opus) => Audio::Opus(o.clone()),
-            AudioSource::Camera => Audio::Camera(Codec::Other),
+            AudioSource::Camera => Audio::Camera(None),
             AudioSource::None => Audio::Off,
             _ => {
                 warn!(%call_id, ?audio_codecs, "the peer takes none of the source's audio codecs; sending no audio");
@@ -257,17 +258,8 @@ impl CallMedia {
             *waiting_keyframe = true;
             return;
         };
-        // Time must not go backwards for a resent IDR.
-        let t = last_rtp_time.map_or(*at, |l| (*at).max(l.saturating_add(1)));
-        let frame = OutgoingFrame {
-            kind: MediaKind::Video,
-            codec: Codec::H264,
-            rtp_time: t,
-            data,
-        };
-        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+        if send_h264(agent, &self.call_id, last_rtp_time, data, *at, now) {
             self.frames_sent += 1;
-            *last_rtp_time = Some(t);
             // Frames after the cached IDR refer to pictures this peer never got.
             *waiting_keyframe = cache.frames_since_keyframe > 0;
         }
@@ -293,16 +285,8 @@ impl CallMedia {
         if *waiting_keyframe && !keyframe {
             return;
         }
-        let t = last_rtp_time.map_or(rtp_time, |l| rtp_time.max(l.saturating_add(1)));
-        let frame = OutgoingFrame {
-            kind: MediaKind::Video,
-            codec: Codec::H264,
-            rtp_time: t,
-            data,
-        };
-        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+        if send_h264(agent, &self.call_id, last_rtp_time, data, rtp_time, now) {
             *waiting_keyframe = false;
-            *last_rtp_time = Some(t);
             self.frames_sent += 1;
         }
     }
@@ -316,22 +300,19 @@ impl CallMedia {
         rtp_time: u64,
         now: Instant,
     ) {
-        let Audio::Camera(sending) = &mut self.audio else {
+        let Audio::Camera(checked) = &mut self.audio else {
             return;
         };
-        if *sending != codec {
+        if *checked != Some(codec) {
             let codecs = agent
                 .send_codecs(&self.call_id, MediaKind::Audio)
                 .unwrap_or_default();
             if !codecs.contains(&codec) {
-                if *sending != Codec::Other || codecs.is_empty() {
-                    return;
-                }
                 warn!(call_id = %self.call_id, ?codec, ?codecs, "the peer does not take the camera's audio codec; sending no audio");
                 self.audio = Audio::Off;
                 return;
             }
-            *sending = codec;
+            *checked = Some(codec);
         }
         let frame = OutgoingFrame {
             kind: MediaKind::Audio,
@@ -388,6 +369,30 @@ impl CallMedia {
         self.frames_sent += sent;
         sent
     }
+}
+
+/// Writes one camera access unit; its timestamp never goes backwards (a resent cached IDR is
+/// older than what was sent last). True when the agent took it.
+fn send_h264(
+    agent: &mut Agent,
+    call_id: &str,
+    last_rtp_time: &mut Option<u64>,
+    data: &[u8],
+    rtp_time: u64,
+    now: Instant,
+) -> bool {
+    let t = last_rtp_time.map_or(rtp_time, |l| rtp_time.max(l.saturating_add(1)));
+    let frame = OutgoingFrame {
+        kind: MediaKind::Video,
+        codec: Codec::H264,
+        rtp_time: t,
+        data,
+    };
+    let sent = matches!(agent.write_media(call_id, now, frame), Ok(true));
+    if sent {
+        *last_rtp_time = Some(t);
+    }
+    sent
 }
 
 fn describe_video(v: &Video) -> Option<String> {
