@@ -14,30 +14,11 @@ use crate::limits;
 use crate::matrix::{MatrixClient, MatrixEvent, RoomEvent, TurnServers};
 use crate::rng::{Rng, Str0mRng};
 use crate::stun::StunClient;
+use crate::turn::{TurnClient, TurnCredentials, TurnEvent, TurnUri};
 use crate::types::{
     AgentConfig, AgentEvent, ApiError, CallDirection, CallId, CallPolicy, CallState, ConfigError,
     HangupReason, Input, OutgoingFrame, Output, Party,
 };
-
-/// The STUN server address of a `stun:`/`turn:` URI with an IP literal (`turn:1.2.3.4:3478?...`).
-fn stun_address(uri: &str) -> Option<std::net::SocketAddr> {
-    let rest = uri
-        .strip_prefix("stun:")
-        .or_else(|| uri.strip_prefix("turn:"))?;
-    if rest.contains("transport=tcp") {
-        return None;
-    }
-    let hostport = rest.split('?').next()?;
-    if let Ok(a) = hostport.parse() {
-        return Some(a);
-    }
-    let ip: std::net::IpAddr = hostport
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()?;
-    Some(std::net::SocketAddr::new(ip, 3478))
-}
 
 /// Candidates for a call id we have not seen yet.
 #[derive(Debug)]
@@ -74,7 +55,8 @@ pub struct Agent {
     events: VecDeque<AgentEvent>,
     dropped_media_events: u64,
     stun: StunClient,
-    /// The latest `/voip/turnServer` answer (used by TURN allocation once it exists).
+    turn: TurnClient,
+    /// The latest `/voip/turnServer` answer.
     turn_servers: Option<TurnServers>,
     now: Instant,
     /// Wall clock anchor: `unix_ms` at `Instant`.
@@ -118,9 +100,33 @@ impl Agent {
         for server in &config.stun_servers {
             stun.add_server(*server, &config.local_addrs, now, &mut rng);
         }
+        let mut turn = TurnClient::default();
+        if let Some(t) = &config.turn {
+            turn.set_credentials(
+                TurnCredentials {
+                    username: t.username.clone(),
+                    password: t.password.clone(),
+                },
+                &config.local_addrs,
+                now,
+            );
+            for uri in &t.uris {
+                match TurnUri::parse(uri) {
+                    Ok(u) => {
+                        if let (true, Some(addr)) = (u.is_udp_turn(), u.addr()) {
+                            turn.add_server(addr, &config.local_addrs, now);
+                        }
+                    }
+                    Err(e) => warn!("TURN URI {uri:?} ignored: {e}"),
+                }
+            }
+        }
         let setup = CallSetup {
             crypto,
             reflexive: Vec::new(),
+            relays: Vec::new(),
+            gathering: turn.gathering(),
+            relay_only: config.relay_only,
             local_addrs: config.local_addrs.clone(),
             video: config.video,
             h264_profile: config.h264_profile,
@@ -140,6 +146,7 @@ impl Agent {
             dropped_media_events: 0,
             turn_servers: None,
             stun,
+            turn,
             now,
             unix_anchor: (now, unix_ms),
         })
@@ -193,6 +200,22 @@ impl Agent {
             self.stun
                 .add_server(*s, &self.config.local_addrs, now, &mut self.rng);
         }
+    }
+
+    /// Who may ring this agent from now on (a reloaded allow list). Calls in progress and
+    /// ringing calls are not touched.
+    pub fn set_policy(&mut self, policy: CallPolicy) {
+        self.config.policy = policy;
+    }
+
+    /// Adds TURN servers (the driver resolved the host names of `turn:` URIs over UDP); a
+    /// relay is allocated on each from every local address of its IP family.
+    pub fn add_turn_servers(&mut self, servers: &[std::net::SocketAddr], now: Instant) {
+        self.now = now;
+        for s in servers {
+            self.turn.add_server(*s, &self.config.local_addrs, now);
+        }
+        self.setup.gathering = self.turn.gathering();
     }
 
     /// The H.264 profile the video source sends changed (a camera's first keyframe, or a
@@ -259,6 +282,7 @@ impl Agent {
             Input::Timeout(now) => {
                 self.now = now;
                 self.matrix.handle_timeout(now, &mut self.rng);
+                self.turn.handle_timeout(now, &mut self.rng);
                 for call in self.calls.values_mut() {
                     call.handle_timeout(now);
                 }
@@ -294,6 +318,18 @@ impl Agent {
                     }
                     return;
                 }
+                // Then our TURN servers: answers, and peers' datagrams through a relay.
+                let relayed =
+                    self.turn
+                        .handle_receive(source, destination, contents, now, &mut self.rng);
+                let (source, destination, contents) = match &relayed {
+                    None => (source, destination, contents),
+                    Some(None) => {
+                        self.process();
+                        return;
+                    }
+                    Some(Some(r)) => (r.peer, r.relay, r.data.as_slice()),
+                };
                 let receive = match Receive::new(Protocol::Udp, source, destination, contents) {
                     Ok(r) => r,
                     Err(e) => {
@@ -322,6 +358,7 @@ impl Agent {
 
     /// Moves matrix events into the calls and call actions into the outbox / event queue.
     fn process(&mut self) {
+        self.process_turn();
         while let Some(ev) = self.matrix.poll_event() {
             match ev {
                 MatrixEvent::LoggedIn {
@@ -341,20 +378,43 @@ impl Agent {
                 MatrixEvent::Timeline(ev) => self.on_room_event(ev),
                 MatrixEvent::TurnServers(t) => {
                     debug!(uris = t.uris.len(), ttl = ?t.ttl, "TURN credentials refreshed");
+                    let now = self.now;
+                    let from_homeserver = self.config.turn.is_none();
+                    if from_homeserver {
+                        self.turn.set_credentials(
+                            TurnCredentials {
+                                username: t.username.clone(),
+                                password: t.password.clone(),
+                            },
+                            &self.config.local_addrs,
+                            now,
+                        );
+                    }
                     for uri in &t.uris {
-                        match stun_address(uri) {
-                            Some(server) => {
-                                let now = self.now;
-                                self.stun.add_server(
-                                    server,
-                                    &self.config.local_addrs,
-                                    now,
-                                    &mut self.rng,
-                                )
+                        let u = match TurnUri::parse(uri) {
+                            Ok(u) => u,
+                            Err(e) => {
+                                warn!("TURN URI from the homeserver ignored: {e}");
+                                continue;
                             }
-                            None => debug!("TURN URI without an IP address is not probed for STUN"),
+                        };
+                        let Some(server) = u.addr() else {
+                            debug!("TURN URI with a host name: the driver resolves it");
+                            continue;
+                        };
+                        if u.is_udp_stun() {
+                            self.stun.add_server(
+                                server,
+                                &self.config.local_addrs,
+                                now,
+                                &mut self.rng,
+                            );
+                        }
+                        if u.is_udp_turn() && from_homeserver {
+                            self.turn.add_server(server, &self.config.local_addrs, now);
                         }
                     }
+                    self.setup.gathering = self.turn.gathering();
                     self.turn_servers = Some(t);
                 }
                 MatrixEvent::Invited { room_id, inviter } => {
@@ -386,6 +446,55 @@ impl Agent {
             }
         }
         self.drain_call_actions();
+    }
+
+    /// TURN allocations that came or went: relay candidates for the calls.
+    fn process_turn(&mut self) {
+        let now = self.now;
+        while let Some(ev) = self.turn.poll_event() {
+            match ev {
+                TurnEvent::Allocated {
+                    local,
+                    server,
+                    relay,
+                    mapped,
+                } => {
+                    if !self.setup.relays.contains(&(relay, local)) {
+                        self.setup.relays.push((relay, local));
+                    }
+                    for call in self.calls.values_mut() {
+                        call.add_relay(relay, local, now);
+                    }
+                    self.push_event(AgentEvent::RelayAllocated {
+                        server,
+                        local,
+                        relay,
+                        mapped,
+                    });
+                }
+                TurnEvent::Failed {
+                    server,
+                    code,
+                    reason,
+                    ..
+                } => self.push_event(AgentEvent::RelayFailed {
+                    server,
+                    code,
+                    reason,
+                }),
+                TurnEvent::Lost { relay } => {
+                    self.setup.relays.retain(|(r, _)| *r != relay);
+                    self.push_event(AgentEvent::RelayLost { relay });
+                }
+            }
+        }
+        let gathering = self.turn.gathering();
+        if self.setup.gathering && !gathering {
+            for call in self.calls.values_mut() {
+                call.end_of_candidates(now);
+            }
+        }
+        self.setup.gathering = gathering;
     }
 
     fn drain_call_actions(&mut self) {
@@ -731,6 +840,8 @@ impl Agent {
 
     /// Hangs up every call that is not ended (for shutdown).
     pub fn hangup_all(&mut self, now: Instant) {
+        self.now = now;
+        self.turn.delete_all(now, &mut self.rng);
         let ids: Vec<CallId> = self
             .calls
             .iter()
@@ -788,74 +899,70 @@ impl Agent {
     }
 
     fn poll_output_inner(&mut self) -> Output {
-        if let Some(e) = self.events.pop_front() {
-            return Output::Event(e);
-        }
-        let now = self.now;
-        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
-        for id in &ids {
-            let Some(call) = self.calls.get_mut(id) else {
-                continue;
-            };
-            let transmit = call.poll_transmit(now);
-            self.drain_call_actions();
-            if let Some(t) = transmit {
-                return Output::Transmit(t);
-            }
+        'again: loop {
             if let Some(e) = self.events.pop_front() {
                 return Output::Event(e);
             }
+            let now = self.now;
+            let ids: Vec<CallId> = self.calls.keys().cloned().collect();
+            for id in &ids {
+                let Some(call) = self.calls.get_mut(id) else {
+                    continue;
+                };
+                let transmit = call.poll_transmit(now);
+                self.drain_call_actions();
+                if let Some(t) = transmit {
+                    if self.turn.is_relay(t.source) {
+                        match self.turn.send(
+                            t.source,
+                            t.destination,
+                            &t.contents,
+                            now,
+                            &mut self.rng,
+                        ) {
+                            Some(Some(wrapped)) => return Output::Transmit(wrapped),
+                            // Waits for its channel (or no longer has a relay): look again.
+                            _ => continue 'again,
+                        }
+                    }
+                    return Output::Transmit(t);
+                }
+                if let Some(e) = self.events.pop_front() {
+                    return Output::Event(e);
+                }
+            }
+            if let Some(t) = self.stun.poll_transmit(now) {
+                return Output::Transmit(t);
+            }
+            if let Some(t) = self.turn.poll_queued() {
+                return Output::Transmit(t);
+            }
+            if let Some(t) = self.turn.poll_transmit(now) {
+                return Output::Transmit(t);
+            }
+            if let Some((id, request)) = self.matrix.poll_request(now) {
+                return Output::Http { id, request };
+            }
+            let mut next = self.matrix.poll_timeout();
+            for t in [self.stun.poll_timeout(), self.turn.poll_timeout()]
+                .into_iter()
+                .flatten()
+            {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+            for c in self.calls.values() {
+                next = match (next, c.poll_timeout()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            if let Some(o) = self.orphans.values().map(|o| o.since).min() {
+                let at = o + limits::ORPHAN_CANDIDATES_TTL;
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            // Never return a deadline in the past: the driver would spin.
+            let at = next.unwrap_or(now + Duration::from_secs(3600)).max(now);
+            return Output::Timeout(at);
         }
-        if let Some(t) = self.stun.poll_transmit(now) {
-            return Output::Transmit(t);
-        }
-        if let Some((id, request)) = self.matrix.poll_request(now) {
-            return Output::Http { id, request };
-        }
-        let mut next = self.matrix.poll_timeout();
-        if let Some(t) = self.stun.poll_timeout() {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        }
-        for c in self.calls.values() {
-            next = match (next, c.poll_timeout()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        if let Some(o) = self.orphans.values().map(|o| o.since).min() {
-            let at = o + limits::ORPHAN_CANDIDATES_TTL;
-            next = Some(next.map_or(at, |n| n.min(at)));
-        }
-        // Never return a deadline in the past: the driver would spin.
-        let at = next.unwrap_or(now + Duration::from_secs(3600)).max(now);
-        Output::Timeout(at)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stun_address;
-
-    #[test]
-    fn stun_addresses_from_uris() {
-        assert_eq!(
-            stun_address("stun:127.0.0.1:3478"),
-            Some("127.0.0.1:3478".parse().unwrap())
-        );
-        assert_eq!(
-            stun_address("turn:192.0.2.1:3479?transport=udp"),
-            Some("192.0.2.1:3479".parse().unwrap())
-        );
-        assert_eq!(
-            stun_address("turn:[::1]:3478"),
-            Some("[::1]:3478".parse().unwrap())
-        );
-        assert_eq!(
-            stun_address("turn:192.0.2.1"),
-            Some("192.0.2.1:3478".parse().unwrap())
-        );
-        assert_eq!(stun_address("turn:192.0.2.1:3478?transport=tcp"), None);
-        assert_eq!(stun_address("turn:turn.example.org:3478"), None);
-        assert_eq!(stun_address("turns:192.0.2.1:5349"), None);
     }
 }

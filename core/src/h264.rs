@@ -288,14 +288,20 @@ mod tests {
         );
         assert_eq!(ProfileLevelId(0x4d401f).family(), Some(Family::Main));
         assert_eq!(ProfileLevelId(0x42001f).family(), Some(Family::Baseline));
-        assert_eq!(ProfileLevelId(0x640c1f).family(), Some(Family::ConstrainedHigh));
+        assert_eq!(
+            ProfileLevelId(0x640c1f).family(),
+            Some(Family::ConstrainedHigh)
+        );
         assert_eq!(ProfileLevelId(0x6e001f).family(), None);
     }
 
     #[test]
     fn bad_sps_is_an_error() {
         assert_eq!(ProfileLevelId::from_sps(&[]), Err(SpsError::TooShort));
-        assert_eq!(ProfileLevelId::from_sps(&[0x67, 0x64]), Err(SpsError::TooShort));
+        assert_eq!(
+            ProfileLevelId::from_sps(&[0x67, 0x64]),
+            Err(SpsError::TooShort)
+        );
         assert_eq!(
             ProfileLevelId::from_sps(&[0x68, 1, 2, 3]),
             Err(SpsError::NotSps(8))

@@ -60,6 +60,7 @@ pub mod limits;
 pub(crate) mod matrix;
 mod rng;
 mod stun;
+pub mod turn;
 mod types;
 
 #[cfg(feature = "fuzzing")]

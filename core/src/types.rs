@@ -79,6 +79,20 @@ pub struct AgentConfig {
     /// STUN servers to learn server-reflexive addresses from (the homeserver's TURN URIs
     /// with an IP address are used too).
     pub stun_servers: Vec<SocketAddr>,
+    /// TURN servers and credentials from the config (used instead of `/voip/turnServer`'s).
+    pub turn: Option<StaticTurn>,
+    /// Offer only relay candidates: no local or public address of ours goes into the room.
+    /// Calls wait for a relay; without one they end with `ice_failed`.
+    pub relay_only: bool,
+}
+
+/// TURN servers from the config: `turn:` URIs (IP literals; the driver resolves names and
+/// adds them with `Agent::add_turn_servers`) and long-term credentials.
+#[derive(Debug, Clone)]
+pub struct StaticTurn {
+    pub uris: Vec<String>,
+    pub username: Secret,
+    pub password: Secret,
 }
 
 impl AgentConfig {
@@ -101,6 +115,8 @@ impl AgentConfig {
             audio: true,
             fetch_turn_servers: true,
             stun_servers: Vec::new(),
+            turn: None,
+            relay_only: false,
         }
     }
 }
@@ -342,6 +358,24 @@ pub enum AgentEvent {
     ReflexiveAddress {
         local: SocketAddr,
         mapped: SocketAddr,
+    },
+    /// A TURN server gave us a relayed address (offered as `relay`).
+    RelayAllocated {
+        server: SocketAddr,
+        local: SocketAddr,
+        relay: SocketAddr,
+        /// Our address as the TURN server saw it.
+        mapped: Option<SocketAddr>,
+    },
+    /// A TURN allocation failed (retried later). `code`: the STUN error code, if any.
+    RelayFailed {
+        server: SocketAddr,
+        code: Option<u16>,
+        reason: String,
+    },
+    /// A relayed address is gone (expired, refused on refresh); a new one may follow.
+    RelayLost {
+        relay: SocketAddr,
     },
     /// A direct room asked for with `Agent::create_direct_room` exists.
     RoomCreated {

@@ -14,8 +14,8 @@ use ruma::{OwnedRoomId, OwnedUserId, UInt};
 use serde_json::json;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::CryptoProvider;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid};
 use str0m::format::PayloadParams;
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
@@ -100,6 +100,12 @@ pub(crate) struct CallSetup {
     pub local_addrs: Vec<std::net::SocketAddr>,
     /// Server-reflexive addresses learned so far.
     pub reflexive: Vec<crate::stun::Reflexive>,
+    /// TURN relayed addresses ready so far, with the local socket each belongs to.
+    pub relays: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// Some TURN allocation is still under way: end-of-candidates waits for it.
+    pub gathering: bool,
+    /// Offer only relay candidates (no host or server-reflexive address in room history).
+    pub relay_only: bool,
     pub video: bool,
     pub h264_profile: Option<crate::h264::ProfileLevelId>,
     pub audio: bool,
@@ -150,6 +156,9 @@ pub(crate) struct Call {
     pub ended_reason: Option<HangupReason>,
     /// The profile our H.264 source sends (chooses the payload type media goes out on).
     h264_profile: Option<ProfileLevelId>,
+    /// Local candidates were gathered (trickled relays go after them).
+    gathered: bool,
+    sent_end_of_candidates: bool,
 }
 
 fn rtc_config(setup: &CallSetup) -> RtcConfig {
@@ -189,14 +198,16 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
                 let theirs = f.profile_level_id.map(ProfileLevelId);
                 f.packetization_mode == Some(1)
                     && (theirs == Some(s)
-                        || (s.family().is_some() && theirs.and_then(ProfileLevelId::family) == s.family()))
+                        || (s.family().is_some()
+                            && theirs.and_then(ProfileLevelId::family) == s.family()))
             });
             if !same {
                 codecs.add_h264(
                     p.pt(),
                     p.resend(),
                     f.packetization_mode == Some(1),
-                    f.profile_level_id.unwrap_or(ProfileLevelId::CONSTRAINED_BASELINE_3_1.0),
+                    f.profile_level_id
+                        .unwrap_or(ProfileLevelId::CONSTRAINED_BASELINE_3_1.0),
                 );
             }
         }
@@ -325,6 +336,8 @@ impl Call {
             out: VecDeque::new(),
             ended_reason: None,
             h264_profile: setup.h264_profile,
+            gathered: false,
+            sent_end_of_candidates: false,
         }
     }
 
@@ -467,22 +480,64 @@ impl Call {
         }
     }
 
-    /// Adds our host and server-reflexive candidates and schedules the first batch.
+    /// Adds our host, server-reflexive and relay candidates and schedules the first batch.
     fn gather(&mut self, setup: &CallSetup, now: Instant) {
-        let host = setup.local_addrs.iter().map(|a| Candidate::host(*a, "udp"));
-        let srflx = setup
-            .reflexive
-            .iter()
-            .filter(|r| r.mapped != r.local)
-            .map(|r| Candidate::server_reflexive(r.mapped, r.local, "udp"));
-        let candidates: Vec<_> = host.chain(srflx).collect();
+        let mut candidates = Vec::new();
+        if !setup.relay_only {
+            candidates.extend(setup.local_addrs.iter().map(|a| Candidate::host(*a, "udp")));
+            candidates.extend(
+                setup
+                    .reflexive
+                    .iter()
+                    .filter(|r| r.mapped != r.local)
+                    .map(|r| Candidate::server_reflexive(r.mapped, r.local, "udp")),
+            );
+        }
+        candidates.extend(
+            setup
+                .relays
+                .iter()
+                .map(|(relay, local)| Candidate::relayed(*relay, *local, "udp")),
+        );
         for c in candidates {
             match c {
                 Ok(c) => self.add_local_candidate(c),
                 Err(e) => warn!(call_id = %self.id, "local address not usable as candidate: {e}"),
             }
         }
-        // Host and server-reflexive candidates are known up front: end-of-candidates follows.
+        self.gathered = true;
+        // End-of-candidates once no TURN allocation is pending (else when it finishes).
+        if !setup.gathering {
+            self.end_of_candidates(now);
+        }
+        self.timers
+            .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+    }
+
+    /// A relay allocated after this call gathered: trickled to the peer.
+    pub fn add_relay(
+        &mut self,
+        relay: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        now: Instant,
+    ) {
+        if !self.gathered || self.state == CallState::Ended || self.sent_end_of_candidates {
+            return;
+        }
+        match Candidate::relayed(relay, local, "udp") {
+            Ok(c) => self.add_local_candidate(c),
+            Err(e) => warn!(call_id = %self.id, "relay not usable as candidate: {e}"),
+        }
+        self.timers
+            .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+    }
+
+    /// Queues end-of-candidates (once per gathering).
+    pub fn end_of_candidates(&mut self, now: Instant) {
+        if !self.gathered || self.sent_end_of_candidates || self.state == CallState::Ended {
+            return;
+        }
+        self.sent_end_of_candidates = true;
         if self.local_candidates.push_back(None).is_err() {
             warn!(call_id = %self.id, "no room for end-of-candidates");
         }
@@ -1081,6 +1136,9 @@ mod tests {
             crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
             local_addrs: vec!["127.0.0.1:5000".parse().unwrap()],
             reflexive: Vec::new(),
+            relays: Vec::new(),
+            gathering: false,
+            relay_only: false,
             video: true,
             h264_profile: profile,
             audio: false,
