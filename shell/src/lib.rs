@@ -4,5 +4,6 @@
 pub mod demo;
 pub mod live;
 pub mod media;
+pub mod serve;
 pub mod sim;
 pub mod sweep;

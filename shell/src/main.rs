@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use call_assist::demo::{self, DemoOptions};
 use call_assist::live;
+use call_assist::serve;
 use call_assist::sweep;
 
 const USAGE: &str = "\
@@ -32,6 +33,11 @@ commands:
           --homeserver URL --user @me:server [--allow @peer:server ...]
           [--max-calls N] [--duration-s N (hang up N s after connecting)] [--json]
           [common options]
+
+  serve   the hub daemon: answers and places calls for named stations, local HTTP API
+          --config FILE    TOML: [matrix], [api], [network], [[station]] (see README)
+          [--json]         one JSON line per event on stdout
+          SIGHUP reloads the stations' answer/may_call lists; SIGTERM hangs up and exits
 
 common options of call and listen:
   --config FILE            TOML file with the same settings (keys: homeserver, user, room,
@@ -229,6 +235,26 @@ fn main() -> ExitCode {
                 };
             init_logs(opts.json);
             live::run(opts)
+        }
+        "serve" => {
+            let args: Vec<String> = args.collect();
+            if args.iter().any(|a| a == "-h" || a == "--help") {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            let config = serve::parse_args(args.into_iter()).and_then(|(path, json)| {
+                serve::config::ServeConfig::load(&path, |k| std::env::var(k).ok())
+                    .map(|c| (c, json))
+            });
+            let (config, json) = match config {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(live::exit::USAGE);
+                }
+            };
+            init_logs(json);
+            serve::run(config, json)
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

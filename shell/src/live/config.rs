@@ -135,7 +135,7 @@ fn user_id(s: &str, what: &str) -> Result<OwnedUserId, ConfigError> {
     })
 }
 
-fn parse_video(s: &str) -> Result<VideoChoice, ConfigError> {
+pub(crate) fn parse_video(s: &str) -> Result<VideoChoice, ConfigError> {
     match s {
         "auto" => Ok(VideoChoice::Auto),
         "h264" => Ok(VideoChoice::H264),
@@ -323,7 +323,7 @@ pub fn parse(
 
 /// `HOST:PORT` with an IP literal on this host (loopback or a local address: the stream is
 /// unencrypted and meant for a player next to the hub).
-fn parse_forward(s: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_forward(s: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = s.parse().map_err(|_| {
         ConfigError(format!(
             "--forward-rtp: {s:?} is not IP:PORT (e.g. 127.0.0.1:5004)"

@@ -6,7 +6,7 @@
 //! then waits for the channel or the next deadline.
 
 pub mod config;
-mod media;
+pub(crate) mod media;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -51,7 +51,7 @@ const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
 /// How long `call --to` waits for the peer to join a new direct room.
 const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
 /// After a hangup on shutdown, how long to wait for the homeserver to take the events.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+pub(crate) const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// Largest response body read from the homeserver.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Datagrams queued from the sockets before the loop takes them (then the readers wait).
@@ -72,7 +72,7 @@ enum Msg {
     Camera(CameraEvent),
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -81,6 +81,16 @@ fn unix_ms() -> u64 {
 
 /// Local addresses to receive media on, from the interfaces and the options.
 fn gather_ips(opts: &LiveOptions) -> Vec<IpAddr> {
+    local_ips(
+        &opts.interfaces,
+        &opts.exclude_interfaces,
+        opts.allow_loopback,
+    )
+}
+
+/// Addresses of the host's interfaces: only `interfaces` when given, never `exclude`,
+/// loopback only when allowed, never link-local.
+pub(crate) fn local_ips(interfaces: &[String], exclude: &[String], allow_loopback: bool) -> Vec<IpAddr> {
     let ifaces = match if_addrs::get_if_addrs() {
         Ok(i) => i,
         Err(e) => {
@@ -90,9 +100,9 @@ fn gather_ips(opts: &LiveOptions) -> Vec<IpAddr> {
     };
     let mut ips: Vec<IpAddr> = ifaces
         .iter()
-        .filter(|i| opts.interfaces.is_empty() || opts.interfaces.contains(&i.name))
-        .filter(|i| !opts.exclude_interfaces.contains(&i.name))
-        .filter(|i| opts.allow_loopback || !i.is_loopback())
+        .filter(|i| interfaces.is_empty() || interfaces.contains(&i.name))
+        .filter(|i| !exclude.contains(&i.name))
+        .filter(|i| allow_loopback || !i.is_loopback())
         .filter(|i| !i.is_link_local())
         .map(|i| i.ip())
         .collect();
@@ -102,7 +112,7 @@ fn gather_ips(opts: &LiveOptions) -> Vec<IpAddr> {
 }
 
 /// Turns the core's HTTP request into a reqwest call and the answer back into bytes.
-async fn run_http(
+pub(crate) async fn run_http(
     client: reqwest::Client,
     request: http::Request<Vec<u8>>,
 ) -> Result<http::Response<Vec<u8>>, HttpFailure> {
@@ -604,7 +614,7 @@ impl Run {
 
 /// `host:port` of the homeserver's `stun:`/`turn:` URIs over UDP whose host is a name (the
 /// core probes IP literals itself; names need DNS, which is the shell's job).
-fn named_stun_hosts(uris: &[String]) -> Vec<String> {
+pub(crate) fn named_stun_hosts(uris: &[String]) -> Vec<String> {
     uris.iter()
         .filter_map(|u| u.strip_prefix("stun:").or_else(|| u.strip_prefix("turn:")))
         .filter(|rest| !rest.contains("transport=tcp"))
@@ -621,7 +631,7 @@ fn named_stun_hosts(uris: &[String]) -> Vec<String> {
 }
 
 /// Resolves `host:port` STUN servers (DNS is the shell's job; the core takes addresses).
-fn resolve_stun(servers: &[String]) -> Vec<SocketAddr> {
+pub(crate) fn resolve_stun(servers: &[String]) -> Vec<SocketAddr> {
     use std::net::ToSocketAddrs;
     let mut out = Vec::new();
     for s in servers {
@@ -662,15 +672,40 @@ async fn start_media(
     opts: &LiveOptions,
     tx: &Sender<Msg>,
 ) -> Result<(LiveMedia, Option<call_assist_core::h264::ProfileLevelId>), u8> {
-    let m = &opts.media;
     let rtsp_password = std::env::var("CALL_ASSIST_RTSP_PASSWORD").ok();
+    let sdp = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("forward.sdp");
+    start_media_with(
+        &opts.media,
+        opts.video,
+        rtsp_password.as_deref(),
+        sdp,
+        tx,
+        Msg::Camera,
+    )
+    .await
+}
+
+/// [`start_media`] for any driver: camera events reach `tx` wrapped by `wrap`; a forwarder
+/// writes its SDP file at `forward_sdp`.
+pub(crate) async fn start_media_with<M: Send + 'static>(
+    m: &self::config::MediaOptions,
+    video: crate::media::pump::VideoChoice,
+    rtsp_password: Option<&str>,
+    forward_sdp: std::path::PathBuf,
+    tx: &Sender<M>,
+    wrap: impl Fn(CameraEvent) -> M + Send + 'static,
+) -> Result<(LiveMedia, Option<call_assist_core::h264::ProfileLevelId>), u8> {
     let sources = crate::media::source::plan(
         &m.video,
         m.audio.as_deref(),
         m.video_fps,
-        opts.video,
+        video,
         m.rtsp_transport,
-        rtsp_password.as_deref(),
+        rtsp_password,
     )
     .map_err(|e| {
         eprintln!("error: {e}");
@@ -683,13 +718,7 @@ async fn start_media(
             return Err(exit::USAGE);
         }
     }
-    let forward = m.forward_rtp.map(|dest| {
-        let dir = opts
-            .state_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir);
-        (dest, dir.join("forward.sdp"))
-    });
+    let forward = m.forward_rtp.map(|dest| (dest, forward_sdp));
     if let Some((_, sdp)) = &forward {
         if let Some(dir) = sdp.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -752,7 +781,7 @@ async fn start_media(
     let tx = tx.clone();
     smol::spawn(async move {
         while let Ok(ev) = cam_rx.recv().await {
-            if tx.send(Msg::Camera(ev)).await.is_err() {
+            if tx.send(wrap(ev)).await.is_err() {
                 return;
             }
         }
@@ -761,7 +790,7 @@ async fn start_media(
     Ok((live, profile))
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     // The live agent's randomness must be unpredictable; the core only needs a seed.
     let mut buf = [0u8; 8];
     match std::fs::File::open("/dev/urandom")
@@ -772,21 +801,17 @@ fn seed() -> u64 {
     }
 }
 
-/// Runs `call` or `listen`; returns the exit code.
-pub fn run(opts: LiveOptions) -> ExitCode {
-    ExitCode::from(smol::block_on(run_async(opts)))
-}
-
-async fn run_async(opts: LiveOptions) -> u8 {
-    let ips = gather_ips(&opts);
-    if ips.is_empty() {
-        eprintln!("error: no usable network address (use --allow-loopback to use loopback)");
-        return exit::USAGE;
-    }
-    let (tx, rx): (Sender<Msg>, Receiver<Msg>) = smol::channel::bounded(INBOX);
+/// Binds a UDP socket on each address; each socket's datagrams reach `tx` wrapped by `wrap`
+/// (local address, sender, bytes). Addresses that cannot be bound are logged and skipped.
+pub(crate) fn bind_udp<M: Send + 'static>(
+    ips: &[IpAddr],
+    port: u16,
+    tx: &Sender<M>,
+    wrap: fn(SocketAddr, SocketAddr, Vec<u8>) -> M,
+) -> BTreeMap<SocketAddr, Arc<Async<UdpSocket>>> {
     let mut sockets = BTreeMap::new();
     for ip in ips {
-        match Async::<UdpSocket>::bind(SocketAddr::new(ip, opts.port)) {
+        match Async::<UdpSocket>::bind(SocketAddr::new(*ip, port)) {
             Ok(s) => {
                 let s = Arc::new(s);
                 let local = match s.get_ref().local_addr() {
@@ -805,7 +830,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
                         match reader.recv_from(&mut buf).await {
                             Ok((n, from)) => {
                                 let data = buf.get(..n).unwrap_or_default().to_vec();
-                                if tx.send(Msg::Datagram { local, from, data }).await.is_err() {
+                                if tx.send(wrap(local, from, data)).await.is_err() {
                                     return;
                                 }
                             }
@@ -819,6 +844,26 @@ async fn run_async(opts: LiveOptions) -> u8 {
             Err(e) => warn!(%ip, "cannot bind UDP: {e}"),
         }
     }
+    sockets
+}
+
+/// Runs `call` or `listen`; returns the exit code.
+pub fn run(opts: LiveOptions) -> ExitCode {
+    ExitCode::from(smol::block_on(run_async(opts)))
+}
+
+async fn run_async(opts: LiveOptions) -> u8 {
+    let ips = gather_ips(&opts);
+    if ips.is_empty() {
+        eprintln!("error: no usable network address (use --allow-loopback to use loopback)");
+        return exit::USAGE;
+    }
+    let (tx, rx): (Sender<Msg>, Receiver<Msg>) = smol::channel::bounded(INBOX);
+    let sockets = bind_udp(&ips, opts.port, &tx, |local, from, data| Msg::Datagram {
+        local,
+        from,
+        data,
+    });
     if sockets.is_empty() {
         eprintln!("error: could not bind any UDP socket");
         return exit::USAGE;

@@ -1,0 +1,636 @@
+//! `serve` settings: one TOML file with the Matrix account, the local API, the network and
+//! the named stations. Every error names the key and its line; secrets come from the
+//! environment or from files the config names, never from the config itself.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use call_assist_core::{OwnedUserId, Secret};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::live::config::{Auth, MediaOptions, DEFAULT_FILE_FPS};
+use crate::media::pump::VideoChoice;
+
+/// Where the API listens unless `api.listen` says otherwise.
+pub const DEFAULT_API_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8765);
+
+/// A config that cannot be used: the message names the file, the line and the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    matrix: MatrixSection,
+    #[serde(default)]
+    api: ApiSection,
+    #[serde(default)]
+    network: NetworkSection,
+    #[serde(default)]
+    station: Vec<StationSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixSection {
+    homeserver: Spanned<String>,
+    user: Spanned<String>,
+    password_file: Option<Spanned<PathBuf>>,
+    access_token_file: Option<Spanned<PathBuf>>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiSection {
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkSection {
+    #[serde(default)]
+    allow_loopback: bool,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    #[serde(default)]
+    exclude_interfaces: Vec<String>,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    stun: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StationSection {
+    name: Spanned<String>,
+    video: Option<Spanned<String>>,
+    audio: Option<Spanned<String>>,
+    video_fps: Option<Spanned<u32>>,
+    video_codec: Option<Spanned<String>>,
+    rtsp_transport: Option<Spanned<String>>,
+    rtsp_password_file: Option<Spanned<PathBuf>>,
+    record: Option<PathBuf>,
+    forward_rtp: Option<Spanned<String>>,
+    #[serde(default)]
+    answer: Vec<Spanned<String>>,
+    #[serde(default)]
+    may_call: Vec<Spanned<String>>,
+}
+
+/// The local HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` on every request when set.
+    pub token: Option<Secret>,
+}
+
+/// Which interfaces carry media.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub allow_loopback: bool,
+    pub interfaces: Vec<String>,
+    pub exclude_interfaces: Vec<String>,
+    pub port: u16,
+    pub stun: Vec<String>,
+}
+
+/// A camera plus a place to show the other side, and who it talks to.
+#[derive(Debug, Clone)]
+pub struct StationConfig {
+    pub name: String,
+    pub media: MediaOptions,
+    pub video: VideoChoice,
+    pub rtsp_password: Option<Secret>,
+    /// Calls from these users are answered by this station.
+    pub answer: Vec<OwnedUserId>,
+    /// This station may call these users (or rooms whose other member is one of them).
+    pub may_call: Vec<OwnedUserId>,
+}
+
+impl StationConfig {
+    /// What needs a restart to change: everything but `answer` and `may_call`.
+    fn same_media(&self, other: &StationConfig) -> bool {
+        self.name == other.name
+            && self.media == other.media
+            && self.video == other.video
+            && self.rtsp_password.as_ref().map(Secret::expose)
+                == other.rtsp_password.as_ref().map(Secret::expose)
+    }
+}
+
+/// A checked `serve` config.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub path: PathBuf,
+    pub homeserver: String,
+    pub user: OwnedUserId,
+    pub auth: Auth,
+    pub state_dir: Option<PathBuf>,
+    pub api: ApiConfig,
+    pub network: NetworkConfig,
+    pub stations: Vec<StationConfig>,
+}
+
+impl ServeConfig {
+    /// Reads and checks `path`; secrets from the files it names or from `env`.
+    pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        Self::parse(path, &text, env)
+    }
+
+    /// Checks the config `text` (read from `path`, which names it in errors).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let at = |span: Option<Range<usize>>, key: &str, msg: &str| -> ConfigError {
+            let line = span.map(|s| line_of(text, s.start));
+            ConfigError(match line {
+                Some(l) => format!("config {}, line {l}: {key}: {msg}", path.display()),
+                None => format!("config {}: {key}: {msg}", path.display()),
+            })
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span();
+            let key = span
+                .clone()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or_default();
+            let key = if key.is_empty() { "config".into() } else { key };
+            at(span, &key, e.message().trim())
+        })?;
+
+        let m = &file.matrix;
+        let homeserver = m.homeserver.get_ref().trim_end_matches('/').to_owned();
+        if !(homeserver.starts_with("http://") || homeserver.starts_with("https://")) {
+            return Err(at(
+                Some(m.homeserver.span()),
+                "matrix.homeserver",
+                &format!("must be an http:// or https:// URL, got {homeserver:?}"),
+            ));
+        }
+        let user = user_id(&m.user, "matrix.user", &at)?;
+        let read_secret = |f: &Spanned<PathBuf>, key: &str| -> Result<Secret, ConfigError> {
+            let p = f.get_ref();
+            let s = std::fs::read_to_string(p)
+                .map_err(|e| at(Some(f.span()), key, &format!("cannot read {}: {e}", p.display())))?;
+            let s = s.trim();
+            if s.is_empty() {
+                return Err(at(Some(f.span()), key, &format!("{} is empty", p.display())));
+            }
+            Ok(Secret::new(s))
+        };
+        let auth = match (&m.password_file, &m.access_token_file) {
+            (Some(_), Some(t)) => {
+                return Err(at(
+                    Some(t.span()),
+                    "matrix.access_token_file",
+                    "give either password_file or access_token_file, not both",
+                ))
+            }
+            (Some(p), None) => Auth::Password(read_secret(p, "matrix.password_file")?),
+            (None, Some(t)) => Auth::AccessToken(read_secret(t, "matrix.access_token_file")?),
+            (None, None) => match (env("CALL_ASSIST_PASSWORD"), env("CALL_ASSIST_ACCESS_TOKEN")) {
+                (Some(p), _) if !p.is_empty() => Auth::Password(Secret::new(p)),
+                (_, Some(t)) if !t.is_empty() => Auth::AccessToken(Secret::new(t)),
+                _ => {
+                    return Err(at(
+                        None,
+                        "matrix",
+                        "no secret: set password_file or access_token_file, or \
+                         CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN in the environment",
+                    ))
+                }
+            },
+        };
+        let state_dir = m.state_dir.clone().or_else(|| {
+            env("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| env("HOME").map(|h| Path::new(&h).join(".local/state")))
+                .map(|p| p.join("call-assist"))
+        });
+
+        let listen = match &file.api.listen {
+            None => DEFAULT_API_LISTEN,
+            Some(l) => l.get_ref().parse().map_err(|_| {
+                at(
+                    Some(l.span()),
+                    "api.listen",
+                    &format!("{:?} is not IP:PORT (e.g. 127.0.0.1:8765)", l.get_ref()),
+                )
+            })?,
+        };
+        let token = match &file.api.token_file {
+            Some(f) => Some(read_secret(f, "api.token_file")?),
+            None => env("CALL_ASSIST_API_TOKEN")
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
+        };
+        if token.is_none() && !listen.ip().is_loopback() {
+            return Err(at(
+                file.api.listen.as_ref().map(Spanned::span),
+                "api.listen",
+                &format!(
+                    "{listen} is reachable from other hosts, so a bearer token is required: \
+                     set api.token_file or CALL_ASSIST_API_TOKEN"
+                ),
+            ));
+        }
+
+        let n = &file.network;
+        let network = NetworkConfig {
+            allow_loopback: n.allow_loopback,
+            interfaces: n.interfaces.clone(),
+            exclude_interfaces: n.exclude_interfaces.clone(),
+            port: n.port,
+            stun: n.stun.clone(),
+        };
+
+        if file.station.is_empty() {
+            return Err(at(
+                None,
+                "station",
+                "no [[station]]: add at least one (name, video, audio, answer, may_call)",
+            ));
+        }
+        let mut stations: Vec<StationConfig> = Vec::new();
+        for s in &file.station {
+            stations.push(station(s, &at, &env, &stations)?);
+        }
+        Ok(ServeConfig {
+            path: path.to_owned(),
+            homeserver,
+            user,
+            auth,
+            state_dir,
+            api: ApiConfig { listen, token },
+            network,
+            stations,
+        })
+    }
+
+    /// Who may ring the agent: everyone a station answers, and everyone a station may call
+    /// (so that a room they invite the hub to is joined).
+    pub fn callers(&self) -> Vec<OwnedUserId> {
+        let mut all: Vec<OwnedUserId> = self
+            .stations
+            .iter()
+            .flat_map(|s| s.answer.iter().chain(&s.may_call))
+            .cloned()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The station that answers calls from `user`.
+    pub fn answering_station(&self, user: &str) -> Option<usize> {
+        self.stations
+            .iter()
+            .position(|s| s.answer.iter().any(|u| u.as_str() == user))
+    }
+
+    /// The settings of `new` that differ from `self` and cannot change without a restart
+    /// (everything but the stations' `answer` and `may_call` lists).
+    pub fn needs_restart(&self, new: &ServeConfig) -> Vec<String> {
+        let mut keys = Vec::new();
+        if self.homeserver != new.homeserver {
+            keys.push("matrix.homeserver".to_owned());
+        }
+        if self.user != new.user {
+            keys.push("matrix.user".to_owned());
+        }
+        if self.state_dir != new.state_dir {
+            keys.push("matrix.state_dir".to_owned());
+        }
+        if self.api.listen != new.api.listen {
+            keys.push("api.listen".to_owned());
+        }
+        if self.api.token.as_ref().map(Secret::expose) != new.api.token.as_ref().map(Secret::expose)
+        {
+            keys.push("api token".to_owned());
+        }
+        if self.network != new.network {
+            keys.push("network".to_owned());
+        }
+        let names = |c: &ServeConfig| c.stations.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        if names(self) != names(new) {
+            keys.push("station (added, removed or renamed)".to_owned());
+        } else {
+            for (a, b) in self.stations.iter().zip(&new.stations) {
+                if !a.same_media(b) {
+                    keys.push(format!("station {:?} sources or sinks", a.name));
+                }
+            }
+        }
+        keys
+    }
+}
+
+type At<'a> = dyn Fn(Option<Range<usize>>, &str, &str) -> ConfigError + 'a;
+
+fn user_id(s: &Spanned<String>, key: &str, at: &At<'_>) -> Result<OwnedUserId, ConfigError> {
+    OwnedUserId::try_from(s.get_ref().as_str()).map_err(|e| {
+        at(
+            Some(s.span()),
+            key,
+            &format!("{:?} is not a Matrix user id (@user:server): {e}", s.get_ref()),
+        )
+    })
+}
+
+fn station(
+    s: &StationSection,
+    at: &At<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    earlier: &[StationConfig],
+) -> Result<StationConfig, ConfigError> {
+    let name = s.name.get_ref().clone();
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(at(
+            Some(s.name.span()),
+            "station.name",
+            &format!("{name:?}: use 1 to 64 letters, digits, '-' or '_'"),
+        ));
+    }
+    if earlier.iter().any(|e| e.name == name) {
+        return Err(at(
+            Some(s.name.span()),
+            "station.name",
+            &format!("two stations are named {name:?}"),
+        ));
+    }
+    let key = |k: &str| format!("station {name:?} {k}");
+    let video = s
+        .video
+        .as_ref()
+        .map_or("testclip".to_owned(), |v| v.get_ref().clone());
+    let video_ok = matches!(video.as_str(), "testclip" | "none")
+        || video.starts_with("rtsp://")
+        || video.starts_with("file:");
+    if !video_ok {
+        return Err(at(
+            s.video.as_ref().map(Spanned::span),
+            &key("video"),
+            &format!("{video:?}: use testclip, none, file:PATH (H.264 Annex B) or rtsp://..."),
+        ));
+    }
+    let audio = s.audio.as_ref().map(|a| a.get_ref().clone());
+    if let (Some(a), Some(span)) = (&audio, s.audio.as_ref().map(Spanned::span)) {
+        let ok = matches!(a.as_str(), "tone" | "camera" | "none") || a.starts_with("file:");
+        if !ok {
+            return Err(at(
+                Some(span),
+                &key("audio"),
+                &format!("{a:?}: use tone, camera, none or file:PATH (Ogg Opus)"),
+            ));
+        }
+    }
+    let video_fps = match &s.video_fps {
+        Some(f) if !(1..=240).contains(f.get_ref()) => {
+            return Err(at(Some(f.span()), &key("video_fps"), "must be 1..240"))
+        }
+        Some(f) => *f.get_ref(),
+        None => DEFAULT_FILE_FPS,
+    };
+    let video_choice = match &s.video_codec {
+        None => VideoChoice::Auto,
+        Some(v) => crate::live::config::parse_video(v.get_ref()).map_err(|_| {
+            at(
+                Some(v.span()),
+                &key("video_codec"),
+                &format!("{:?}: use auto, h264 or vp8", v.get_ref()),
+            )
+        })?,
+    };
+    let rtsp_transport = match &s.rtsp_transport {
+        None => Default::default(),
+        Some(t) => t
+            .get_ref()
+            .parse()
+            .map_err(|e: String| at(Some(t.span()), &key("rtsp_transport"), &e))?,
+    };
+    let rtsp_password = match &s.rtsp_password_file {
+        Some(f) => {
+            let p = f.get_ref();
+            let pw = std::fs::read_to_string(p).map_err(|e| {
+                at(
+                    Some(f.span()),
+                    &key("rtsp_password_file"),
+                    &format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            Some(Secret::new(pw.trim_end_matches(['\r', '\n'])))
+        }
+        None => env("CALL_ASSIST_RTSP_PASSWORD")
+            .filter(|p| !p.is_empty())
+            .map(Secret::new),
+    };
+    let forward_rtp = match &s.forward_rtp {
+        None => None,
+        Some(f) => Some(crate::live::config::parse_forward(f.get_ref()).map_err(|e| {
+            at(
+                Some(f.span()),
+                &key("forward_rtp"),
+                e.0.trim_start_matches("--forward-rtp: "),
+            )
+        })?),
+    };
+    let mut answer = Vec::new();
+    for u in &s.answer {
+        let id = user_id(u, &key("answer"), at)?;
+        if let Some(other) = earlier.iter().find(|e| e.answer.contains(&id)) {
+            return Err(at(
+                Some(u.span()),
+                &key("answer"),
+                &format!("{id} is already answered by station {:?}", other.name),
+            ));
+        }
+        answer.push(id);
+    }
+    let may_call = s
+        .may_call
+        .iter()
+        .map(|u| user_id(u, &key("may_call"), at))
+        .collect::<Result<_, _>>()?;
+    Ok(StationConfig {
+        name,
+        media: MediaOptions {
+            video,
+            audio,
+            video_fps,
+            rtsp_transport,
+            record: s.record.clone(),
+            forward_rtp,
+        },
+        video: video_choice,
+        rtsp_password,
+        answer,
+        may_call,
+    })
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()
+        .get(..end)
+        .map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+        + 1
+}
+
+/// The dotted key whose key or value is at byte `offset`: the nearest `key =` at or above
+/// that line, inside the nearest `[table]` / `[[table]]` header above it.
+fn key_at(text: &str, offset: usize) -> String {
+    let line = line_of(text, offset);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut key = None;
+    let mut table = None;
+    for l in lines.iter().take(line).rev() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            table = Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+            break;
+        }
+        if key.is_none() {
+            if let Some((k, _)) = t.split_once('=') {
+                if !t.starts_with('#') {
+                    key = Some(k.trim().trim_matches('"').to_owned());
+                }
+            }
+        }
+    }
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (Some(t), None) => t,
+        (None, Some(k)) => k,
+        (None, None) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[matrix]
+homeserver = "http://127.0.0.1:8008"
+user = "@hub:localhost"
+
+[api]
+listen = "127.0.0.1:0"
+
+[network]
+allow_loopback = true
+
+[[station]]
+name = "door"
+video = "testclip"
+audio = "tone"
+answer = ["@me:localhost"]
+may_call = ["@me:localhost", "@you:localhost"]
+
+[[station]]
+name = "garden"
+answer = ["@you:localhost"]
+"#;
+
+    fn env(k: &str) -> Option<String> {
+        (k == "CALL_ASSIST_PASSWORD").then(|| "pw".to_owned())
+    }
+
+    fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
+        ServeConfig::parse(Path::new("hub.toml"), text, env)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn a_good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.stations.len(), 2);
+        assert_eq!(c.answering_station("@you:localhost"), Some(1));
+        assert_eq!(c.answering_station("@nobody:localhost"), None);
+        assert_eq!(c.callers().len(), 2);
+        assert!(c.network.allow_loopback);
+        assert!(matches!(c.auth, Auth::Password(_)));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_line() {
+        let e = err(&GOOD.replace("audio = \"tone\"", "audoi = \"tone\""));
+        assert!(e.contains("line 15"), "{e}");
+        assert!(e.contains("audoi"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let e = err(&GOOD.replace("allow_loopback = true", "allow_loopback = \"yes\""));
+        assert!(e.contains("line 10") && e.contains("network.allow_loopback"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_user_id_names_the_station_and_key() {
+        let e = err(&GOOD.replace("answer = [\"@you:localhost\"]", "answer = [\"you\"]"));
+        assert!(e.contains("line 21") && e.contains("\"garden\" answer"), "{e}");
+    }
+
+    #[test]
+    fn one_caller_is_answered_by_one_station() {
+        let e = err(&GOOD.replace("answer = [\"@you:localhost\"]", "answer = [\"@me:localhost\"]"));
+        assert!(e.contains("already answered by station \"door\""), "{e}");
+    }
+
+    #[test]
+    fn a_public_api_needs_a_token() {
+        let e = err(&GOOD.replace("127.0.0.1:0", "0.0.0.0:8765"));
+        assert!(e.contains("line 7") && e.contains("api.listen") && e.contains("token"), "{e}");
+        let c = ServeConfig::parse(Path::new("hub.toml"), &GOOD.replace("127.0.0.1:0", "0.0.0.0:8765"), |k| {
+            match k {
+                "CALL_ASSIST_PASSWORD" => Some("pw".into()),
+                "CALL_ASSIST_API_TOKEN" => Some("t".into()),
+                _ => None,
+            }
+        })
+        .unwrap();
+        assert_eq!(c.api.token.as_ref().map(Secret::expose), Some("t"));
+    }
+
+    #[test]
+    fn a_missing_secret_is_an_error() {
+        let e = ServeConfig::parse(Path::new("hub.toml"), GOOD, |_| None).unwrap_err().0;
+        assert!(e.contains("CALL_ASSIST_PASSWORD"), "{e}");
+    }
+
+    #[test]
+    fn only_allow_lists_reload_without_a_restart() {
+        let a = parse(GOOD).unwrap();
+        let b = parse(&GOOD.replace("may_call = [\"@me:localhost\", \"@you:localhost\"]", "")).unwrap();
+        assert!(a.needs_restart(&b).is_empty());
+        let c = parse(&GOOD.replace("audio = \"tone\"", "audio = \"none\"")).unwrap();
+        assert_eq!(a.needs_restart(&c), vec!["station \"door\" sources or sinks".to_owned()]);
+    }
+}
