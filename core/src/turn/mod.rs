@@ -339,14 +339,6 @@ impl TurnClient {
         self.events.pop_front()
     }
 
-    /// Relayed addresses that are ready, with the local socket each belongs to.
-    pub fn relays(&self) -> impl Iterator<Item = (SocketAddr, SocketAddr)> + '_ {
-        self.allocs
-            .iter()
-            .filter(|a| a.state == State::Allocated)
-            .filter_map(|a| a.relay.map(|r| (r, a.local)))
-    }
-
     /// True while some allocation has not come to a result yet (a relay or a failure).
     pub fn gathering(&self) -> bool {
         self.allocs.iter().any(|a| a.state == State::Allocating)

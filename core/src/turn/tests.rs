@@ -123,7 +123,6 @@ impl T {
 fn allocates_with_long_term_credentials() {
     let mut t = T::new();
     t.allocate();
-    assert_eq!(t.c.relays().collect::<Vec<_>>(), vec![(relay(), local())]);
     assert!(t.c.is_relay(relay()));
 }
 

@@ -207,6 +207,8 @@ pub struct SimHomeserver {
     due: BTreeMap<(Instant, Ticket, u64), HttpResult>,
     faults: VecDeque<(usize, Fault)>,
     turn: Option<Value>,
+    /// coturn-style REST credentials: (uris, shared secret, ttl s), made per request.
+    turn_rest: Option<(Vec<String>, String, u64)>,
     latency: Duration,
     down: bool,
     last_now: Option<Instant>,
@@ -254,6 +256,7 @@ impl SimHomeserver {
             due: BTreeMap::new(),
             faults: VecDeque::new(),
             turn: None,
+            turn_rest: None,
             latency: DEFAULT_LATENCY,
             down: false,
             last_now: None,
@@ -372,6 +375,22 @@ impl SimHomeserver {
         );
         self.turn =
             Some(json!({ "username": username, "password": password, "uris": uris, "ttl": ttl_s }));
+    }
+
+    /// Answers `/voip/turnServer` like Synapse with `turn_shared_secret`: a username
+    /// `<expiry>:<user id>` valid for `ttl_s`, its password the secret's HMAC of it.
+    pub fn set_turn_shared_secret(&mut self, uris: Vec<String>, secret: &str, ttl_s: u64) {
+        self.turn_rest = Some((uris, secret.to_owned(), ttl_s));
+    }
+
+    fn turn_server(&self, cx: &Ctx, device: &DeviceKey) -> Value {
+        if let Some((uris, secret, ttl)) = &self.turn_rest {
+            let expiry = cx.unix_ms / 1000 + ttl;
+            let (username, password) =
+                super::turn::rest_credentials(secret, device.0.as_str(), expiry);
+            return json!({ "username": username, "password": password, "uris": uris, "ttl": ttl });
+        }
+        self.turn.clone().unwrap_or_else(|| json!({}))
     }
 
     // ---- faults ----
@@ -671,7 +690,7 @@ impl SimHomeserver {
                         event_type,
                         txn_id,
                     } => self.send(cx, device, &room, &event_type, txn_id),
-                    Route::TurnServer => Ok(self.turn.clone().unwrap_or_else(|| json!({}))),
+                    Route::TurnServer => Ok(self.turn_server(cx, &device)),
                     Route::JoinedMembers { room } => self.joined_members(&device, &room),
                     Route::CreateRoom => self.create_room_api(cx, &device),
                     Route::WhoAmI => {

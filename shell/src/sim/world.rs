@@ -14,7 +14,9 @@ use ruma::{OwnedRoomId, OwnedUserId};
 use tracing::{debug, warn};
 
 use super::homeserver::{SimHomeserver, SimHttpError, Ticket};
+use super::nat::{Nat, NatKind};
 use super::net::{Datagram, LinkProfile, SimNet};
+use super::turn::SimTurnServer;
 use crate::media::pump::{CallMedia, CameraCache, MediaPlan, VideoChoice};
 
 /// Wall-clock time at the start of every simulation (fixed: part of determinism).
@@ -123,6 +125,9 @@ pub struct World {
     pub hs: SimHomeserver,
     pub agents: Vec<SimAgent>,
     pub trace: Vec<TraceLine>,
+    /// NATs in front of agents (by agent index).
+    pub nats: BTreeMap<usize, Nat>,
+    pub turn: Option<SimTurnServer>,
     next_ticket: Ticket,
     tickets: BTreeMap<Ticket, usize>,
     /// Steps taken without the clock moving: a part that keeps asking to be woken "now"
@@ -147,6 +152,8 @@ impl World {
             hs,
             agents: Vec::new(),
             trace: Vec::new(),
+            nats: BTreeMap::new(),
+            turn: None,
             next_ticket: 0,
             tickets: BTreeMap::new(),
             steps_at_instant: 0,
@@ -168,6 +175,17 @@ impl World {
     /// Registers `localpart` on the homeserver (once) and adds an agent logged in as it.
     /// Several agents with one localpart are several devices of one user.
     pub fn add_agent(&mut self, name: &str, localpart: &str, policy: CallPolicy) -> usize {
+        self.add_agent_with(name, localpart, policy, |_| {})
+    }
+
+    /// [`World::add_agent`] with a last say on the agent's config (e.g. `relay_only`).
+    pub fn add_agent_with(
+        &mut self,
+        name: &str,
+        localpart: &str,
+        policy: CallPolicy,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> usize {
         let password = format!("pw-{localpart}");
         let user_id = self.hs.register_user(localpart, &password);
         let idx = self.agents.len();
@@ -179,6 +197,7 @@ impl World {
             vec![addr],
         );
         config.policy = policy;
+        tweak(&mut config);
         let seed = self.seed.wrapping_mul(1000).wrapping_add(idx as u64);
         let agent = match Agent::new(config, seed, self.now, self.unix_ms()) {
             Ok(a) => a,
@@ -199,6 +218,68 @@ impl World {
             http: BTreeMap::new(),
         });
         idx
+    }
+
+    /// Puts agent `i` behind a NAT of `kind` with its own public IP: its own address becomes
+    /// private (unreachable from outside), its datagrams leave from the NAT's mappings.
+    pub fn put_behind_nat(&mut self, i: usize, kind: NatKind) {
+        let public = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10 + i as u8));
+        self.nats.insert(i, Nat::new(kind, public));
+    }
+
+    /// A TURN server at 198.51.100.1:3478 with a shared secret, and the homeserver handing out
+    /// REST credentials for it valid for `ttl_s` (as Synapse with `turn_shared_secret`).
+    /// Call before agents log in.
+    pub fn add_turn_server(&mut self, secret: &str, ttl_s: u64) -> SocketAddr {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
+        self.turn = Some(SimTurnServer::new(addr, secret));
+        self.hs
+            .set_turn_shared_secret(vec![format!("turn:{addr}?transport=udp")], secret, ttl_s);
+        addr
+    }
+
+    /// Hands a datagram arriving at `d.destination` to whoever owns that address (TURN
+    /// server, NAT, agent). Returns the agent index and the (translated) datagram.
+    fn route(&mut self, now: Instant, d: Datagram) -> Option<(usize, Datagram)> {
+        if let Some(turn) = self.turn.as_mut().filter(|t| t.ip() == d.destination.ip()) {
+            let unix_s = (SIM_UNIX_START_MS + (now - self.start).as_millis() as u64) / 1000;
+            for (source, destination, contents) in
+                turn.handle(now, unix_s, d.source, d.destination, &d.contents)
+            {
+                self.net.send(
+                    now,
+                    Datagram {
+                        source,
+                        destination,
+                        contents,
+                    },
+                );
+            }
+            return None;
+        }
+        if let Some((i, nat)) = self
+            .nats
+            .iter()
+            .find(|(_, n)| n.public_ip == d.destination.ip())
+        {
+            let Some(private) = nat.inbound(d.source, d.destination.port()) else {
+                debug!(src = %d.source, "NAT filtered a datagram");
+                return None;
+            };
+            return Some((
+                *i,
+                Datagram {
+                    destination: private,
+                    ..d
+                },
+            ));
+        }
+        let i = self.agents.iter().position(|a| a.addr == d.destination)?;
+        if self.nats.contains_key(&i) {
+            // A private address behind a NAT: not routable from outside.
+            return None;
+        }
+        Some((i, d))
     }
 
     /// A room with these agents' users joined.
@@ -276,11 +357,17 @@ impl World {
                     }
                     return;
                 }
-                Output::Transmit(t) => datagrams.push(Datagram {
-                    source: t.source,
-                    destination: t.destination,
-                    contents: t.contents,
-                }),
+                Output::Transmit(t) => {
+                    let source = match self.nats.get_mut(&i) {
+                        Some(nat) => nat.outbound(t.source, t.destination),
+                        None => t.source,
+                    };
+                    datagrams.push(Datagram {
+                        source,
+                        destination: t.destination,
+                        contents: t.contents,
+                    })
+                }
                 Output::Http { id, request } => {
                     let ticket = self.next_ticket;
                     self.next_ticket += 1;
@@ -332,7 +419,8 @@ impl World {
             } if self.agents[i].send_media => {
                 let plan = MediaPlan::testclip(VideoChoice::Auto);
                 let cache = CameraCache::default();
-                let media = CallMedia::start(&mut self.agents[i].agent, call_id, &plan, &cache, now);
+                let media =
+                    CallMedia::start(&mut self.agents[i].agent, call_id, &plan, &cache, now);
                 self.agents[i].pump = Some(media);
             }
             AgentEvent::CallEnded { call_id, .. }
@@ -403,8 +491,7 @@ impl World {
         let now = self.now;
 
         while let Some(d) = self.net.poll_deliver(now) {
-            let Some(i) = self.agents.iter().position(|a| a.addr == d.destination) else {
-                debug!(dest = %d.destination, "datagram to nobody");
+            let Some((i, d)) = self.route(now, d) else {
                 continue;
             };
             self.agents[i].agent.handle_input(Input::Receive {
