@@ -1,6 +1,7 @@
 //! call-assist: the binary's library part. Drivers of the sans-IO core: the simulated world
 //! (`sim`, mock mode) and media sources/sinks (`media`).
 
+pub mod bench;
 pub mod demo;
 pub mod live;
 pub mod media;
