@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use call_assist_core::{
     Agent, AgentConfig, AgentEvent, ApiError, CallDirection, CallPolicy, CallState, Credentials,
-    HttpFailure, HttpId, Input, MediaKind, OwnedRoomId, OwnedUserId, Output, Party,
+    HttpFailure, HttpId, Input, MediaKind, Output, OwnedRoomId, OwnedUserId, Party,
 };
 use futures_lite::{FutureExt, StreamExt};
 use serde_json::{json, Value};
@@ -55,7 +55,11 @@ enum Msg {
     },
     Shutdown,
     Reload,
-    StunServers(Vec<SocketAddr>),
+    /// Resolved host names of the homeserver's STUN/TURN URIs.
+    Servers {
+        stun: Vec<SocketAddr>,
+        turn: Vec<SocketAddr>,
+    },
     Camera(usize, CameraEvent),
     Api(api::Request),
 }
@@ -138,7 +142,10 @@ impl Hub {
         self.subscribers.retain(|s| match s.try_send(line.clone()) {
             Ok(()) => true,
             Err(smol::channel::TrySendError::Full(_)) => {
-                warn!("an event-stream client fell {} events behind: dropped", api::EVENT_QUEUE);
+                warn!(
+                    "an event-stream client fell {} events behind: dropped",
+                    api::EVENT_QUEUE
+                );
                 false
             }
             Err(smol::channel::TrySendError::Closed(_)) => false,
@@ -200,7 +207,13 @@ impl Hub {
             AgentEvent::LoginFailed { message } => {
                 if let Some(pw) = self.password_fallback.take() {
                     warn!("saved access token refused ({message}); logging in with the password");
-                    match new_agent(&self.config, &self.sockets, Credentials::Password(pw), self.stations.first().and_then(|s| s.profile), now) {
+                    match new_agent(
+                        &self.config,
+                        &self.sockets,
+                        Credentials::Password(pw),
+                        self.stations.first().and_then(|s| s.profile),
+                        now,
+                    ) {
                         Ok(a) => self.agent = a,
                         Err(e) => {
                             error!("{e}");
@@ -226,7 +239,11 @@ impl Hub {
                 self.emit(json!({"event": "ready", "user": self.config.user.as_str()}));
             }
             AgentEvent::RoomCreated { room_id, peer } => {
-                for p in self.pending.iter_mut().filter(|p| p.peer == peer && p.room.is_none()) {
+                for p in self
+                    .pending
+                    .iter_mut()
+                    .filter(|p| p.peer == peer && p.room.is_none())
+                {
                     p.room = Some(room_id.clone());
                 }
             }
@@ -267,7 +284,8 @@ impl Hub {
                     },
                 );
                 // The answer offers what this station's camera sends.
-                self.agent.set_h264_profile(self.stations.get(i).and_then(|s| s.profile));
+                self.agent
+                    .set_h264_profile(self.stations.get(i).and_then(|s| s.profile));
                 if let Err(err) = self.agent.answer(&call_id, now) {
                     warn!(%call_id, "cannot answer: {err}");
                 }
@@ -282,7 +300,12 @@ impl Hub {
                 if state == CallState::Connected && rec.connected_at.is_none() {
                     rec.connected_at = Some(now);
                     if let Some(s) = self.stations.get_mut(i) {
-                        let lines = s.media.start_call(&mut self.agent, &call_id, now, crate::live::unix_ms());
+                        let lines = s.media.start_call(
+                            &mut self.agent,
+                            &call_id,
+                            now,
+                            crate::live::unix_ms(),
+                        );
                         for mut l in lines {
                             l["station"] = json!(s.config.name);
                             if self.json {
@@ -320,7 +343,11 @@ impl Hub {
                 reason,
                 by,
             } => {
-                let by = if by == Party::Local { "local" } else { "remote" };
+                let by = if by == Party::Local {
+                    "local"
+                } else {
+                    "remote"
+                };
                 let Some(rec) = self.calls.get_mut(&call_id) else {
                     return;
                 };
@@ -338,8 +365,10 @@ impl Hub {
                     }
                 }
                 let station = self.station_name(i).to_owned();
-                self.emit(json!({"event": "ended", "call_id": call_id, "station": station,
-                    "reason": reason.as_str(), "by": by}));
+                self.emit(
+                    json!({"event": "ended", "call_id": call_id, "station": station,
+                    "reason": reason.as_str(), "by": by}),
+                );
                 if let Some(mut r) = recorded {
                     r["station"] = json!(station);
                     self.emit(r);
@@ -424,29 +453,39 @@ impl Hub {
             },
             Command::Hangup(id) => match self.calls.get(&id) {
                 None => Reply::error(404, format!("no call {id:?}")),
-                Some(r) if r.ended.is_some() => Reply::error(409, format!("call {id:?} has already ended")),
+                Some(r) if r.ended.is_some() => {
+                    Reply::error(409, format!("call {id:?} has already ended"))
+                }
                 Some(_) => match self.agent.hangup(&id, now) {
                     Ok(()) => {
                         info!(call_id = %id, "hanging up (API)");
                         let r = self.calls.get(&id);
-                        Reply::Json(200, r.map_or(json!({"id": id}), |r| self.call_json(&id, r, now)))
+                        Reply::Json(
+                            200,
+                            r.map_or(json!({"id": id}), |r| self.call_json(&id, r, now)),
+                        )
                     }
                     Err(e) => Reply::error(409, format!("cannot hang up {id:?}: {e}")),
                 },
             },
             Command::Subscribe => {
                 if self.subscribers.len() >= MAX_SUBSCRIBERS {
-                    Reply::error(503, format!("at most {MAX_SUBSCRIBERS} event streams at once"))
+                    Reply::error(
+                        503,
+                        format!("at most {MAX_SUBSCRIBERS} event streams at once"),
+                    )
                 } else {
                     let (tx, rx) = smol::channel::bounded(api::EVENT_QUEUE);
                     self.subscribers.push(tx);
                     Reply::Events(rx)
                 }
             }
-            Command::StartCall { station, to } => match self.start_call(&station, &to, &req.reply, now) {
-                Some(r) => r,
-                None => return,
-            },
+            Command::StartCall { station, to } => {
+                match self.start_call(&station, &to, &req.reply, now) {
+                    Some(r) => r,
+                    None => return,
+                }
+            }
         };
         let _ = req.reply.try_send(reply);
     }
@@ -460,8 +499,15 @@ impl Hub {
         now: Instant,
     ) -> Option<Reply> {
         let Some(i) = self.stations.iter().position(|s| s.config.name == station) else {
-            let names: Vec<&str> = self.stations.iter().map(|s| s.config.name.as_str()).collect();
-            return Some(Reply::error(404, format!("no station {station:?} (stations: {})", names.join(", "))));
+            let names: Vec<&str> = self
+                .stations
+                .iter()
+                .map(|s| s.config.name.as_str())
+                .collect();
+            return Some(Reply::error(
+                404,
+                format!("no station {station:?} (stations: {})", names.join(", ")),
+            ));
         };
         if self.shutting_down.is_some() {
             return Some(Reply::error(503, "shutting down"));
@@ -476,10 +522,16 @@ impl Hub {
         };
         if to.starts_with('@') {
             let Ok(peer) = OwnedUserId::try_from(to) else {
-                return Some(Reply::error(400, format!("\"to\": {to:?} is not a Matrix user id")));
+                return Some(Reply::error(
+                    400,
+                    format!("\"to\": {to:?} is not a Matrix user id"),
+                ));
             };
             if !may_call(peer.as_str()) {
-                return Some(Reply::error(403, format!("station {station:?} may not call {peer} (see may_call)")));
+                return Some(Reply::error(
+                    403,
+                    format!("station {station:?} may not call {peer} (see may_call)"),
+                ));
             }
             if let Some(room) = self.agent.find_direct_room(&peer) {
                 return Some(self.place(i, &room, now));
@@ -498,17 +550,29 @@ impl Hub {
             None
         } else if to.starts_with('!') {
             let Ok(room) = OwnedRoomId::try_from(to) else {
-                return Some(Reply::error(400, format!("\"to\": {to:?} is not a room id")));
+                return Some(Reply::error(
+                    400,
+                    format!("\"to\": {to:?} is not a room id"),
+                ));
             };
             let Some(peer) = self.agent.room_peer(&room) else {
-                return Some(Reply::error(404, format!("{room} is not a 1:1 room the hub is in")));
+                return Some(Reply::error(
+                    404,
+                    format!("{room} is not a 1:1 room the hub is in"),
+                ));
             };
             if !may_call(peer.as_str()) {
-                return Some(Reply::error(403, format!("station {station:?} may not call {peer} (see may_call)")));
+                return Some(Reply::error(
+                    403,
+                    format!("station {station:?} may not call {peer} (see may_call)"),
+                ));
             }
             Some(self.place(i, &room, now))
         } else {
-            Some(Reply::error(400, format!("\"to\": {to:?} is neither a user (@user:server) nor a room (!room)")))
+            Some(Reply::error(
+                400,
+                format!("\"to\": {to:?} is neither a user (@user:server) nor a room (!room)"),
+            ))
         }
     }
 
@@ -517,7 +581,11 @@ impl Hub {
             .set_h264_profile(self.stations.get(station).and_then(|s| s.profile));
         match self.agent.place_call(room, now) {
             Ok(call_id) => {
-                let peer = self.agent.room_peer(room).map(|p| p.to_string()).unwrap_or_default();
+                let peer = self
+                    .agent
+                    .room_peer(room)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
                 info!(%call_id, station = self.station_name(station), "calling in {room}");
                 self.calls.insert(
                     call_id.clone(),
@@ -538,8 +606,6 @@ impl Hub {
                     .calls
                     .get(&call_id)
                     .map_or(json!({"id": call_id}), |r| self.call_json(&call_id, r, now));
-                let station = self.station_name(station).to_owned();
-                self.emit(json!({"event": "state", "call_id": call_id, "station": station, "state": "invite_sent"}));
                 Reply::Json(201, body)
             }
             Err(ApiError::TooManyCalls) => Reply::error(503, "too many calls in progress"),
@@ -561,7 +627,11 @@ impl Hub {
             } else if now >= p.since + PEER_JOIN_WAIT || p.reply.is_closed() {
                 let _ = p.reply.try_send(Reply::error(
                     504,
-                    format!("{} did not join a direct room within {} s", p.peer, PEER_JOIN_WAIT.as_secs()),
+                    format!(
+                        "{} did not join a direct room within {} s",
+                        p.peer,
+                        PEER_JOIN_WAIT.as_secs()
+                    ),
                 ));
             } else {
                 self.pending.push(p);
@@ -635,14 +705,14 @@ impl Hub {
             return;
         }
         self.turn_uris_seen = uris.clone();
-        let hosts = crate::live::named_stun_hosts(&uris);
+        let hosts = crate::live::named_hosts(&uris);
         if hosts.is_empty() {
             return;
         }
         let tx = self.tx.clone();
         smol::spawn(async move {
-            let addrs = smol::unblock(move || crate::live::resolve_stun(&hosts)).await;
-            let _ = tx.send(Msg::StunServers(addrs)).await;
+            let (stun, turn) = smol::unblock(move || crate::live::resolve_hosts(&hosts)).await;
+            let _ = tx.send(Msg::Servers { stun, turn }).await;
         })
         .detach();
     }
@@ -680,7 +750,12 @@ fn new_agent(
     now: Instant,
 ) -> Result<Agent, call_assist_core::ConfigError> {
     let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
-    let mut c = AgentConfig::new(config.homeserver.clone(), config.user.clone(), credentials, addrs);
+    let mut c = AgentConfig::new(
+        config.homeserver.clone(),
+        config.user.clone(),
+        credentials,
+        addrs,
+    );
     c.policy = CallPolicy::Allow(config.callers());
     c.stun_servers = crate::live::resolve_stun(&config.network.stun);
     c.h264_profile = h264_profile;
@@ -701,7 +776,9 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
     let n = &config.network;
     let ips = crate::live::local_ips(&n.interfaces, &n.exclude_interfaces, n.allow_loopback);
     if ips.is_empty() {
-        eprintln!("error: no usable network address (network.allow_loopback = true to use loopback)");
+        eprintln!(
+            "error: no usable network address (network.allow_loopback = true to use loopback)"
+        );
         return exit::USAGE;
     }
     let (tx, rx): (Sender<Msg>, Receiver<Msg>) = smol::channel::bounded(INBOX);
@@ -807,7 +884,13 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
             return exit::USAGE;
         }
     };
-    smol::spawn(api::serve(listener, config.api.token.clone(), tx.clone(), Msg::Api)).detach();
+    smol::spawn(api::serve(
+        listener,
+        config.api.token.clone(),
+        tx.clone(),
+        Msg::Api,
+    ))
+    .detach();
     let mut hub = Hub {
         config,
         json,
@@ -852,18 +935,24 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
         let now = Instant::now();
         match msg {
             None => hub.agent.handle_input(Input::Timeout(now)),
-            Some(Ok(Msg::Datagram { local, from, data })) => hub.agent.handle_input(Input::Receive {
-                now,
-                source: from,
-                destination: local,
-                contents: &data,
-            }),
-            Some(Ok(Msg::Http { id, response })) => hub
-                .agent
-                .handle_input(Input::HttpResponse { now, id, response }),
+            Some(Ok(Msg::Datagram { local, from, data })) => {
+                hub.agent.handle_input(Input::Receive {
+                    now,
+                    source: from,
+                    destination: local,
+                    contents: &data,
+                })
+            }
+            Some(Ok(Msg::Http { id, response })) => {
+                hub.agent
+                    .handle_input(Input::HttpResponse { now, id, response })
+            }
             Some(Ok(Msg::Shutdown)) => hub.begin_shutdown(now),
             Some(Ok(Msg::Reload)) => hub.reload(),
-            Some(Ok(Msg::StunServers(addrs))) => hub.agent.add_stun_servers(&addrs, now),
+            Some(Ok(Msg::Servers { stun, turn })) => {
+                hub.agent.add_stun_servers(&stun, now);
+                hub.agent.add_turn_servers(&turn, now);
+            }
             Some(Ok(Msg::Camera(i, e))) => {
                 if let Some(s) = hub.stations.get_mut(i) {
                     if let Some(mut line) = s.media.camera(&mut hub.agent, e, now, &mut s.profile) {

@@ -1,0 +1,461 @@
+//! `call-assist serve` (the hub daemon) against a real Synapse, on loopback inside a network
+//! namespace that has only `lo`: its HTTP API places, lists and hangs up a call to a
+//! listening agent, refuses requests without the bearer token, rejects bad configs naming
+//! the key, and SIGHUP changes who is answered for the next call.
+//!
+//! Needs `tests/e2e/setup.sh` (Synapse venv) and `cargo build -p call-assist`. Run:
+//!
+//! ```sh
+//! tests/e2e/loopback-only.sh cargo test -p call-assist-tests --test serve -- --test-threads=1
+//! ```
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use call_assist_tests::live::*;
+use serde_json::{json, Value};
+
+/// Logged in and through the first sync.
+const READY: Duration = Duration::from_secs(30);
+/// From placing a call to connected with media flowing, on loopback.
+const CONNECT: Duration = Duration::from_secs(40);
+/// A process with nothing left to do exits within this.
+const EXIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------- a tiny HTTP client
+
+/// One request to 127.0.0.1:`port`; the status and the JSON body.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting to the API at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("read timeout");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).expect("sending the request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("reading the response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP head in {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
+    assert!(
+        head.to_ascii_lowercase().contains("content-type: application/json"),
+        "{method} {path}: not JSON: {head}"
+    );
+    let value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{method} {path}: body {body:?} is not JSON: {e}"));
+    (status, value)
+}
+
+/// An open `GET /events` stream; its `data:` lines, parsed, arrive in `events`.
+struct Events {
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Events {
+    fn open(port: u16, token: Option<&str>) -> Events {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(s, "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n").expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(300))).expect("read timeout");
+        let mut r = BufReader::new(s);
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("event-stream head");
+            if line.trim().is_empty() {
+                break;
+            }
+            head.push(line.trim().to_owned());
+        }
+        assert!(head.first().is_some_and(|l| l.contains(" 200 ")), "GET /events: {head:?}");
+        assert!(
+            head.iter().any(|h| h.eq_ignore_ascii_case("content-type: text/event-stream")),
+            "GET /events is not an event stream: {head:?}"
+        );
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        thread::spawn(move || {
+            for line in r.lines() {
+                let Ok(line) = line else { return };
+                if let Some(data) = line.strip_prefix("data: ") {
+                    let v: Value = serde_json::from_str(data)
+                        .unwrap_or_else(|e| json!({"unparsable": data, "error": e.to_string()}));
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                }
+            }
+        });
+        Events { events }
+    }
+
+    fn all(&self) -> Vec<Value> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits for an event satisfying `pred`.
+    fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.all().into_iter().find(&pred) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} on the event stream within {timeout:?}; got {:?}",
+                self.all()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Polls `GET /calls/ID` until `pred` holds; returns the last answer.
+fn wait_call(port: u16, id: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+        assert_eq!(status, 200, "GET /calls/{id}: {call}");
+        if pred(&call) {
+            return call;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "call {id} not {what} within {timeout:?}: {call}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+// ---------------------------------------------------------------- the hub process
+
+/// A config for `hub` on `homeserver` with `api` and `stations` (TOML text).
+fn config(dir: &Path, homeserver: &str, hub: &str, api: &str, stations: &str) -> String {
+    format!(
+        "[matrix]\nhomeserver = \"{homeserver}\"\nuser = \"{hub}\"\nstate_dir = \"{}\"\n\n\
+         [api]\n{api}\n\n[network]\nallow_loopback = true\ninterfaces = [\"lo\"]\n\n{stations}",
+        dir.join("hub-state").display()
+    )
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.to_path_buf()
+}
+
+/// `call-assist serve --config FILE --json` with the password in the environment.
+fn serve(dir: &Path, config: &Path, password: &str) -> Proc {
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["serve", "--json", "--config"])
+        .arg(config)
+        .env("CALL_ASSIST_PASSWORD", password)
+        .env_remove("CALL_ASSIST_ACCESS_TOKEN")
+        .env_remove("CALL_ASSIST_API_TOKEN")
+        .env("NO_COLOR", "1");
+    if std::env::var_os("CALL_ASSIST_LOG").is_none() {
+        cmd.env("CALL_ASSIST_LOG", "info");
+    }
+    Proc::spawn("hub", cmd, dir)
+}
+
+/// The API port from the hub's `{"event":"api"}` line.
+fn api_port(hub: &mut Proc) -> u16 {
+    let e = hub.wait_event("api", READY);
+    let listen = e.value["listen"].as_str().unwrap_or_default().to_owned();
+    listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {}", e.value))
+}
+
+fn call_id(v: &Value) -> String {
+    v["call_id"].as_str().unwrap_or_else(|| panic!("no call_id in {v}")).to_owned()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn api_places_lists_and_hangs_up_a_call() {
+    if !in_loopback_namespace("api_places_lists_and_hangs_up_a_call") {
+        return;
+    }
+    let live = Live::start("api_places_lists_and_hangs_up_a_call");
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    live.hs.create_dm(&hub_user, &alice);
+    let mut callee = live.listen(&alice, &["--allow", &hub_user.id, "--max-calls", "1"]);
+    callee.wait_event("ready", READY);
+
+    let rec = live.dir.join("recordings");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"testclip\"\naudio = \"tone\"\n\
+         record = \"{}\"\nmay_call = [\"{}\"]\n\n\
+         [[station]]\nname = \"garden\"\nvideo = \"none\"\n",
+        rec.display(),
+        alice.id
+    );
+    let cfg = write(
+        &live.dir.join("hub.toml"),
+        &config(&live.dir, &live.hs.base_url, &hub_user.id, "listen = \"127.0.0.1:0\"", &stations),
+    );
+    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
+    let port = api_port(&mut hub);
+    hub.wait_event("ready", READY);
+
+    let (status, health) = http(port, "GET", "/health", None, None);
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
+    assert_eq!(health["stations"].as_array().map(Vec::len), Some(2), "{health}");
+    let events = Events::open(port, None);
+
+    // Refusals, each with a clear message.
+    let post = |station: &str, to: &str| {
+        http(port, "POST", "/calls", None, Some(&json!({"station": station, "to": to})))
+    };
+    let (status, e) = post("garden", &alice.id);
+    assert_eq!(status, 403, "garden may call nobody: {e}");
+    assert!(e["error"].as_str().unwrap_or("").contains("may_call"), "{e}");
+    let (status, e) = post("attic", &alice.id);
+    assert_eq!(status, 404, "{e}");
+    let (status, e) = post("door", "alice");
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = http(port, "DELETE", "/calls/nope", None, None);
+    assert_eq!(status, 404, "{e}");
+    let (status, e) = http(port, "PUT", "/health", None, None);
+    assert_eq!(status, 405, "{e}");
+
+    let (status, placed) = post("door", &alice.id);
+    assert_eq!(status, 201, "{placed}\n{}", hub.report());
+    let id = placed["id"].as_str().unwrap_or_else(|| panic!("no id in {placed}")).to_owned();
+    assert_eq!(placed["station"], "door");
+    assert_eq!(placed["peer"], alice.id.as_str());
+
+    let call = wait_call(port, &id, "connected with frames flowing both ways", CONNECT, |c| {
+        c["state"] == "connected"
+            && c["stats"]["frames_sent"].as_u64() > Some(0)
+            && c["stats"]["video_frames_received"].as_u64() > Some(0)
+            && c["stats"]["audio_frames_received"].as_u64() > Some(0)
+    });
+    assert_eq!(call["direction"], "outgoing", "{call}");
+    assert_eq!(call["stats"]["local_candidate"], "host", "{call}");
+    let (status, list) = http(port, "GET", "/calls", None, None);
+    assert_eq!(status, 200);
+    let listed: Vec<&Value> = list.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{list}");
+    assert_eq!((&listed[0]["id"], &listed[0]["state"]), (&json!(id), &json!("connected")), "{list}");
+    let incoming = callee.wait_event("incoming", Duration::ZERO);
+    assert_eq!(call_id(&incoming.value), id);
+
+    let (status, hung) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
+    assert_eq!(status, 200, "{hung}");
+    assert_eq!(callee.wait_exit(EXIT), 0, "{}", callee.report());
+    let ended = callee.events_of("ended");
+    assert_eq!(ended.len(), 1, "{}", callee.report());
+    assert_eq!((&ended[0]["reason"], &ended[0]["by"]), (&json!("user_hangup"), &json!("remote")));
+    let call = wait_call(port, &id, "ended", EXIT, |c| c["state"] == "ended");
+    assert_eq!((&call["reason"], &call["ended_by"]), (&json!("user_hangup"), &json!("local")), "{call}");
+    let (status, e) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
+    assert_eq!(status, 409, "hanging up twice: {e}");
+
+    // The event stream saw the call go through its states, one JSON object per data line.
+    for state in ["invite_sent", "connected"] {
+        events.wait(&format!("state {state}"), EXIT, |v| {
+            v["event"] == "state" && v["call_id"] == id.as_str() && v["state"] == state && v["station"] == "door"
+        });
+    }
+    events.wait("ended", EXIT, |v| v["event"] == "ended" && v["call_id"] == id.as_str());
+    let recorded = events.wait("recorded", EXIT, |v| v["event"] == "recorded" && v["call_id"] == id.as_str());
+    let path = recorded["path"].as_str().unwrap_or_default();
+    assert!(
+        Path::new(path).starts_with(&rec) && fs::metadata(path).map(|m| m.len()).unwrap_or(0) > 0,
+        "no recording at {path:?}: {recorded}"
+    );
+
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}
+
+#[test]
+fn api_beyond_loopback_refuses_requests_without_the_token() {
+    if !in_loopback_namespace("api_beyond_loopback_refuses_requests_without_the_token") {
+        return;
+    }
+    let dir = test_dir("api_beyond_loopback_refuses_requests_without_the_token");
+    let token = "hub-api-token-5b0c";
+    let token_file = write(&dir.join("api-token"), &format!("{token}\n"));
+    // No homeserver answers: the API still serves (health says so), the daemon keeps trying.
+    let homeserver = format!("http://127.0.0.1:{}", closed_port());
+    let api = format!("listen = \"0.0.0.0:0\"\ntoken_file = \"{}\"", token_file.display());
+    let stations = "[[station]]\nname = \"door\"\nmay_call = [\"@me:localhost\"]\n";
+    let cfg = write(&dir.join("hub.toml"), &config(&dir, &homeserver, "@hub:localhost", &api, stations));
+    let mut hub = serve(&dir, &cfg, "unused-pw");
+    let port = api_port(&mut hub);
+    assert_eq!(hub.wait_event("api", Duration::ZERO).value["token_required"], true);
+
+    for (what, t) in [("no token", None), ("a wrong token", Some("hub-api-token-5b0d"))] {
+        for (method, path) in [("GET", "/health"), ("GET", "/calls"), ("POST", "/calls"), ("GET", "/events")] {
+            let body = json!({"station": "door", "to": "@me:localhost"});
+            let (status, e) = http(port, method, path, t, Some(&body));
+            assert_eq!(status, 401, "{method} {path} with {what}: {e}");
+            assert!(e["error"].as_str().unwrap_or("").contains("token"), "{e}");
+        }
+    }
+    let (status, health) = http(port, "GET", "/health", Some(token), None);
+    assert_eq!(status, 503, "no homeserver, so not healthy: {health}");
+    assert_eq!(health["homeserver_reachable"], false, "{health}");
+    let (status, calls) = http(port, "GET", "/calls", Some(token), None);
+    assert_eq!((status, calls), (200, json!([])));
+    let (status, e) = http(
+        port,
+        "POST",
+        "/calls",
+        Some(token),
+        Some(&json!({"station": "door", "to": "@me:localhost"})),
+    );
+    assert_eq!(status, 503, "calls need the homeserver: {e}");
+
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let out = fs::read_to_string(dir.join("hub.stdout")).unwrap_or_default()
+        + &fs::read_to_string(dir.join("hub.stderr")).unwrap_or_default();
+    assert!(!out.contains(token), "the API token was printed");
+}
+
+#[test]
+fn a_bad_config_is_rejected_naming_the_key_and_line() {
+    let dir = test_dir("a_bad_config_is_rejected_naming_the_key_and_line");
+    let station = "[[station]]\nname = \"door\"\nvideo = \"testclip\"\nanswer = [\"@me:localhost\"]\n";
+    let good = config(&dir, "http://127.0.0.1:9", "@hub:localhost", "listen = \"127.0.0.1:0\"", station);
+    let line_of = |text: &str, needle: &str| {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("{needle:?} not in the config"))
+    };
+    let cases = [
+        (good.replace("video = ", "vidoe = "), "vidoe = ", vec!["vidoe"]),
+        (good.replace("allow_loopback = true", "allow_loopback = \"yes\""), "allow_loopback", vec!["network.allow_loopback"]),
+        (good.replace("[\"@me:localhost\"]", "[\"me\"]"), "answer = ", vec!["answer", "\"me\""]),
+        (good.replace("127.0.0.1:0", "0.0.0.0:8765"), "listen = ", vec!["api.listen", "token"]),
+        (good.replace("video = \"testclip\"", "video = \"webcam\""), "video = ", vec!["video", "webcam"]),
+    ];
+    for (i, (text, at, words)) in cases.iter().enumerate() {
+        let cfg = write(&dir.join(format!("bad-{i}.toml")), text);
+        let out = run(
+            Command::new(agent_binary())
+                .args(["serve", "--json", "--config"])
+                .arg(&cfg)
+                .env("CALL_ASSIST_PASSWORD", "pw")
+                .env_remove("CALL_ASSIST_API_TOKEN"),
+            EXIT,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "config {i} accepted?\n{text}\n{stderr}");
+        let line = format!("line {}", line_of(text, at));
+        for w in words.iter().map(|w| w.to_string()).chain([line]) {
+            assert!(stderr.contains(&w), "config {i}: {w:?} not in the error: {stderr}");
+        }
+        assert!(out.stdout.is_empty(), "config {i}: something started: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+#[test]
+fn sighup_changes_who_is_answered_for_the_next_call() {
+    if !in_loopback_namespace("sighup_changes_who_is_answered_for_the_next_call") {
+        return;
+    }
+    let live = Live::start("sighup_changes_who_is_answered_for_the_next_call");
+    let hub_user = live.user("hub");
+    let bob = live.user("bob");
+    let room = live.hs.create_dm(&bob, &hub_user);
+    let station = |answer: &str, audio: &str| {
+        format!("[[station]]\nname = \"door\"\naudio = \"{audio}\"\nanswer = [\"{answer}\"]\n")
+    };
+    let cfg_path = live.dir.join("hub.toml");
+    let cfg = |answer: &str, audio: &str| {
+        write(
+            &cfg_path,
+            &config(&live.dir, &live.hs.base_url, &hub_user.id, "listen = \"127.0.0.1:0\"", &station(answer, audio)),
+        )
+    };
+    cfg(&bob.id, "tone");
+    let mut hub = serve(&live.dir, &cfg_path, &hub_user.password);
+    api_port(&mut hub);
+    hub.wait_event("ready", READY);
+
+    // 1. bob is answered; while that call is up, the allow list changes to carol only.
+    let mut first = live.call(&bob, &["--room", &room, "--duration-s", "8"]);
+    let connected = hub.wait_state("connected", CONNECT);
+    let first_id = call_id(&connected.value);
+    cfg("@carol:localhost", "tone");
+    let sent = Instant::now();
+    signal(hub.pid(), "HUP");
+    let reload = hub.wait_for_after("a reload line", sent, EXIT, |v| v["event"] == "reload");
+    assert_eq!(reload.value["ok"], true, "{}", reload.value);
+    assert_eq!(reload.value["needs_restart"], json!([]), "{}", reload.value);
+    // The call in progress is not dropped: bob hangs up when his 8 s are over.
+    assert_eq!(first.wait_exit(CONNECT), 0, "{}", first.report());
+    assert_eq!(first.summary()["hangup_reason"], "user_hangup", "{}", first.report());
+    let ended = hub.wait_for("the first call's end", EXIT, |v| v["event"] == "ended" && v["call_id"] == first_id.as_str());
+    assert_eq!((&ended.value["reason"], &ended.value["by"]), (&json!("user_hangup"), &json!("remote")));
+
+    // 2. bob's next call is not answered (the hub does not even ring for it).
+    let mut second = live.call(&bob, &["--room", &room, "--duration-s", "2"]);
+    let invite = second.wait_state("invite_sent", READY);
+    let second_id = call_id(&invite.value);
+    // Synapse hands the invite to the hub's long-poll within about a second; give it 10.
+    thread::sleep(Duration::from_secs(10));
+    assert!(
+        !hub.events().iter().any(|e| e.value["call_id"] == second_id.as_str()),
+        "the hub saw bob's call after bob left the allow list\n{}",
+        hub.report()
+    );
+    second.terminate();
+    assert_eq!(second.wait_exit(EXIT), 1, "{}", second.report());
+
+    // 3. bob is allowed again (and the audio changes, which needs a restart): answered.
+    cfg(&bob.id, "none");
+    let sent = Instant::now();
+    signal(hub.pid(), "HUP");
+    let reload = hub.wait_for_after("a second reload line", sent, EXIT, |v| v["event"] == "reload");
+    assert_eq!(reload.value["ok"], true, "{}", reload.value);
+    assert_eq!(reload.value["needs_restart"], json!(["station \"door\" sources or sinks"]), "{}", reload.value);
+    let mut third = live.call(&bob, &["--room", &room, "--duration-s", "2"]);
+    assert_eq!(third.wait_exit(CONNECT), 0, "{}", third.report());
+    let s = third.summary();
+    assert_eq!(s["connected"], true, "{}", third.report());
+    // The running station still sends the tone: the audio change waits for a restart.
+    assert!(count(&s, "audio_frames_received") > 0, "{s}");
+
+    // A broken config on SIGHUP is refused and the running one stays.
+    write(&cfg_path, "[matrix]\nhomeserver = 5\n");
+    let sent = Instant::now();
+    signal(hub.pid(), "HUP");
+    let reload = hub.wait_for_after("a refused reload", sent, EXIT, |v| v["event"] == "reload");
+    assert_eq!(reload.value["ok"], false, "{}", reload.value);
+    assert!(reload.value["message"].as_str().unwrap_or("").contains("line 2"), "{}", reload.value);
+
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}
