@@ -31,11 +31,18 @@ const EXIT: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------- a tiny HTTP client
 
 /// One request to 127.0.0.1:`port`; the status and the JSON body.
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connecting to the API at {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(120))).expect("read timeout");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("read timeout");
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
@@ -60,7 +67,8 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
     assert!(
-        head.to_ascii_lowercase().contains("content-type: application/json"),
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
         "{method} {path}: not JSON: {head}"
     );
     let value = serde_json::from_str(body)
@@ -79,7 +87,8 @@ impl Events {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         write!(s, "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n").expect("send");
-        s.set_read_timeout(Some(Duration::from_secs(300))).expect("read timeout");
+        s.set_read_timeout(Some(Duration::from_secs(300)))
+            .expect("read timeout");
         let mut r = BufReader::new(s);
         let mut head = Vec::new();
         loop {
@@ -90,9 +99,13 @@ impl Events {
             }
             head.push(line.trim().to_owned());
         }
-        assert!(head.first().is_some_and(|l| l.contains(" 200 ")), "GET /events: {head:?}");
         assert!(
-            head.iter().any(|h| h.eq_ignore_ascii_case("content-type: text/event-stream")),
+            head.first().is_some_and(|l| l.contains(" 200 ")),
+            "GET /events: {head:?}"
+        );
+        assert!(
+            head.iter()
+                .any(|h| h.eq_ignore_ascii_case("content-type: text/event-stream")),
             "GET /events is not an event stream: {head:?}"
         );
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -111,7 +124,10 @@ impl Events {
     }
 
     fn all(&self) -> Vec<Value> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits for an event satisfying `pred`.
@@ -132,7 +148,13 @@ impl Events {
 }
 
 /// Polls `GET /calls/ID` until `pred` holds; returns the last answer.
-fn wait_call(port: u16, id: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+fn wait_call(
+    port: u16,
+    id: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let (status, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
@@ -191,7 +213,10 @@ fn api_port(hub: &mut Proc) -> u16 {
 }
 
 fn call_id(v: &Value) -> String {
-    v["call_id"].as_str().unwrap_or_else(|| panic!("no call_id in {v}")).to_owned()
+    v["call_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no call_id in {v}"))
+        .to_owned()
 }
 
 // ---------------------------------------------------------------- tests
@@ -218,7 +243,13 @@ fn api_places_lists_and_hangs_up_a_call() {
     );
     let cfg = write(
         &live.dir.join("hub.toml"),
-        &config(&live.dir, &live.hs.base_url, &hub_user.id, "listen = \"127.0.0.1:0\"", &stations),
+        &config(
+            &live.dir,
+            &live.hs.base_url,
+            &hub_user.id,
+            "listen = \"127.0.0.1:0\"",
+            &stations,
+        ),
     );
     let mut hub = serve(&live.dir, &cfg, &hub_user.password);
     let port = api_port(&mut hub);
@@ -226,16 +257,29 @@ fn api_places_lists_and_hangs_up_a_call() {
 
     let (status, health) = http(port, "GET", "/health", None, None);
     assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
-    assert_eq!(health["stations"].as_array().map(Vec::len), Some(2), "{health}");
+    assert_eq!(
+        health["stations"].as_array().map(Vec::len),
+        Some(2),
+        "{health}"
+    );
     let events = Events::open(port, None);
 
     // Refusals, each with a clear message.
     let post = |station: &str, to: &str| {
-        http(port, "POST", "/calls", None, Some(&json!({"station": station, "to": to})))
+        http(
+            port,
+            "POST",
+            "/calls",
+            None,
+            Some(&json!({"station": station, "to": to})),
+        )
     };
     let (status, e) = post("garden", &alice.id);
     assert_eq!(status, 403, "garden may call nobody: {e}");
-    assert!(e["error"].as_str().unwrap_or("").contains("may_call"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap_or("").contains("may_call"),
+        "{e}"
+    );
     let (status, e) = post("attic", &alice.id);
     assert_eq!(status, 404, "{e}");
     let (status, e) = post("door", "alice");
@@ -247,23 +291,39 @@ fn api_places_lists_and_hangs_up_a_call() {
 
     let (status, placed) = post("door", &alice.id);
     assert_eq!(status, 201, "{placed}\n{}", hub.report());
-    let id = placed["id"].as_str().unwrap_or_else(|| panic!("no id in {placed}")).to_owned();
+    let id = placed["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {placed}"))
+        .to_owned();
     assert_eq!(placed["station"], "door");
     assert_eq!(placed["peer"], alice.id.as_str());
 
-    let call = wait_call(port, &id, "connected with frames flowing both ways", CONNECT, |c| {
-        c["state"] == "connected"
-            && c["stats"]["frames_sent"].as_u64() > Some(0)
-            && c["stats"]["video_frames_received"].as_u64() > Some(0)
-            && c["stats"]["audio_frames_received"].as_u64() > Some(0)
-    });
+    let call = wait_call(
+        port,
+        &id,
+        "connected with frames flowing both ways",
+        CONNECT,
+        |c| {
+            c["state"] == "connected"
+                && c["stats"]["frames_sent"].as_u64() > Some(0)
+                && c["stats"]["video_frames_received"].as_u64() > Some(0)
+                && c["stats"]["audio_frames_received"].as_u64() > Some(0)
+        },
+    );
     assert_eq!(call["direction"], "outgoing", "{call}");
     assert_eq!(call["stats"]["local_candidate"], "host", "{call}");
     let (status, list) = http(port, "GET", "/calls", None, None);
     assert_eq!(status, 200);
-    let listed: Vec<&Value> = list.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let listed: Vec<&Value> = list
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
     assert_eq!(listed.len(), 1, "{list}");
-    assert_eq!((&listed[0]["id"], &listed[0]["state"]), (&json!(id), &json!("connected")), "{list}");
+    assert_eq!(
+        (&listed[0]["id"], &listed[0]["state"]),
+        (&json!(id), &json!("connected")),
+        "{list}"
+    );
     let incoming = callee.wait_event("incoming", Duration::ZERO);
     assert_eq!(call_id(&incoming.value), id);
 
@@ -272,20 +332,34 @@ fn api_places_lists_and_hangs_up_a_call() {
     assert_eq!(callee.wait_exit(EXIT), 0, "{}", callee.report());
     let ended = callee.events_of("ended");
     assert_eq!(ended.len(), 1, "{}", callee.report());
-    assert_eq!((&ended[0]["reason"], &ended[0]["by"]), (&json!("user_hangup"), &json!("remote")));
+    assert_eq!(
+        (&ended[0]["reason"], &ended[0]["by"]),
+        (&json!("user_hangup"), &json!("remote"))
+    );
     let call = wait_call(port, &id, "ended", EXIT, |c| c["state"] == "ended");
-    assert_eq!((&call["reason"], &call["ended_by"]), (&json!("user_hangup"), &json!("local")), "{call}");
+    assert_eq!(
+        (&call["reason"], &call["ended_by"]),
+        (&json!("user_hangup"), &json!("local")),
+        "{call}"
+    );
     let (status, e) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
     assert_eq!(status, 409, "hanging up twice: {e}");
 
     // The event stream saw the call go through its states, one JSON object per data line.
     for state in ["invite_sent", "connected"] {
         events.wait(&format!("state {state}"), EXIT, |v| {
-            v["event"] == "state" && v["call_id"] == id.as_str() && v["state"] == state && v["station"] == "door"
+            v["event"] == "state"
+                && v["call_id"] == id.as_str()
+                && v["state"] == state
+                && v["station"] == "door"
         });
     }
-    events.wait("ended", EXIT, |v| v["event"] == "ended" && v["call_id"] == id.as_str());
-    let recorded = events.wait("recorded", EXIT, |v| v["event"] == "recorded" && v["call_id"] == id.as_str());
+    events.wait("ended", EXIT, |v| {
+        v["event"] == "ended" && v["call_id"] == id.as_str()
+    });
+    let recorded = events.wait("recorded", EXIT, |v| {
+        v["event"] == "recorded" && v["call_id"] == id.as_str()
+    });
     let path = recorded["path"].as_str().unwrap_or_default();
     assert!(
         Path::new(path).starts_with(&rec) && fs::metadata(path).map(|m| m.len()).unwrap_or(0) > 0,
@@ -306,15 +380,32 @@ fn api_beyond_loopback_refuses_requests_without_the_token() {
     let token_file = write(&dir.join("api-token"), &format!("{token}\n"));
     // No homeserver answers: the API still serves (health says so), the daemon keeps trying.
     let homeserver = format!("http://127.0.0.1:{}", closed_port());
-    let api = format!("listen = \"0.0.0.0:0\"\ntoken_file = \"{}\"", token_file.display());
+    let api = format!(
+        "listen = \"0.0.0.0:0\"\ntoken_file = \"{}\"",
+        token_file.display()
+    );
     let stations = "[[station]]\nname = \"door\"\nmay_call = [\"@me:localhost\"]\n";
-    let cfg = write(&dir.join("hub.toml"), &config(&dir, &homeserver, "@hub:localhost", &api, stations));
+    let cfg = write(
+        &dir.join("hub.toml"),
+        &config(&dir, &homeserver, "@hub:localhost", &api, stations),
+    );
     let mut hub = serve(&dir, &cfg, "unused-pw");
     let port = api_port(&mut hub);
-    assert_eq!(hub.wait_event("api", Duration::ZERO).value["token_required"], true);
+    assert_eq!(
+        hub.wait_event("api", Duration::ZERO).value["token_required"],
+        true
+    );
 
-    for (what, t) in [("no token", None), ("a wrong token", Some("hub-api-token-5b0d"))] {
-        for (method, path) in [("GET", "/health"), ("GET", "/calls"), ("POST", "/calls"), ("GET", "/events")] {
+    for (what, t) in [
+        ("no token", None),
+        ("a wrong token", Some("hub-api-token-5b0d")),
+    ] {
+        for (method, path) in [
+            ("GET", "/health"),
+            ("GET", "/calls"),
+            ("POST", "/calls"),
+            ("GET", "/events"),
+        ] {
             let body = json!({"station": "door", "to": "@me:localhost"});
             let (status, e) = http(port, method, path, t, Some(&body));
             assert_eq!(status, 401, "{method} {path} with {what}: {e}");
@@ -345,8 +436,15 @@ fn api_beyond_loopback_refuses_requests_without_the_token() {
 #[test]
 fn a_bad_config_is_rejected_naming_the_key_and_line() {
     let dir = test_dir("a_bad_config_is_rejected_naming_the_key_and_line");
-    let station = "[[station]]\nname = \"door\"\nvideo = \"testclip\"\nanswer = [\"@me:localhost\"]\n";
-    let good = config(&dir, "http://127.0.0.1:9", "@hub:localhost", "listen = \"127.0.0.1:0\"", station);
+    let station =
+        "[[station]]\nname = \"door\"\nvideo = \"testclip\"\nanswer = [\"@me:localhost\"]\n";
+    let good = config(
+        &dir,
+        "http://127.0.0.1:9",
+        "@hub:localhost",
+        "listen = \"127.0.0.1:0\"",
+        station,
+    );
     let line_of = |text: &str, needle: &str| {
         text.lines()
             .position(|l| l.contains(needle))
@@ -354,11 +452,31 @@ fn a_bad_config_is_rejected_naming_the_key_and_line() {
             .unwrap_or_else(|| panic!("{needle:?} not in the config"))
     };
     let cases = [
-        (good.replace("video = ", "vidoe = "), "vidoe = ", vec!["vidoe"]),
-        (good.replace("allow_loopback = true", "allow_loopback = \"yes\""), "allow_loopback", vec!["network.allow_loopback"]),
-        (good.replace("[\"@me:localhost\"]", "[\"me\"]"), "answer = ", vec!["answer", "\"me\""]),
-        (good.replace("127.0.0.1:0", "0.0.0.0:8765"), "listen = ", vec!["api.listen", "token"]),
-        (good.replace("video = \"testclip\"", "video = \"webcam\""), "video = ", vec!["video", "webcam"]),
+        (
+            good.replace("video = ", "vidoe = "),
+            "vidoe = ",
+            vec!["vidoe"],
+        ),
+        (
+            good.replace("allow_loopback = true", "allow_loopback = \"yes\""),
+            "allow_loopback",
+            vec!["network.allow_loopback"],
+        ),
+        (
+            good.replace("[\"@me:localhost\"]", "[\"me\"]"),
+            "answer = ",
+            vec!["answer", "\"me\""],
+        ),
+        (
+            good.replace("127.0.0.1:0", "0.0.0.0:8765"),
+            "listen = ",
+            vec!["api.listen", "token"],
+        ),
+        (
+            good.replace("video = \"testclip\"", "video = \"webcam\""),
+            "video = ",
+            vec!["video", "webcam"],
+        ),
     ];
     for (i, (text, at, words)) in cases.iter().enumerate() {
         let cfg = write(&dir.join(format!("bad-{i}.toml")), text);
@@ -371,12 +489,23 @@ fn a_bad_config_is_rejected_naming_the_key_and_line() {
             EXIT,
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "config {i} accepted?\n{text}\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "config {i} accepted?\n{text}\n{stderr}"
+        );
         let line = format!("line {}", line_of(text, at));
         for w in words.iter().map(|w| w.to_string()).chain([line]) {
-            assert!(stderr.contains(&w), "config {i}: {w:?} not in the error: {stderr}");
+            assert!(
+                stderr.contains(&w),
+                "config {i}: {w:?} not in the error: {stderr}"
+            );
         }
-        assert!(out.stdout.is_empty(), "config {i}: something started: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "config {i}: something started: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
 
@@ -396,7 +525,13 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     let cfg = |answer: &str, audio: &str| {
         write(
             &cfg_path,
-            &config(&live.dir, &live.hs.base_url, &hub_user.id, "listen = \"127.0.0.1:0\"", &station(answer, audio)),
+            &config(
+                &live.dir,
+                &live.hs.base_url,
+                &hub_user.id,
+                "listen = \"127.0.0.1:0\"",
+                &station(answer, audio),
+            ),
         )
     };
     cfg(&bob.id, "tone");
@@ -416,9 +551,19 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     assert_eq!(reload.value["needs_restart"], json!([]), "{}", reload.value);
     // The call in progress is not dropped: bob hangs up when his 8 s are over.
     assert_eq!(first.wait_exit(CONNECT), 0, "{}", first.report());
-    assert_eq!(first.summary()["hangup_reason"], "user_hangup", "{}", first.report());
-    let ended = hub.wait_for("the first call's end", EXIT, |v| v["event"] == "ended" && v["call_id"] == first_id.as_str());
-    assert_eq!((&ended.value["reason"], &ended.value["by"]), (&json!("user_hangup"), &json!("remote")));
+    assert_eq!(
+        first.summary()["hangup_reason"],
+        "user_hangup",
+        "{}",
+        first.report()
+    );
+    let ended = hub.wait_for("the first call's end", EXIT, |v| {
+        v["event"] == "ended" && v["call_id"] == first_id.as_str()
+    });
+    assert_eq!(
+        (&ended.value["reason"], &ended.value["by"]),
+        (&json!("user_hangup"), &json!("remote"))
+    );
 
     // 2. bob's next call is not answered (the hub does not even ring for it).
     let mut second = live.call(&bob, &["--room", &room, "--duration-s", "2"]);
@@ -427,7 +572,9 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     // Synapse hands the invite to the hub's long-poll within about a second; give it 10.
     thread::sleep(Duration::from_secs(10));
     assert!(
-        !hub.events().iter().any(|e| e.value["call_id"] == second_id.as_str()),
+        !hub.events()
+            .iter()
+            .any(|e| e.value["call_id"] == second_id.as_str()),
         "the hub saw bob's call after bob left the allow list\n{}",
         hub.report()
     );
@@ -438,9 +585,16 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     cfg(&bob.id, "none");
     let sent = Instant::now();
     signal(hub.pid(), "HUP");
-    let reload = hub.wait_for_after("a second reload line", sent, EXIT, |v| v["event"] == "reload");
+    let reload = hub.wait_for_after("a second reload line", sent, EXIT, |v| {
+        v["event"] == "reload"
+    });
     assert_eq!(reload.value["ok"], true, "{}", reload.value);
-    assert_eq!(reload.value["needs_restart"], json!(["station \"door\" sources or sinks"]), "{}", reload.value);
+    assert_eq!(
+        reload.value["needs_restart"],
+        json!(["station \"door\" sources or sinks"]),
+        "{}",
+        reload.value
+    );
     let mut third = live.call(&bob, &["--room", &room, "--duration-s", "2"]);
     assert_eq!(third.wait_exit(CONNECT), 0, "{}", third.report());
     let s = third.summary();
@@ -454,7 +608,14 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     signal(hub.pid(), "HUP");
     let reload = hub.wait_for_after("a refused reload", sent, EXIT, |v| v["event"] == "reload");
     assert_eq!(reload.value["ok"], false, "{}", reload.value);
-    assert!(reload.value["message"].as_str().unwrap_or("").contains("line 2"), "{}", reload.value);
+    assert!(
+        reload.value["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("line 2"),
+        "{}",
+        reload.value
+    );
 
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());

@@ -88,7 +88,13 @@ pub async fn serve<M: Send + 'static>(
         if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             open.fetch_sub(1, Ordering::SeqCst);
             smol::spawn(async move {
-                let _ = write_json(&mut stream, 503, &json!({"error": "too many connections"}), &[]).await;
+                let _ = write_json(
+                    &mut stream,
+                    503,
+                    &json!({"error": "too many connections"}),
+                    &[],
+                )
+                .await;
             })
             .detach();
             continue;
@@ -183,7 +189,13 @@ async fn connection<M>(
         }
         Some(Reply::Events(rx)) => event_stream(stream, rx).await,
         None => {
-            let _ = write_json(&mut stream, 503, &json!({"error": "no answer from the hub"}), &[]).await;
+            let _ = write_json(
+                &mut stream,
+                503,
+                &json!({"error": "no answer from the hub"}),
+                &[],
+            )
+            .await;
         }
     }
 }
@@ -202,7 +214,10 @@ async fn read_request(stream: &mut TcpStream) -> Result<Http, HttpError> {
             .await
             .map_err(|e| (400, format!("reading the request: {e}")))?;
         if n == 0 {
-            return Err((400, "connection closed before the request was complete".into()));
+            return Err((
+                400,
+                "connection closed before the request was complete".into(),
+            ));
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
         match parse_head(&buf)? {
@@ -253,7 +268,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Http, usize, usize)>, HttpError> {
                 .and_then(|v| v.trim().parse().ok())
                 .ok_or_else(|| (400, "Content-Length is not a number".to_owned()))?;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err((411, "chunked bodies are not supported: send Content-Length".into()));
+            return Err((
+                411,
+                "chunked bodies are not supported: send Content-Length".into(),
+            ));
         }
     }
     let path = req.path.unwrap_or("/");
@@ -277,11 +295,7 @@ fn route(r: &Http) -> Result<Command, RouteError> {
     let segments: Vec<&str> = r.path.split('/').filter(|s| !s.is_empty()).collect();
     let method = r.method.as_str();
     let wrong = |allow: Vec<&'static str>| {
-        Err((
-            405,
-            format!("{method} is not allowed on {}", r.path),
-            allow,
-        ))
+        Err((405, format!("{method} is not allowed on {}", r.path), allow))
     };
     match segments.as_slice() {
         ["health"] => match method {
@@ -420,12 +434,17 @@ mod tests {
     fn a_start_call_request_routes() {
         let mut h = head("POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n");
         h.body = br#"{"station":"door","to":"@me:example.org"}"#.to_vec();
-        assert!(matches!(route(&h), Ok(Command::StartCall { station, to }) if station == "door" && to == "@me:example.org"));
+        assert!(
+            matches!(route(&h), Ok(Command::StartCall { station, to }) if station == "door" && to == "@me:example.org")
+        );
     }
 
     #[test]
     fn paths_methods_and_bodies_are_checked() {
-        assert_eq!(route(&head("GET /nope HTTP/1.1\r\n\r\n")).unwrap_err().0, 404);
+        assert_eq!(
+            route(&head("GET /nope HTTP/1.1\r\n\r\n")).unwrap_err().0,
+            404
+        );
         let e = route(&head("PUT /calls HTTP/1.1\r\n\r\n")).unwrap_err();
         assert_eq!((e.0, e.2), (405, vec!["GET", "POST"]));
         let e = route(&head("POST /calls HTTP/1.1\r\n\r\n")).unwrap_err();
@@ -433,18 +452,30 @@ mod tests {
         let mut h = head("POST /calls HTTP/1.1\r\n\r\n");
         h.body = br#"{"station":"door"}"#.to_vec();
         assert!(route(&h).unwrap_err().1.contains("\"to\""));
-        assert!(matches!(route(&head("DELETE /calls/abc HTTP/1.1\r\n\r\n")), Ok(Command::Hangup(id)) if id == "abc"));
-        assert!(matches!(route(&head("GET /calls?x=1 HTTP/1.1\r\n\r\n")), Ok(Command::ListCalls)));
+        assert!(
+            matches!(route(&head("DELETE /calls/abc HTTP/1.1\r\n\r\n")), Ok(Command::Hangup(id)) if id == "abc")
+        );
+        assert!(matches!(
+            route(&head("GET /calls?x=1 HTTP/1.1\r\n\r\n")),
+            Ok(Command::ListCalls)
+        ));
     }
 
     #[test]
     fn heads_are_parsed_incrementally_and_bounded() {
-        assert!(parse_head(b"GET /health HTTP/1.1\r\nHost").unwrap().is_none());
-        assert_eq!(parse_head(b"\x01\x02 / HTTP/1.1\r\n\r\n").unwrap_err().0, 400);
+        assert!(parse_head(b"GET /health HTTP/1.1\r\nHost")
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            parse_head(b"\x01\x02 / HTTP/1.1\r\n\r\n").unwrap_err().0,
+            400
+        );
         let h = head("GET /health HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n");
         assert_eq!(h.authorization.as_deref(), Some("Bearer abc"));
         assert_eq!(
-            parse_head(b"POST /calls HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err().0,
+            parse_head(b"POST /calls HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap_err()
+                .0,
             411
         );
     }

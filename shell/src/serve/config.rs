@@ -15,8 +15,7 @@ use crate::live::config::{Auth, MediaOptions, DEFAULT_FILE_FPS};
 use crate::media::pump::VideoChoice;
 
 /// Where the API listens unless `api.listen` says otherwise.
-pub const DEFAULT_API_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8765);
+pub const DEFAULT_API_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8765);
 
 /// A config that cannot be used: the message names the file, the line and the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,11 +187,20 @@ impl ServeConfig {
         let user = user_id(&m.user, "matrix.user", &at)?;
         let read_secret = |f: &Spanned<PathBuf>, key: &str| -> Result<Secret, ConfigError> {
             let p = f.get_ref();
-            let s = std::fs::read_to_string(p)
-                .map_err(|e| at(Some(f.span()), key, &format!("cannot read {}: {e}", p.display())))?;
+            let s = std::fs::read_to_string(p).map_err(|e| {
+                at(
+                    Some(f.span()),
+                    key,
+                    &format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
             let s = s.trim();
             if s.is_empty() {
-                return Err(at(Some(f.span()), key, &format!("{} is empty", p.display())));
+                return Err(at(
+                    Some(f.span()),
+                    key,
+                    &format!("{} is empty", p.display()),
+                ));
             }
             Ok(Secret::new(s))
         };
@@ -329,7 +337,12 @@ impl ServeConfig {
         if self.network != new.network {
             keys.push("network".to_owned());
         }
-        let names = |c: &ServeConfig| c.stations.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        let names = |c: &ServeConfig| {
+            c.stations
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+        };
         if names(self) != names(new) {
             keys.push("station (added, removed or renamed)".to_owned());
         } else {
@@ -350,7 +363,10 @@ fn user_id(s: &Spanned<String>, key: &str, at: &At<'_>) -> Result<OwnedUserId, C
         at(
             Some(s.span()),
             key,
-            &format!("{:?} is not a Matrix user id (@user:server): {e}", s.get_ref()),
+            &format!(
+                "{:?} is not a Matrix user id (@user:server): {e}",
+                s.get_ref()
+            ),
         )
     })
 }
@@ -449,13 +465,15 @@ fn station(
     };
     let forward_rtp = match &s.forward_rtp {
         None => None,
-        Some(f) => Some(crate::live::config::parse_forward(f.get_ref()).map_err(|e| {
-            at(
-                Some(f.span()),
-                &key("forward_rtp"),
-                e.0.trim_start_matches("--forward-rtp: "),
-            )
-        })?),
+        Some(f) => Some(
+            crate::live::config::parse_forward(f.get_ref()).map_err(|e| {
+                at(
+                    Some(f.span()),
+                    &key("forward_rtp"),
+                    e.0.trim_start_matches("--forward-rtp: "),
+                )
+            })?,
+        ),
     };
     let mut answer = Vec::new();
     for u in &s.answer {
@@ -589,48 +607,68 @@ answer = ["@you:localhost"]
     #[test]
     fn a_wrong_type_names_the_key() {
         let e = err(&GOOD.replace("allow_loopback = true", "allow_loopback = \"yes\""));
-        assert!(e.contains("line 10") && e.contains("network.allow_loopback"), "{e}");
+        assert!(
+            e.contains("line 10") && e.contains("network.allow_loopback"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_bad_user_id_names_the_station_and_key() {
         let e = err(&GOOD.replace("answer = [\"@you:localhost\"]", "answer = [\"you\"]"));
-        assert!(e.contains("line 21") && e.contains("\"garden\" answer"), "{e}");
+        assert!(
+            e.contains("line 21") && e.contains("\"garden\" answer"),
+            "{e}"
+        );
     }
 
     #[test]
     fn one_caller_is_answered_by_one_station() {
-        let e = err(&GOOD.replace("answer = [\"@you:localhost\"]", "answer = [\"@me:localhost\"]"));
+        let e = err(&GOOD.replace(
+            "answer = [\"@you:localhost\"]",
+            "answer = [\"@me:localhost\"]",
+        ));
         assert!(e.contains("already answered by station \"door\""), "{e}");
     }
 
     #[test]
     fn a_public_api_needs_a_token() {
         let e = err(&GOOD.replace("127.0.0.1:0", "0.0.0.0:8765"));
-        assert!(e.contains("line 7") && e.contains("api.listen") && e.contains("token"), "{e}");
-        let c = ServeConfig::parse(Path::new("hub.toml"), &GOOD.replace("127.0.0.1:0", "0.0.0.0:8765"), |k| {
-            match k {
+        assert!(
+            e.contains("line 7") && e.contains("api.listen") && e.contains("token"),
+            "{e}"
+        );
+        let c = ServeConfig::parse(
+            Path::new("hub.toml"),
+            &GOOD.replace("127.0.0.1:0", "0.0.0.0:8765"),
+            |k| match k {
                 "CALL_ASSIST_PASSWORD" => Some("pw".into()),
                 "CALL_ASSIST_API_TOKEN" => Some("t".into()),
                 _ => None,
-            }
-        })
+            },
+        )
         .unwrap();
         assert_eq!(c.api.token.as_ref().map(Secret::expose), Some("t"));
     }
 
     #[test]
     fn a_missing_secret_is_an_error() {
-        let e = ServeConfig::parse(Path::new("hub.toml"), GOOD, |_| None).unwrap_err().0;
+        let e = ServeConfig::parse(Path::new("hub.toml"), GOOD, |_| None)
+            .unwrap_err()
+            .0;
         assert!(e.contains("CALL_ASSIST_PASSWORD"), "{e}");
     }
 
     #[test]
     fn only_allow_lists_reload_without_a_restart() {
         let a = parse(GOOD).unwrap();
-        let b = parse(&GOOD.replace("may_call = [\"@me:localhost\", \"@you:localhost\"]", "")).unwrap();
+        let b =
+            parse(&GOOD.replace("may_call = [\"@me:localhost\", \"@you:localhost\"]", "")).unwrap();
         assert!(a.needs_restart(&b).is_empty());
         let c = parse(&GOOD.replace("audio = \"tone\"", "audio = \"none\"")).unwrap();
-        assert_eq!(a.needs_restart(&c), vec!["station \"door\" sources or sinks".to_owned()]);
+        assert_eq!(
+            a.needs_restart(&c),
+            vec!["station \"door\" sources or sinks".to_owned()]
+        );
     }
 }
