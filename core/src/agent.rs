@@ -218,6 +218,18 @@ impl Agent {
         self.setup.gathering = self.turn.gathering();
     }
 
+    /// True while a TURN allocation is under way (no relay and no failure yet).
+    pub fn relays_pending(&self) -> bool {
+        self.turn.gathering()
+    }
+
+    /// Sends a datagram through every ready relay to ourselves and back (for `check`);
+    /// answered by [`AgentEvent::RelayTested`]. Returns how many relays are tested.
+    pub fn test_relays(&mut self, now: Instant) -> usize {
+        self.now = now;
+        self.turn.start_self_test(now, &mut self.rng)
+    }
+
     /// The H.264 profile the video source sends changed (a camera's first keyframe, or a
     /// camera reconfigured): calls from now on offer and answer it; calls in progress keep
     /// what they negotiated.
@@ -323,6 +335,10 @@ impl Agent {
                     self.turn
                         .handle_receive(source, destination, contents, now, &mut self.rng);
                 let (source, destination, contents) = match &relayed {
+                    None if self.turn.handle_plain(source, destination, contents) => {
+                        self.process();
+                        return;
+                    }
                     None => (source, destination, contents),
                     Some(None) => {
                         self.process();
@@ -482,6 +498,9 @@ impl Agent {
                     code,
                     reason,
                 }),
+                TurnEvent::SelfTest { relay, outbound } => {
+                    self.push_event(AgentEvent::RelayTested { relay, outbound })
+                }
                 TurnEvent::Lost { relay } => {
                     self.setup.relays.retain(|(r, _)| *r != relay);
                     self.push_event(AgentEvent::RelayLost { relay });

@@ -377,6 +377,12 @@ pub enum AgentEvent {
     RelayLost {
         relay: SocketAddr,
     },
+    /// A relay self-test datagram (see `Agent::test_relays`) came back: `outbound` = through
+    /// the relay to us, else from us to the relay and back through the server.
+    RelayTested {
+        relay: SocketAddr,
+        outbound: bool,
+    },
     /// A direct room asked for with `Agent::create_direct_room` exists.
     RoomCreated {
         room_id: OwnedRoomId,

@@ -42,7 +42,8 @@ commands:
 common options of call and listen:
   --config FILE            TOML file with the same settings (keys: homeserver, user, room,
                            to, allow, state_dir, allow_loopback, interfaces,
-                           exclude_interfaces, video_codec, max_calls, duration_s, port);
+                           exclude_interfaces, video_codec, max_calls, duration_s, port,
+                           stun, turn, turn_user, relay_only);
                            flags win over the file
   --state-dir DIR          keeps the device id and access token between runs
                            (default $XDG_STATE_HOME/call-assist or ~/.local/state/call-assist)
@@ -53,6 +54,9 @@ common options of call and listen:
   --stun HOST:PORT         STUN server for server-reflexive candidates (repeatable; the
                            homeserver's TURN URIs with an IP address are probed too)
   --video-codec auto|h264|vp8   which test clip to send (default auto)
+  --turn turn:HOST:PORT    TURN server instead of the homeserver's (repeatable; UDP only)
+  --turn-user NAME         its username; the password in CALL_ASSIST_TURN_PASSWORD
+  --relay-only             offer only relay candidates (no address of ours in the room)
 secrets come from the environment only: CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN
 
 exit codes: 0 ok, 1 call did not connect, 2 usage or config error, 3 login refused,
@@ -219,7 +223,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        "call" | "listen" => {
+        "call" | "listen" | "check" => {
             let args: Vec<String> = args.collect();
             if args.iter().any(|a| a == "-h" || a == "--help") {
                 print!("{USAGE}");

@@ -272,7 +272,7 @@ def write_config(args, workdir, port):
         "listeners": [
             {
                 "port": port,
-                "bind_addresses": [HOST],
+                "bind_addresses": ["0.0.0.0"] if getattr(args, "bind_all", False) else [HOST],
                 "type": "http",
                 "tls": False,
                 "x_forwarded": False,
@@ -533,6 +533,11 @@ def main():
     s.add_argument("--turn-uri", action="append", default=[], help="repeatable")
     s.add_argument("--turn-secret")
     s.add_argument("--turn-user-lifetime", default="1h")
+    s.add_argument(
+        "--bind-all",
+        action="store_true",
+        help="listen on every address (tests that put agents in their own network namespaces)",
+    )
     s.add_argument("--timeout", type=float, default=START_TIMEOUT_S)
     s.set_defaults(func=cmd_start)
 

@@ -82,6 +82,9 @@ pub enum TurnEvent {
     },
     /// A relayed address is gone (expired, refused on refresh, or replaced).
     Lost { relay: SocketAddr },
+    /// A self-test datagram came back: `outbound` = sent through the relay to our own
+    /// address; inbound = sent to the relay from our socket and handed back by the server.
+    SelfTest { relay: SocketAddr, outbound: bool },
 }
 
 /// A datagram that came through a relay.
@@ -148,6 +151,8 @@ struct Allocation {
     txns: Vec<Txn>,
     channels: Vec<Channel>,
     queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Self-test: the payload and whether the inbound datagram was sent yet.
+    self_test: Option<(Vec<u8>, bool)>,
     /// 401s in a row on authenticated requests (a fresh nonce did not help: bad credentials).
     refused: u8,
 }
@@ -170,6 +175,7 @@ impl Allocation {
             txns: Vec::new(),
             channels: Vec::new(),
             queue: VecDeque::new(),
+            self_test: None,
             refused: 0,
         }
     }
@@ -502,9 +508,67 @@ impl TurnClient {
         Some(None)
     }
 
+    /// Sends a datagram through each ready relay to our own address as the server sees it
+    /// (outbound), and once the permission exists one from our socket to the relay (inbound);
+    /// each that comes back gives [`TurnEvent::SelfTest`]. Returns how many relays are tested.
+    pub fn start_self_test(&mut self, now: Instant, rng: &mut Rng) -> usize {
+        let mut n = 0;
+        let targets: Vec<(SocketAddr, SocketAddr)> = self
+            .allocs
+            .iter()
+            .filter(|a| a.state == State::Allocated)
+            .filter_map(|a| Some((a.relay?, a.mapped?)))
+            .collect();
+        for (relay, mapped) in targets {
+            let payload = format!("call-assist check {:016x}", rng.u64()).into_bytes();
+            if let Some(a) = self.allocs.iter_mut().find(|a| a.relay == Some(relay)) {
+                a.self_test = Some((payload.clone(), false));
+            }
+            let _ = self.send(relay, mapped, &payload, now, rng);
+            n += 1;
+        }
+        n
+    }
+
+    /// A datagram that is not from a TURN server: the outbound self-test coming back from a
+    /// relay's address, or not ours (`false`).
+    pub fn handle_plain(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        let hit = self.allocs.iter().find(|a| {
+            a.relay == Some(source)
+                && a.local == destination
+                && a.self_test.as_ref().is_some_and(|(p, _)| p == data)
+        });
+        if let Some(relay) = hit.and_then(|a| a.relay) {
+            self.events.push_back(TurnEvent::SelfTest {
+                relay,
+                outbound: true,
+            });
+            return true;
+        }
+        false
+    }
+
     /// Datagrams that waited for a channel bind and can go now.
     pub fn poll_queued(&mut self) -> Option<Transmit> {
         for a in &mut self.allocs {
+            // The inbound self-test leaves once the permission for our own address exists.
+            if let (Some((payload, sent)), Some(relay), Some(mapped)) =
+                (&mut a.self_test, a.relay, a.mapped)
+            {
+                if !*sent && a.channels.iter().any(|c| c.peer == mapped && c.bound) {
+                    *sent = true;
+                    return Some(Transmit {
+                        source: a.local,
+                        destination: relay,
+                        contents: payload.clone(),
+                    });
+                }
+            }
             let Some(i) = a
                 .queue
                 .iter()
@@ -546,6 +610,13 @@ impl TurnClient {
                 debug!(number, "ChannelData on an unbound channel dropped");
                 return Some(None);
             };
+            if a.self_test.as_ref().is_some_and(|(p, _)| p == payload) && Some(c.peer) == a.mapped {
+                events.push_back(TurnEvent::SelfTest {
+                    relay,
+                    outbound: false,
+                });
+                return Some(None);
+            }
             return Some(Some(Relayed {
                 peer: c.peer,
                 relay,

@@ -40,6 +40,12 @@ pub struct FileConfig {
     pub to: Option<String>,
     /// STUN servers as `host:port`.
     pub stun: Option<Vec<String>>,
+    /// TURN servers as `turn:` URIs, used instead of the homeserver's (`/voip/turnServer`).
+    pub turn: Option<Vec<String>>,
+    /// Username for `turn` (the password comes from CALL_ASSIST_TURN_PASSWORD).
+    pub turn_user: Option<String>,
+    /// Offer only relay candidates: no address of the hub goes into room history.
+    pub relay_only: Option<bool>,
     /// Video source: `testclip`, `file:PATH` (H.264 Annex B), `rtsp://...`, `none`.
     pub video: Option<String>,
     /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `none`.
@@ -82,6 +88,8 @@ pub enum Mode {
         /// Hang up each answered call this long after it connected.
         hangup_after: Option<Duration>,
     },
+    /// `check`: STUN, TURN allocation and a relay round trip, then exit.
+    Check,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +112,18 @@ pub struct LiveOptions {
     pub video: VideoChoice,
     pub port: u16,
     pub stun: Vec<String>,
+    /// TURN from the config: URIs, username, password (from the environment).
+    pub turn: Option<TurnOptions>,
+    pub relay_only: bool,
     pub media: MediaOptions,
+}
+
+/// TURN servers given in the config rather than by the homeserver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnOptions {
+    pub uris: Vec<String>,
+    pub username: String,
+    pub password: call_assist_core::Secret,
 }
 
 /// Sources and sinks, as given (files are opened and cameras reached when the agent starts).
@@ -211,6 +230,12 @@ pub fn parse(
                 .stun
                 .get_or_insert_with(Vec::new)
                 .push(next_value(&mut it, &a)?),
+            "--turn" => file
+                .turn
+                .get_or_insert_with(Vec::new)
+                .push(next_value(&mut it, &a)?),
+            "--turn-user" => file.turn_user = Some(next_value(&mut it, &a)?),
+            "--relay-only" => file.relay_only = Some(true),
             "--video" => file.video = Some(next_value(&mut it, &a)?),
             "--audio" => file.audio = Some(next_value(&mut it, &a)?),
             "--video-fps" => {
@@ -254,6 +279,7 @@ pub fn parse(
     };
     let duration = file.duration_s.map(Duration::from_secs);
     let mode = match command {
+        "check" => Mode::Check,
         "call" => {
             let target = match (file.room, file.to) {
                 (Some(r), None) => Target::Room(
@@ -302,6 +328,8 @@ pub fn parse(
         video: parse_video(file.video_codec.as_deref().unwrap_or("auto"))?,
         port: file.port.unwrap_or(0),
         stun: file.stun.unwrap_or_default(),
+        turn: turn_options(file.turn, file.turn_user, env("CALL_ASSIST_TURN_PASSWORD"))?,
+        relay_only: file.relay_only.unwrap_or(false),
         media: MediaOptions {
             video: file.video.unwrap_or_else(|| "testclip".into()),
             audio: file.audio,
@@ -313,12 +341,41 @@ pub fn parse(
                 .parse()
                 .map_err(|e| ConfigError(format!("--rtsp-transport: {e}")))?,
             record: file.record,
-            forward_rtp: file
-                .forward_rtp
-                .map(|f| parse_forward(&f))
-                .transpose()?,
+            forward_rtp: file.forward_rtp.map(|f| parse_forward(&f)).transpose()?,
         },
     })
+}
+
+/// `--turn URI ... --turn-user U` with CALL_ASSIST_TURN_PASSWORD: all three or none.
+pub(crate) fn turn_options(
+    uris: Option<Vec<String>>,
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<Option<TurnOptions>, ConfigError> {
+    let Some(uris) = uris.filter(|u| !u.is_empty()) else {
+        if user.is_some() {
+            return Err(ConfigError("--turn-user needs --turn URI".into()));
+        }
+        return Ok(None);
+    };
+    for u in &uris {
+        let parsed = call_assist_core::turn::TurnUri::parse(u)
+            .map_err(|e| ConfigError(format!("--turn {u:?}: {e}")))?;
+        if !parsed.is_udp_turn() {
+            return Err(ConfigError(format!(
+                "--turn {u:?}: only turn: URIs over UDP are supported (no turns: or transport=tcp)"
+            )));
+        }
+    }
+    let username = user.ok_or_else(|| ConfigError("--turn needs --turn-user".into()))?;
+    let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
+        ConfigError("--turn needs the TURN password in CALL_ASSIST_TURN_PASSWORD".into())
+    })?;
+    Ok(Some(TurnOptions {
+        uris,
+        username,
+        password: call_assist_core::Secret::new(password),
+    }))
 }
 
 /// `HOST:PORT` with an IP literal on this host (loopback or a local address: the stream is

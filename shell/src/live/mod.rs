@@ -5,6 +5,7 @@
 //! background. Every input reaches the agent through one channel; the loop drains the agent,
 //! then waits for the channel or the next deadline.
 
+mod check;
 pub mod config;
 pub(crate) mod media;
 
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use call_assist_core::{
     Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Credentials, HttpFailure, HttpId, Input,
-    MediaKind, Output, Party,
+    MediaKind, Output, Party, Secret, StaticTurn,
 };
+use call_assist_core::turn::TurnUri;
 use futures_lite::{FutureExt, StreamExt};
 use serde_json::json;
 use smol::channel::{Receiver, Sender};
@@ -68,7 +70,11 @@ enum Msg {
         response: Result<http::Response<Vec<u8>>, HttpFailure>,
     },
     Shutdown,
-    StunServers(Vec<SocketAddr>),
+    /// Resolved host names of STUN/TURN URIs.
+    Servers {
+        stun: Vec<SocketAddr>,
+        turn: Vec<SocketAddr>,
+    },
     Camera(CameraEvent),
 }
 
@@ -90,7 +96,11 @@ fn gather_ips(opts: &LiveOptions) -> Vec<IpAddr> {
 
 /// Addresses of the host's interfaces: only `interfaces` when given, never `exclude`,
 /// loopback only when allowed, never link-local.
-pub(crate) fn local_ips(interfaces: &[String], exclude: &[String], allow_loopback: bool) -> Vec<IpAddr> {
+pub(crate) fn local_ips(
+    interfaces: &[String],
+    exclude: &[String],
+    allow_loopback: bool,
+) -> Vec<IpAddr> {
     let ifaces = match if_addrs::get_if_addrs() {
         Ok(i) => i,
         Err(e) => {
@@ -197,6 +207,8 @@ struct Run {
     /// The homeserver's TURN URIs whose host names were last resolved.
     turn_uris_seen: Vec<String>,
     password_fallback: Option<call_assist_core::Secret>,
+    /// `check` mode: no calls, a report of what works.
+    check: Option<check::Check>,
 }
 
 impl Run {
@@ -252,6 +264,9 @@ impl Run {
     }
 
     fn on_event(&mut self, e: AgentEvent, now: Instant) {
+        if let Some(c) = self.check.as_mut() {
+            c.on_event(&e, now);
+        }
         match e {
             AgentEvent::LoggedIn {
                 user_id,
@@ -342,12 +357,16 @@ impl Run {
                 if state == CallState::Connected {
                     self.say(&format!("call {call_id} connected"));
                     self.connected.insert(call_id.clone(), true);
-                    for line in self.media.start_call(&mut self.agent, &call_id, now, unix_ms()) {
+                    for line in self
+                        .media
+                        .start_call(&mut self.agent, &call_id, now, unix_ms())
+                    {
                         self.print(line);
                     }
                     let after = match &self.opts.mode {
                         Mode::Call { duration, .. } => Some(*duration),
                         Mode::Listen { hangup_after, .. } => *hangup_after,
+                        Mode::Check => None,
                     };
                     if let Some(d) = after {
                         self.hangup_at.insert(call_id, now + d);
@@ -367,6 +386,17 @@ impl Run {
             }
             AgentEvent::ReflexiveAddress { local, mapped } => {
                 self.print(json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}));
+            }
+            AgentEvent::RelayAllocated { server, relay, .. } => {
+                info!(%server, "TURN relay allocated");
+                self.print(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
+            }
+            AgentEvent::RelayFailed { server, code, reason } => {
+                warn!(%server, ?code, "TURN allocation failed: {reason}");
+                self.print(json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}));
+            }
+            AgentEvent::RelayLost { relay } => {
+                self.print(json!({"event": "relay_lost", "relay": relay.to_string()}));
             }
             AgentEvent::KeyframeRequested { call_id } => {
                 self.media
@@ -400,6 +430,7 @@ impl Run {
                             self.begin_shutdown(now, exit::OK);
                         }
                     }
+                    Mode::Check => {}
                 }
             }
             other => debug!(?other, "event"),
@@ -430,6 +461,9 @@ impl Run {
             return;
         }
         self.phase = Phase::Running;
+        if matches!(self.opts.mode, Mode::Check) {
+            return;
+        }
         let Mode::Call { target, .. } = self.opts.mode.clone() else {
             self.say("listening for calls");
             return;
@@ -489,6 +523,12 @@ impl Run {
             let _ = self.agent.hangup(&call_id, now);
         }
         self.resolve_turn_hosts();
+        if let Some(report) = self.check.as_mut().and_then(|c| c.step(&mut self.agent, now)) {
+            let (code, text, json) = report;
+            self.say(text.trim_end());
+            self.print(json);
+            self.finish(code);
+        }
         if now >= self.next_stats {
             self.next_stats = now + Duration::from_secs(1);
             self.print_stats();
@@ -534,14 +574,17 @@ impl Run {
             return;
         }
         self.turn_uris_seen = uris.clone();
-        let hosts = named_stun_hosts(&uris);
+        // TURN servers from the config replace the homeserver's (still probed for STUN).
+        let use_turn = self.opts.turn.is_none();
+        let hosts = named_hosts(&uris);
         if hosts.is_empty() {
             return;
         }
         let tx = self.tx.clone();
         smol::spawn(async move {
-            let addrs = smol::unblock(move || resolve_stun(&hosts)).await;
-            let _ = tx.send(Msg::StunServers(addrs)).await;
+            let (stun, turn) = smol::unblock(move || resolve_hosts(&hosts)).await;
+            let turn = if use_turn { turn } else { Vec::new() };
+            let _ = tx.send(Msg::Servers { stun, turn }).await;
         })
         .detach();
     }
@@ -612,22 +655,34 @@ impl Run {
     }
 }
 
-/// `host:port` of the homeserver's `stun:`/`turn:` URIs over UDP whose host is a name (the
-/// core probes IP literals itself; names need DNS, which is the shell's job).
-pub(crate) fn named_stun_hosts(uris: &[String]) -> Vec<String> {
+/// Host names (not IP literals) of the homeserver's UDP STUN/TURN URIs: (`host:port`, is a
+/// TURN server). The core takes IP literals itself; names need DNS, which is the shell's job.
+pub(crate) fn named_hosts(uris: &[String]) -> Vec<(String, bool)> {
     uris.iter()
-        .filter_map(|u| u.strip_prefix("stun:").or_else(|| u.strip_prefix("turn:")))
-        .filter(|rest| !rest.contains("transport=tcp"))
-        .filter_map(|rest| rest.split('?').next())
-        .filter(|hp| hp.parse::<SocketAddr>().is_err() && hp.parse::<IpAddr>().is_err())
-        .map(|hp| {
-            if hp.contains(':') {
-                hp.to_owned()
-            } else {
-                format!("{hp}:3478")
-            }
-        })
+        .filter_map(|u| TurnUri::parse(u).ok())
+        .filter(|u| u.is_udp_stun() && u.addr().is_none())
+        .map(|u| (u.host_port(), u.is_udp_turn()))
         .collect()
+}
+
+/// Resolves named STUN/TURN hosts: (STUN addresses, TURN addresses).
+pub(crate) fn resolve_hosts(hosts: &[(String, bool)]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    use std::net::ToSocketAddrs;
+    let (mut stun, mut turn) = (Vec::new(), Vec::new());
+    for (h, is_turn) in hosts {
+        match h.to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs {
+                    stun.push(a);
+                    if *is_turn {
+                        turn.push(a);
+                    }
+                }
+            }
+            Err(e) => warn!("STUN/TURN server {h}: {e}"),
+        }
+    }
+    (stun, turn)
 }
 
 /// Resolves `host:port` STUN servers (DNS is the shell's job; the core takes addresses).
@@ -659,9 +714,29 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
             target: Target::User(u),
             ..
         } => CallPolicy::Allow(vec![u.clone()]),
-        Mode::Call { .. } => CallPolicy::Allow(Vec::new()),
+        Mode::Call { .. } | Mode::Check => CallPolicy::Allow(Vec::new()),
     };
     config.stun_servers = resolve_stun(&opts.stun);
+    config.relay_only = opts.relay_only;
+    if let Some(t) = &opts.turn {
+        // Named hosts are resolved here, once (the config is read at start).
+        let mut uris = Vec::new();
+        for u in &t.uris {
+            match TurnUri::parse(u) {
+                Ok(parsed) if parsed.addr().is_some() => uris.push(u.clone()),
+                Ok(parsed) => {
+                    let (_, addrs) = resolve_hosts(&[(parsed.host_port(), true)]);
+                    uris.extend(addrs.iter().map(|a| format!("turn:{a}?transport=udp")));
+                }
+                Err(e) => warn!("TURN URI {u:?}: {e}"),
+            }
+        }
+        config.turn = Some(StaticTurn {
+            uris,
+            username: Secret::new(t.username.clone()),
+            password: t.password.clone(),
+        });
+    }
     config
 }
 
@@ -945,7 +1020,11 @@ async fn run_async(opts: LiveOptions) -> u8 {
         next_stats: now + Duration::from_secs(1),
         turn_uris_seen: Vec::new(),
         password_fallback,
+        check: None,
     };
+    if matches!(run.opts.mode, Mode::Check) {
+        run.check = Some(check::Check::new(now));
+    }
     run.say(&format!(
         "logging in to {} as {}",
         run.opts.homeserver, run.opts.user
@@ -991,16 +1070,19 @@ async fn run_async(opts: LiveOptions) -> u8 {
                     let code = match run.opts.mode {
                         Mode::Listen { .. } => exit::OK,
                         Mode::Call { .. } if run.connected.values().any(|c| *c) => exit::OK,
-                        Mode::Call { .. } => exit::NOT_CONNECTED,
+                        Mode::Call { .. } | Mode::Check => exit::NOT_CONNECTED,
                     };
                     run.begin_shutdown(now, code);
                 }
             }
-            Some(Ok(Msg::StunServers(addrs))) => run.agent.add_stun_servers(&addrs, now),
+            Some(Ok(Msg::Servers { stun, turn })) => {
+                run.agent.add_stun_servers(&stun, now);
+                run.agent.add_turn_servers(&turn, now);
+            }
             Some(Ok(Msg::Camera(e))) => {
-                if let Some(line) =
-                    run.media
-                        .camera(&mut run.agent, e, now, &mut run.h264_profile)
+                if let Some(line) = run
+                    .media
+                    .camera(&mut run.agent, e, now, &mut run.h264_profile)
                 {
                     run.print(line);
                 }
@@ -1023,7 +1105,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::named_stun_hosts;
+    use super::named_hosts;
 
     #[test]
     fn only_named_udp_hosts_need_dns() {
@@ -1036,10 +1118,10 @@ mod tests {
         ]
         .map(String::from);
         assert_eq!(
-            named_stun_hosts(&uris),
+            named_hosts(&uris),
             vec![
-                "turn.example.org:3478".to_owned(),
-                "stun.example.org:3478".to_owned()
+                ("turn.example.org:3478".to_owned(), true),
+                ("stun.example.org:3478".to_owned(), false)
             ]
         );
     }
