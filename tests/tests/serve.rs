@@ -620,3 +620,64 @@ fn sighup_changes_who_is_answered_for_the_next_call() {
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }
+
+#[test]
+fn serve_keeps_running_across_a_homeserver_outage() {
+    if !in_loopback_namespace("serve_keeps_running_across_a_homeserver_outage") {
+        return;
+    }
+    let live = Live::start("serve_keeps_running_across_a_homeserver_outage");
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    live.hs.create_dm(&hub_user, &alice);
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nmay_call = [\"{}\"]\n",
+        alice.id
+    );
+    let cfg = write(
+        &live.dir.join("hub.toml"),
+        &config(
+            &live.dir,
+            &live.hs.base_url,
+            &hub_user.id,
+            "listen = \"127.0.0.1:0\"",
+            &stations,
+        ),
+    );
+    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
+    let port = api_port(&mut hub);
+    hub.wait_event("ready", READY);
+
+    let down = Instant::now();
+    live.hs.stop();
+    hub.wait_for_after("homeserver unreachable", down, CONNECT, |v| {
+        is_reachability(v, false)
+    });
+    let (status, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    let up = Instant::now();
+    live.hs.restart();
+    hub.wait_for_after("homeserver reachable again", up, CONNECT, |v| {
+        is_reachability(v, true)
+    });
+    assert!(hub.poll_exit().is_none(), "{}", hub.report());
+
+    // After the outage the hub still places calls.
+    let mut callee = live.listen(&alice, &["--allow", &hub_user.id, "--max-calls", "1"]);
+    callee.wait_event("ready", READY);
+    let (status, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(status, 200, "{health}");
+    let body = json!({"station": "door", "to": alice.id});
+    let (status, placed) = http(port, "POST", "/calls", None, Some(&body));
+    assert_eq!(status, 201, "{placed}\n{}", hub.report());
+    let id = placed["id"].as_str().unwrap_or_default().to_owned();
+    wait_call(port, &id, "connected", CONNECT, |c| {
+        c["state"] == "connected"
+    });
+    let (status, _) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
+    assert_eq!(status, 200);
+    assert_eq!(callee.wait_exit(EXIT), 0, "{}", callee.report());
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}

@@ -299,19 +299,20 @@ impl Hub {
                 let i = rec.station;
                 if state == CallState::Connected && rec.connected_at.is_none() {
                     rec.connected_at = Some(now);
+                    let mut lines = Vec::new();
                     if let Some(s) = self.stations.get_mut(i) {
-                        let lines = s.media.start_call(
+                        lines = s.media.start_call(
                             &mut self.agent,
                             &call_id,
                             now,
                             crate::live::unix_ms(),
                         );
-                        for mut l in lines {
+                        for l in &mut lines {
                             l["station"] = json!(s.config.name);
-                            if self.json {
-                                println!("{l}");
-                            }
                         }
+                    }
+                    for l in lines {
+                        self.emit(l);
                     }
                 }
                 let station = self.station_name(i).to_owned();
