@@ -60,3 +60,101 @@ pub fn stun_answer(data: &[u8]) {
     let txn = [0x42u8; 12];
     let _ = crate::stun::parse_binding_success(data, &txn);
 }
+
+/// A datagram from the TURN server (or anyone) into the TURN client, in each state of an
+/// allocation: before the 401, after it, allocated with a bound channel. Also parsed as a
+/// message on its own with every accessor.
+pub fn turn_message(data: &[u8]) {
+    use crate::turn::msg::{self, Builder, Class, Message};
+    use crate::turn::{TurnClient, TurnCredentials};
+    use crate::types::Secret;
+    use std::time::{Duration, Instant};
+
+    if let Ok(m) = Message::parse(data) {
+        let _ = (m.mapped_addr(), m.error_code(), m.channel_number());
+        let _ = (
+            m.xor_addr(msg::ATTR_XOR_PEER_ADDRESS),
+            m.u32_attr(msg::ATTR_LIFETIME),
+        );
+        let _ = m.verify_integrity(b"key");
+    }
+    let _ = msg::parse_channel_data(data);
+
+    let local: std::net::SocketAddr = ([192, 0, 2, 10], 5000).into();
+    let server: std::net::SocketAddr = ([198, 51, 100, 1], 3478).into();
+    let peer: std::net::SocketAddr = ([203, 0, 113, 9], 7000).into();
+    let realm = "fuzz";
+    #[allow(clippy::disallowed_methods)] // a time base for the fuzzer, not the core's clock
+    let mut now = Instant::now();
+    let mut rng = crate::rng::Rng::new(1);
+    let mut c = TurnClient::default();
+    c.set_credentials(
+        TurnCredentials {
+            username: Secret::new("u"),
+            password: Secret::new("p"),
+        },
+        &[local],
+        now,
+    );
+    c.add_server(server, &[local], now);
+    let key = msg::long_term_key("u", realm, "p");
+    let feed = |c: &mut TurnClient, now: Instant, rng: &mut crate::rng::Rng| {
+        let _ = c.handle_receive(server, local, data, now, rng);
+        let _ = c.handle_plain(server, local, data);
+        while c.poll_event().is_some() {}
+    };
+    // Step by step to an allocation with a bound channel, feeding the input at each step.
+    for step in 0..4 {
+        c.handle_timeout(now, &mut rng);
+        let mut last = None;
+        while let Some(t) = c.poll_transmit(now) {
+            last = Some(t.contents);
+        }
+        feed(&mut c, now, &mut rng);
+        let Some(req) = last else { break };
+        let Ok(m) = Message::parse(&req) else { break };
+        let answer = match step {
+            0 => Builder::new(m.method, Class::Error, m.txn)
+                .error(401, "Unauthorized")
+                .attr(msg::ATTR_REALM, realm.as_bytes())
+                .attr(msg::ATTR_NONCE, b"n")
+                .build(),
+            1 => Builder::new(m.method, Class::Success, m.txn)
+                .xor_addr(
+                    msg::ATTR_XOR_RELAYED_ADDRESS,
+                    ([198, 51, 100, 1], 49152).into(),
+                )
+                .xor_addr(msg::ATTR_XOR_MAPPED_ADDRESS, local)
+                .u32(msg::ATTR_LIFETIME, 600)
+                .integrity(&key)
+                .build(),
+            _ => Builder::new(m.method, Class::Success, m.txn)
+                .integrity(&key)
+                .build(),
+        };
+        let _ = c.handle_receive(server, local, &answer, now, &mut rng);
+        if step == 1 {
+            let _ = c.send(([198, 51, 100, 1], 49152).into(), peer, b"x", now, &mut rng);
+        }
+        now += Duration::from_millis(10);
+    }
+    feed(&mut c, now, &mut rng);
+    while c.poll_queued().is_some() {}
+    c.handle_timeout(now + Duration::from_secs(700), &mut rng);
+}
+
+/// H.264 Annex B as a camera or file sends it: NAL units, access units, the SPS profile.
+pub fn h264(data: &[u8]) {
+    use crate::h264;
+    for nal in h264::split_nalus(data) {
+        let _ = h264::nal_unit_type(nal);
+        let _ = h264::profile_level_id(nal);
+        if let Ok(p) = h264::ProfileLevelId::from_sps(nal) {
+            let _ = (p.profile_idc(), p.constraints(), p.level_idc(), p.family());
+        }
+    }
+    for au in h264::access_units(data) {
+        let _ = au.nalus().count();
+    }
+    let _ = h264::profile_of_stream(data);
+}

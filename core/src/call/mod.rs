@@ -1128,6 +1128,7 @@ impl Call {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a real Instant as the tests' time base
 mod tests {
     use super::*;
 

@@ -281,8 +281,8 @@ fn txn_id(rng: &mut Rng) -> [u8; 12] {
     let mut id = [0u8; 12];
     let a = rng.u64().to_le_bytes();
     let b = rng.u64().to_le_bytes();
-    for (i, x) in id.iter_mut().enumerate() {
-        *x = if i < 8 { a[i] } else { b[i - 8] };
+    for (x, y) in id.iter_mut().zip(a.iter().chain(b.iter())) {
+        *x = *y;
     }
     id
 }

@@ -128,9 +128,13 @@ impl<'a> Message<'a> {
         let mut attrs = heapless::Vec::new();
         let mut at = 20;
         while at < raw.len() {
-            let h = raw.get(at..at + 4).ok_or(MsgError::BadAttribute)?;
-            let at_type = u16::from_be_bytes([h[0], h[1]]);
-            let at_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let h: [u8; 4] = raw
+                .get(at..at + 4)
+                .and_then(|h| h.try_into().ok())
+                .ok_or(MsgError::BadAttribute)?;
+            let [t0, t1, l0, l1] = h;
+            let at_type = u16::from_be_bytes([t0, t1]);
+            let at_len = usize::from(u16::from_be_bytes([l0, l1]));
             let start = at + 4;
             if start + at_len > raw.len() {
                 return Err(MsgError::BadAttribute);
@@ -323,14 +327,16 @@ impl Builder {
 
     fn set_len(&mut self, extra: usize) {
         let len = (self.buf.len() - 20 + extra) as u16;
-        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
+        if let Some(field) = self.buf.get_mut(2..4) {
+            field.copy_from_slice(&len.to_be_bytes());
+        }
     }
 
     pub fn attr(mut self, t: u16, v: &[u8]) -> Builder {
         self.buf.extend_from_slice(&t.to_be_bytes());
         self.buf.extend_from_slice(&(v.len() as u16).to_be_bytes());
         self.buf.extend_from_slice(v);
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
         self.set_len(0);
@@ -396,6 +402,7 @@ pub fn parse_channel_data(data: &[u8]) -> Option<(u16, &[u8])> {
     Some((channel, data.get(4..4 + len)?))
 }
 
+#[allow(clippy::indexing_slicing)] // const evaluation: an out-of-bounds index fails the build
 const CRC_TABLE: [u32; 256] = {
     let mut t = [0u32; 256];
     let mut i = 0;

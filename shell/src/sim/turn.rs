@@ -132,13 +132,13 @@ impl SimTurnServer {
     ) -> Out {
         self.expire(now);
         if to == self.addr {
-            self.from_client(now, unix_s, from, data)
+            self.client_datagram(now, unix_s, from, data)
         } else {
-            self.from_peer(from, to, data)
+            self.peer_datagram(from, to, data)
         }
     }
 
-    fn from_peer(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) -> Out {
+    fn peer_datagram(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) -> Out {
         let Some(a) = self.allocs.iter().find(|a| a.relay == to) else {
             return Vec::new();
         };
@@ -156,7 +156,7 @@ impl SimTurnServer {
         vec![(self.addr, a.client, wrapped)]
     }
 
-    fn from_client(&mut self, now: Instant, unix_s: u64, from: SocketAddr, data: &[u8]) -> Out {
+    fn client_datagram(&mut self, now: Instant, unix_s: u64, from: SocketAddr, data: &[u8]) -> Out {
         if let Some((n, payload)) = msg::parse_channel_data(data) {
             let Some(a) = self.allocs.iter().find(|a| a.client == from) else {
                 return Vec::new();
