@@ -412,7 +412,27 @@ fn station(
             &format!("{video:?}: use testclip, none, file:PATH (H.264 Annex B) or rtsp://..."),
         ));
     }
+    let file_missing = |v: &str| {
+        v.strip_prefix("file:")
+            .is_some_and(|p| !Path::new(p).is_file())
+    };
+    if file_missing(&video) {
+        return Err(at(
+            s.video.as_ref().map(Spanned::span),
+            &key("video"),
+            &format!("{video:?}: no such file"),
+        ));
+    }
     let audio = s.audio.as_ref().map(|a| a.get_ref().clone());
+    if let (Some(a), Some(span)) = (&audio, s.audio.as_ref().map(Spanned::span)) {
+        if file_missing(a) {
+            return Err(at(
+                Some(span),
+                &key("audio"),
+                &format!("{a:?}: no such file"),
+            ));
+        }
+    }
     if let (Some(a), Some(span)) = (&audio, s.audio.as_ref().map(Spanned::span)) {
         let ok = matches!(a.as_str(), "tone" | "camera" | "none") || a.starts_with("file:");
         if !ok {
@@ -618,6 +638,15 @@ answer = ["@you:localhost"]
         let e = err(&GOOD.replace("answer = [\"@you:localhost\"]", "answer = [\"you\"]"));
         assert!(
             e.contains("line 21") && e.contains("\"garden\" answer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_media_file_is_named() {
+        let e = err(&GOOD.replace("audio = \"tone\"", "audio = \"file:/nonexistent/x.opus\""));
+        assert!(
+            e.contains("line 15") && e.contains("\"door\" audio") && e.contains("no such file"),
             "{e}"
         );
     }
