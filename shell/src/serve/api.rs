@@ -28,6 +28,8 @@ const MAX_CONNECTIONS: usize = 64;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The hub answers within this (a call to a user without a direct room waits for the room).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
+/// An event-stream write that takes longer than this ends the stream.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An event stream sends a comment line this often, so dead clients are noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Events queued for one event-stream client; a client that falls this far behind is dropped.
@@ -415,7 +417,17 @@ async fn event_stream(mut stream: TcpStream, rx: Receiver<String>) {
             Some(Err(_)) => return,
             None => ": keepalive\n\n".to_owned(),
         };
-        if stream.write_all(chunk.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+        // A client that stops reading must not hold its connection forever.
+        let written = async {
+            stream.write_all(chunk.as_bytes()).await?;
+            stream.flush().await
+        }
+        .or(async {
+            smol::Timer::after(WRITE_TIMEOUT).await;
+            Err(std::io::ErrorKind::TimedOut.into())
+        })
+        .await;
+        if written.is_err() {
             return;
         }
     }
