@@ -38,6 +38,8 @@ commands:
           --config FILE    TOML: [matrix], [api], [network], [[station]] (see README)
           [--json]         one JSON line per event on stdout
           SIGHUP reloads the stations' answer/may_call lists; SIGTERM hangs up and exits
+          secrets: matrix.password_file or CALL_ASSIST_PASSWORD (or an access token),
+          api.token_file or CALL_ASSIST_API_TOKEN (required unless the API is on loopback)
 
 common options of call and listen:
   --config FILE            TOML file with the same settings (keys: homeserver, user, room,
