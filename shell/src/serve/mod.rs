@@ -136,7 +136,15 @@ impl Hub {
         if self.json {
             println!("{v}");
         } else {
-            info!("{v}");
+            // User and room ids only at debug level (house rule), the rest at info.
+            debug!("{v}");
+            let mut brief = v.clone();
+            if let Some(o) = brief.as_object_mut() {
+                for k in ["from", "user", "room_id"] {
+                    o.remove(k);
+                }
+            }
+            info!("{brief}");
         }
         let line = v.to_string();
         self.subscribers.retain(|s| match s.try_send(line.clone()) {
