@@ -260,3 +260,21 @@ fn turn_credentials_expire_mid_call_without_dropping_media() {
         "the credentials were refreshed"
     );
 }
+
+#[test]
+fn a_call_through_turn_replays_from_its_seed() {
+    let run = || {
+        let mut s = call_behind(
+            6,
+            Some(NatKind::Symmetric),
+            Some(NatKind::PortRestricted),
+            true,
+            false,
+            3600,
+        );
+        assert!(wait_connected(&mut s.world, &[s.alice, s.bob], &s.call_id));
+        s.world.run_for(Duration::from_secs(2));
+        (s.world.trace_hash(), s.world.trace.len())
+    };
+    assert_eq!(run(), run());
+}

@@ -250,7 +250,7 @@ fn agents_that_cannot_reach_each_other_call_through_coturn() {
         &hs_a,
         &alice,
         "call",
-        &["--room", &room, "--duration-s", "6"],
+        &["--room", &room, "--duration-s", "6", "--relay-only"],
     );
     wire(caller.pid(), "ca-a-peer", "10.77.1.2", "10.77.1.1");
     assert_eq!(
@@ -261,6 +261,12 @@ fn agents_that_cannot_reach_each_other_call_through_coturn() {
     );
     assert_eq!(listener.wait_exit(EXIT), 0, "{}", listener.report());
 
+    // The caller offered only its relay: that is its side of the pair.
+    assert!(
+        caller.events_of("stats").iter().any(|s| s["local_candidate"] == "relay"),
+        "{}",
+        caller.report()
+    );
     for p in [&caller, &listener] {
         let s = p.summary();
         assert_eq!(s["connected"], true, "{}: {s}\n{}", p.name, p.report());
