@@ -681,3 +681,127 @@ fn serve_keeps_running_across_a_homeserver_outage() {
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }
+
+/// Starts `tests/e2e/rtsp_server.py` on `port` (user `cam`, password `secret`, 640x480 H.264
+/// and PCMU) and waits for its READY line.
+fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(workspace_root().join("tests/e2e/rtsp_server.py"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--user",
+            "cam",
+            "--password",
+            "secret",
+        ]);
+    let p = Proc::spawn(name, cmd, dir);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {
+        assert!(
+            Instant::now() < deadline,
+            "RTSP server not ready\n{}",
+            p.report()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+#[test]
+fn a_camera_station_answers_and_survives_a_camera_restart() {
+    let name = "a_camera_station_answers_and_survives_a_camera_restart";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let bob = live.user("bob");
+    let room = live.hs.create_dm(&bob, &hub_user);
+    let cam_port = closed_port();
+    let camera = rtsp_server(&live.dir, "rtsp-1", cam_port);
+    let pw = write(&live.dir.join("camera-password"), "secret\n");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
+         rtsp_password_file = \"{}\"\nanswer = [\"{}\"]\n",
+        pw.display(),
+        bob.id
+    );
+    let cfg = write(
+        &live.dir.join("hub.toml"),
+        &config(
+            &live.dir,
+            &live.hs.base_url,
+            &hub_user.id,
+            "listen = \"127.0.0.1:0\"",
+            &stations,
+        ),
+    );
+    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
+    let port = api_port(&mut hub);
+    hub.wait_event("ready", READY);
+    let (_, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(health["stations"][0]["camera_up"], true, "{health}");
+
+    let rec = live.dir.join("bob-recordings");
+    let rec_s = rec.display().to_string();
+    let mut caller = live.call(
+        &bob,
+        &["--room", &room, "--duration-s", "14", "--record", &rec_s],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    thread::sleep(Duration::from_secs(4));
+    // The camera dies and comes back on the same port: the call goes on.
+    signal(camera.pid(), "KILL");
+    thread::sleep(Duration::from_secs(1));
+    let _camera2 = rtsp_server(&live.dir, "rtsp-2", cam_port);
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        caller.report()
+    );
+    hub.wait_for("the call's end", EXIT, |v| {
+        v["event"] == "ended" && v["call_id"] == connected.value["call_id"]
+    });
+    let states: Vec<String> = hub
+        .events_of("camera")
+        .iter()
+        .filter(|c| c["station"] == "door")
+        .filter_map(|c| c["state"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        states.iter().any(|s| s == "lost") && states.iter().any(|s| s == "playing"),
+        "camera loss and return not seen: {states:?}\n{}",
+        hub.report()
+    );
+    // Bob saw the camera's picture: H.264 at 640x480, from before and after the restart.
+    let s = caller.summary();
+    assert_eq!(s["connected"], true, "{}", caller.report());
+    assert!(count(&s, "video_frames_received") >= 100, "{s}");
+    let recorded = caller.events_of("recorded");
+    let path = recorded
+        .first()
+        .and_then(|r| r["path"].as_str())
+        .unwrap_or_else(|| panic!("bob recorded nothing\n{}", caller.report()))
+        .to_owned();
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-show_streams", "-of", "json", &path])
+        .output()
+        .expect("ffprobe (Debian ffmpeg) is installed by .ci/run");
+    let probe: Value = serde_json::from_slice(&out.stdout).expect("ffprobe JSON");
+    let video = probe["streams"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["codec_type"] == "video").cloned())
+        .unwrap_or_else(|| panic!("no video stream in {path}: {probe}"));
+    assert_eq!(video["codec_name"], "h264", "{probe}");
+    assert_eq!(
+        (video["width"].as_u64(), video["height"].as_u64()),
+        (Some(640), Some(480)),
+        "{probe}"
+    );
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let logs = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
+    assert!(!logs.contains("secret"), "the camera password was logged");
+}
