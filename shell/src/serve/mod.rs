@@ -383,6 +383,18 @@ impl Hub {
                     self.emit(r);
                 }
             }
+            AgentEvent::RelayAllocated { server, relay, .. } => {
+                info!(%server, "TURN relay allocated");
+                self.emit(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
+            }
+            AgentEvent::RelayFailed {
+                server,
+                code,
+                reason,
+            } => {
+                warn!(%server, ?code, "TURN allocation failed: {reason}");
+                self.emit(json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}));
+            }
             other => debug!(?other, "event"),
         }
     }
