@@ -15,11 +15,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use call_assist_core::turn::TurnUri;
 use call_assist_core::{
     Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Credentials, HttpFailure, HttpId, Input,
     MediaKind, Output, Party, Secret, StaticTurn,
 };
-use call_assist_core::turn::TurnUri;
 use futures_lite::{FutureExt, StreamExt};
 use serde_json::json;
 use smol::channel::{Receiver, Sender};
@@ -391,7 +391,11 @@ impl Run {
                 info!(%server, "TURN relay allocated");
                 self.print(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
             }
-            AgentEvent::RelayFailed { server, code, reason } => {
+            AgentEvent::RelayFailed {
+                server,
+                code,
+                reason,
+            } => {
                 warn!(%server, ?code, "TURN allocation failed: {reason}");
                 self.print(json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}));
             }
@@ -523,7 +527,11 @@ impl Run {
             let _ = self.agent.hangup(&call_id, now);
         }
         self.resolve_turn_hosts();
-        if let Some(report) = self.check.as_mut().and_then(|c| c.step(&mut self.agent, now)) {
+        if let Some(report) = self
+            .check
+            .as_mut()
+            .and_then(|c| c.step(&mut self.agent, now))
+        {
             let (code, text, json) = report;
             self.say(text.trim_end());
             self.print(json);
@@ -1089,6 +1097,10 @@ async fn run_async(opts: LiveOptions) -> u8 {
             }
             Some(Err(_)) => break,
         }
+    }
+    if matches!(run.opts.mode, Mode::Check) {
+        // The check's report was the last word.
+        return run.exit;
     }
     let summary = run.summary();
     run.print(summary.clone());
