@@ -78,6 +78,10 @@ impl Check {
                 let r = self.relays.entry(*server).or_default();
                 if r.relay.is_none() {
                     r.error = Some(match code {
+                        Some(401) => format!(
+                            "401 {reason} (wrong TURN username/password; with Synapse, its \
+                             turn_shared_secret must equal coturn's static-auth-secret)"
+                        ),
                         Some(c) => format!("{c} {reason}"),
                         None => reason.clone(),
                     });

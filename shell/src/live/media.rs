@@ -98,7 +98,9 @@ impl LiveMedia {
         match r.finish() {
             Ok(s) => {
                 info!(%call_id, ?s, "recording closed");
-                Some(json!({"event": "recorded", "call_id": call_id, "path": s.path.as_ref().map(|p| p.display().to_string()), "video_frames": s.video_frames, "audio_frames": s.audio_frames}))
+                Some(
+                    json!({"event": "recorded", "call_id": call_id, "path": s.path.as_ref().map(|p| p.display().to_string()), "video_frames": s.video_frames, "audio_frames": s.audio_frames}),
+                )
             }
             Err(e) => {
                 warn!(%call_id, "closing the recording failed: {e}");
@@ -186,8 +188,10 @@ impl LiveMedia {
                 self.camera_up = true;
                 // The new session's frames do not follow the old keyframe.
                 self.cache.reset();
-                Some(json!({"event": "camera", "state": "playing", "video": video,
-                    "audio": audio.map(|c| format!("{c:?}")), "resolution": resolution}))
+                Some(
+                    json!({"event": "camera", "state": "playing", "video": video,
+                    "audio": audio.map(|c| format!("{c:?}")), "resolution": resolution}),
+                )
             }
             CameraEvent::Video {
                 data,

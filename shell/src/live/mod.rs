@@ -388,7 +388,6 @@ impl Run {
                 self.print(json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}));
             }
             AgentEvent::RelayAllocated { server, relay, .. } => {
-                info!(%server, "TURN relay allocated");
                 self.print(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
             }
             AgentEvent::RelayFailed {
