@@ -725,26 +725,29 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
     };
     config.stun_servers = resolve_stun(&opts.stun);
     config.relay_only = opts.relay_only;
-    if let Some(t) = &opts.turn {
-        // Named hosts are resolved here, once (the config is read at start).
-        let mut uris = Vec::new();
-        for u in &t.uris {
-            match TurnUri::parse(u) {
-                Ok(parsed) if parsed.addr().is_some() => uris.push(u.clone()),
-                Ok(parsed) => {
-                    let (_, addrs) = resolve_hosts(&[(parsed.host_port(), true)]);
-                    uris.extend(addrs.iter().map(|a| format!("turn:{a}?transport=udp")));
-                }
-                Err(e) => warn!("TURN URI {u:?}: {e}"),
-            }
-        }
-        config.turn = Some(StaticTurn {
-            uris,
-            username: Secret::new(t.username.clone()),
-            password: t.password.clone(),
-        });
-    }
+    config.turn = opts.turn.as_ref().map(static_turn);
     config
+}
+
+/// TURN from the config for the core; host names are resolved here, once (the config is
+/// read at start).
+pub(crate) fn static_turn(t: &config::TurnOptions) -> StaticTurn {
+    let mut uris = Vec::new();
+    for u in &t.uris {
+        match TurnUri::parse(u) {
+            Ok(parsed) if parsed.addr().is_some() => uris.push(u.clone()),
+            Ok(parsed) => {
+                let (_, addrs) = resolve_hosts(&[(parsed.host_port(), true)]);
+                uris.extend(addrs.iter().map(|a| format!("turn:{a}?transport=udp")));
+            }
+            Err(e) => warn!("TURN URI {u:?}: {e}"),
+        }
+    }
+    StaticTurn {
+        uris,
+        username: Secret::new(t.username.clone()),
+        password: t.password.clone(),
+    }
 }
 
 /// Reads the media options: files are loaded and checked, a camera is connected to and its

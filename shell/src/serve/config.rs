@@ -69,6 +69,14 @@ struct NetworkSection {
     port: u16,
     #[serde(default)]
     stun: Vec<String>,
+    /// `turn:` URIs used instead of the homeserver's.
+    #[serde(default)]
+    turn: Vec<String>,
+    turn_user: Option<String>,
+    /// The TURN password (else CALL_ASSIST_TURN_PASSWORD).
+    turn_password_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    relay_only: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +113,9 @@ pub struct NetworkConfig {
     pub exclude_interfaces: Vec<String>,
     pub port: u16,
     pub stun: Vec<String>,
+    /// TURN from the config (instead of `/voip/turnServer`).
+    pub turn: Option<crate::live::config::TurnOptions>,
+    pub relay_only: bool,
 }
 
 /// A camera plus a place to show the other side, and who it talks to.
@@ -262,12 +273,37 @@ impl ServeConfig {
         }
 
         let n = &file.network;
+        let turn_password = match &n.turn_password_file {
+            Some(f) => Some(
+                read_secret(f, "network.turn_password_file")?
+                    .expose()
+                    .to_owned(),
+            ),
+            None => env("CALL_ASSIST_TURN_PASSWORD"),
+        };
+        let turn = crate::live::config::turn_options(
+            (!n.turn.is_empty()).then(|| n.turn.clone()),
+            n.turn_user.clone(),
+            turn_password,
+        )
+        .map_err(|e| {
+            let msg =
+                e.0.replace("--turn-user", "network.turn_user")
+                    .replace("--turn", "network.turn")
+                    .replace(
+                        "the TURN password in CALL_ASSIST_TURN_PASSWORD",
+                        "network.turn_password_file or CALL_ASSIST_TURN_PASSWORD",
+                    );
+            at(None, "network.turn", &msg)
+        })?;
         let network = NetworkConfig {
             allow_loopback: n.allow_loopback,
             interfaces: n.interfaces.clone(),
             exclude_interfaces: n.exclude_interfaces.clone(),
             port: n.port,
             stun: n.stun.clone(),
+            turn,
+            relay_only: n.relay_only,
         };
 
         if file.station.is_empty() {
@@ -615,6 +651,42 @@ answer = ["@you:localhost"]
         assert_eq!(c.callers().len(), 2);
         assert!(c.network.allow_loopback);
         assert!(matches!(c.auth, Auth::Password(_)));
+    }
+
+    #[test]
+    fn turn_in_the_network_section() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "allow_loopback = true",
+                &format!("allow_loopback = true\n{extra}"),
+            )
+        };
+        let e = err(&with(
+            "turn = [\"turn:192.0.2.1:3478\"]\nturn_user = \"hub\"",
+        ));
+        assert!(
+            e.contains("network.turn")
+                && e.contains("network.turn_password_file or CALL_ASSIST_TURN_PASSWORD"),
+            "{e}"
+        );
+        let e = err(&with("turn = [\"turns:192.0.2.1\"]\nturn_user = \"hub\""));
+        assert!(e.contains("only turn: URIs over UDP"), "{e}");
+        let dir = std::env::temp_dir().join(format!("ca-serve-turn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("turn.pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let c = parse(&with(&format!(
+            "turn = [\"turn:192.0.2.1:3478\"]\nturn_user = \"hub\"\nturn_password_file = {:?}\nrelay_only = true",
+            pw.display().to_string()
+        )))
+        .unwrap();
+        let t = c.network.turn.unwrap();
+        assert_eq!(
+            (t.username.as_str(), t.password.expose()),
+            ("hub", "s3cret")
+        );
+        assert!(c.network.relay_only);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

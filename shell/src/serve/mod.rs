@@ -731,8 +731,11 @@ impl Hub {
             return;
         }
         let tx = self.tx.clone();
+        // TURN servers from the config replace the homeserver's (still probed for STUN).
+        let use_turn = self.config.network.turn.is_none();
         smol::spawn(async move {
             let (stun, turn) = smol::unblock(move || crate::live::resolve_hosts(&hosts)).await;
+            let turn = if use_turn { turn } else { Vec::new() };
             let _ = tx.send(Msg::Servers { stun, turn }).await;
         })
         .detach();
@@ -779,6 +782,8 @@ fn new_agent(
     );
     c.policy = CallPolicy::Allow(config.callers());
     c.stun_servers = crate::live::resolve_stun(&config.network.stun);
+    c.relay_only = config.network.relay_only;
+    c.turn = config.network.turn.as_ref().map(crate::live::static_turn);
     c.h264_profile = h264_profile;
     c.device_id = config
         .state_dir
