@@ -1,0 +1,199 @@
+//! Two agents driven through the simulator by arbitrary bytes (the `scenario` fuzz target and
+//! its replay test): network faults, homeserver faults, clock jumps, NAT and TURN, and a
+//! stream of commands. Invariants are checked after every step; a violation panics, which is
+//! what the fuzzer looks for.
+//!
+//! Invariants: nothing panics; no queue is over its limit (the outbox, the agent's events);
+//! every call ends up connected-then-ended or ended, each end with one of the spec's reasons,
+//! within bounded time once both sides stop.
+
+use std::time::Duration;
+
+use call_assist_core::{limits, AgentEvent, CallPolicy, CallState};
+
+use super::homeserver::Fault;
+use super::nat::NatKind;
+use super::net::LinkProfile;
+use super::world::{World, WorldConfig};
+
+/// Commands after the header; more are ignored (bounds the work of one input).
+const MAX_COMMANDS: usize = 48;
+
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((b, rest)) => {
+                self.0 = rest;
+                *b
+            }
+            None => 0,
+        }
+    }
+    fn frac(&mut self, max: f64) -> f64 {
+        f64::from(self.u8()) / 255.0 * max
+    }
+}
+
+fn nat(b: u8) -> Option<NatKind> {
+    match b % 6 {
+        1 => Some(NatKind::FullCone),
+        2 => Some(NatKind::AddressRestricted),
+        3 => Some(NatKind::PortRestricted),
+        4 => Some(NatKind::Symmetric),
+        _ => None,
+    }
+}
+
+/// Every agent's queues within their limits.
+fn check_bounds(w: &World) {
+    for a in &w.agents {
+        assert!(
+            a.agent.outbox_len() <= limits::MAX_OUTBOX,
+            "{}: outbox {} over its limit",
+            a.name,
+            a.agent.outbox_len()
+        );
+    }
+}
+
+/// What one scenario did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScenarioReport {
+    /// Calls seen (placed or rung) over both agents.
+    pub calls: usize,
+    /// Of those, calls that reached Connected.
+    pub connected: usize,
+}
+
+/// Runs one scenario from `data`. Panics when an invariant does not hold.
+pub fn run_bytes(data: &[u8]) -> ScenarioReport {
+    let mut report = ScenarioReport::default();
+    let mut b = Bytes(data);
+    let seed = u64::from_le_bytes([b.u8(), b.u8(), b.u8(), b.u8(), 0, 0, 0, 0]);
+    let mut link = LinkProfile::ideal(Duration::from_millis(u64::from(b.u8()) * 600 / 255));
+    link.jitter = Duration::from_millis(u64::from(b.u8() % 64));
+    link.loss = b.frac(0.3);
+    if b.u8() % 4 == 0 {
+        link.burst = Some((0.02, 0.25));
+    }
+    link.reorder = b.frac(0.1);
+    link.duplicate = b.frac(0.1);
+    let (nat_a, nat_b, turn) = (nat(b.u8()), nat(b.u8()), b.u8() % 2 == 0);
+    let mut world = World::new(WorldConfig {
+        seed,
+        link,
+        homeserver_latency: Duration::from_millis(u64::from(b.u8() % 100)),
+    });
+    if turn {
+        world.add_turn_server("scenario", 3600);
+    }
+    let alice = world.add_agent("alice", "alice", CallPolicy::Anyone);
+    let bob = world.add_agent("bob", "bob", CallPolicy::Anyone);
+    for (i, n) in [(alice, nat_a), (bob, nat_b)] {
+        if let Some(kind) = n {
+            world.put_behind_nat(i, kind);
+        }
+    }
+    let room = world.create_room(&[alice, bob]);
+    world.run_until_synced();
+    check_bounds(&world);
+
+    for _ in 0..MAX_COMMANDS {
+        if b.0.is_empty() {
+            break;
+        }
+        let op = b.u8();
+        let arg = b.u8();
+        let who = if op & 0x80 == 0 { alice } else { bob };
+        match (op & 0x7f) % 10 {
+            0 | 1 => {
+                let _ = world.with_agent(who, |a, now| a.place_call(&room, now));
+            }
+            2 => {
+                let ringing: Vec<String> = world.agents[who].incoming_calls();
+                if let Some(id) = ringing.get(usize::from(arg) % ringing.len().max(1)) {
+                    let id = id.clone();
+                    let _ = world.with_agent(who, |a, now| a.answer(&id, now));
+                }
+            }
+            3 => {
+                let ids: Vec<String> = world.agents[who].agent.call_ids().cloned().collect();
+                if let Some(id) = ids.get(usize::from(arg) % ids.len().max(1)) {
+                    let id = id.clone();
+                    let _ = world.with_agent(who, |a, now| a.hangup(&id, now));
+                }
+            }
+            4 => world.agent(who).auto_answer = arg % 2 == 0,
+            5 => {
+                let fault = match arg % 3 {
+                    0 => Fault::Status502,
+                    1 => Fault::Status429 {
+                        retry_after_ms: u64::from(arg) * 20,
+                    },
+                    _ => Fault::Hang,
+                };
+                world.hs.fail_next(usize::from(arg % 4) + 1, fault);
+            }
+            6 => world.jump_agent_clocks((i64::from(arg) - 128) * 1000),
+            7 => {
+                let ids: Vec<String> = world.agents[who].agent.call_ids().cloned().collect();
+                if let Some(id) = ids.first() {
+                    let id = id.clone();
+                    let _ = world.with_agent(who, |a, now| a.renegotiate(&id, now));
+                }
+            }
+            8 => {
+                let now = world.now();
+                world.hs.set_down(arg % 2 == 0, now);
+            }
+            _ => world.run_for(Duration::from_millis(u64::from(arg) * 40)),
+        }
+        world.run_for(Duration::from_millis(50));
+        check_bounds(&world);
+    }
+
+    // Everyone stops: the homeserver comes back, both hang up everything, and every call must
+    // reach an end with a reason in bounded time.
+    let now = world.now();
+    world.hs.set_down(false, now);
+    for i in [alice, bob] {
+        world.agent(i).auto_answer = false;
+        world.with_agent(i, |a, now| a.hangup_all(now));
+    }
+    world.run_for(Duration::from_secs(130));
+    check_bounds(&world);
+    for a in &world.agents {
+        let mut ids: Vec<&str> = a
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                AgentEvent::CallStateChanged { call_id, .. } => Some(call_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let ends = a
+                .events
+                .iter()
+                .filter(
+                    |(_, e)| matches!(e, AgentEvent::CallEnded { call_id, .. } if call_id == id),
+                )
+                .count();
+            assert_eq!(ends, 1, "{}: call {id} ended {ends} times", a.name);
+            assert!(
+                a.reached(id, CallState::Ended),
+                "{}: call {id} never reached Ended",
+                a.name
+            );
+            report.calls += 1;
+            if a.reached(id, CallState::Connected) {
+                report.connected += 1;
+            }
+        }
+    }
+    report
+}
