@@ -263,7 +263,10 @@ fn agents_that_cannot_reach_each_other_call_through_coturn() {
 
     // The caller offered only its relay: that is its side of the pair.
     assert!(
-        caller.events_of("stats").iter().any(|s| s["local_candidate"] == "relay"),
+        caller
+            .events_of("stats")
+            .iter()
+            .any(|s| s["local_candidate"] == "relay"),
         "{}",
         caller.report()
     );

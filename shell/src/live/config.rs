@@ -462,20 +462,37 @@ mod tests {
         let base = "--homeserver http://h --user @a:h";
         let o = parse(
             "check",
-            args(&format!("{base} --turn turn:192.0.2.1:3478?transport=udp --turn-user u --relay-only")),
-            env(&[("CALL_ASSIST_PASSWORD", "pw"), ("CALL_ASSIST_TURN_PASSWORD", "tp")]),
+            args(&format!(
+                "{base} --turn turn:192.0.2.1:3478?transport=udp --turn-user u --relay-only"
+            )),
+            env(&[
+                ("CALL_ASSIST_PASSWORD", "pw"),
+                ("CALL_ASSIST_TURN_PASSWORD", "tp"),
+            ]),
         )
         .unwrap();
         assert!(matches!(o.mode, Mode::Check));
         assert!(o.relay_only);
         let t = o.turn.unwrap();
-        assert_eq!((t.uris.len(), t.username.as_str(), t.password.expose()), (1, "u", "tp"));
+        assert_eq!(
+            (t.uris.len(), t.username.as_str(), t.password.expose()),
+            (1, "u", "tp")
+        );
         for (flags, needle) in [
-            ("--turn turn:192.0.2.1 --turn-user u", "CALL_ASSIST_TURN_PASSWORD"),
+            (
+                "--turn turn:192.0.2.1 --turn-user u",
+                "CALL_ASSIST_TURN_PASSWORD",
+            ),
             ("--turn turn:192.0.2.1", "--turn-user"),
             ("--turn-user u", "--turn URI"),
-            ("--turn turns:192.0.2.1 --turn-user u", "only turn: URIs over UDP"),
-            ("--turn http://x --turn-user u", "not a stun:, turn: or turns: URI"),
+            (
+                "--turn turns:192.0.2.1 --turn-user u",
+                "only turn: URIs over UDP",
+            ),
+            (
+                "--turn http://x --turn-user u",
+                "not a stun:, turn: or turns: URI",
+            ),
         ] {
             let e = parse(
                 "listen",
