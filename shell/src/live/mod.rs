@@ -311,8 +311,10 @@ impl Run {
             AgentEvent::Synced => {
                 self.synced = true;
                 self.unreachable_since = None;
-                self.print(json!({"event": "ready"}));
-                self.say("logged in and synced");
+                if self.check.is_none() {
+                    self.print(json!({"event": "ready"}));
+                    self.say("logged in and synced");
+                }
                 self.start_calling(now);
             }
             AgentEvent::RoomCreated { room_id, .. } => {
