@@ -4,19 +4,15 @@
 //! Requests go out from each local address to each server, retransmitted at 500 ms, 1 s,
 //! 2 s; answers are matched by transaction id and source, anything else is not ours.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
 use crate::rng::Rng;
+use crate::turn::msg::{self, Builder, Class, Message};
 use crate::types::Transmit;
 
-const MAGIC_COOKIE: u32 = 0x2112_A442;
-const BINDING_REQUEST: u16 = 0x0001;
-const BINDING_SUCCESS: u16 = 0x0101;
-const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
-const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// Retransmissions after the first request.
 const RETRIES: u32 = 3;
 const FIRST_RTO: Duration = Duration::from_millis(500);
@@ -46,72 +42,16 @@ pub(crate) struct StunClient {
 }
 
 fn binding_request(txn: &[u8; 12]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(20);
-    m.extend_from_slice(&BINDING_REQUEST.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    m.extend_from_slice(txn);
-    m
+    Builder::new(msg::BINDING, Class::Request, *txn).build()
 }
 
 /// The mapped address of a binding success answer for `txn`; `None` for anything else.
 pub(crate) fn parse_binding_success(data: &[u8], txn: &[u8; 12]) -> Option<SocketAddr> {
-    let header = data.get(..20)?;
-    let msg_type = u16::from_be_bytes([*header.first()?, *header.get(1)?]);
-    let len = usize::from(u16::from_be_bytes([*header.get(2)?, *header.get(3)?]));
-    if msg_type != BINDING_SUCCESS
-        || header.get(4..8)? != MAGIC_COOKIE.to_be_bytes()
-        || header.get(8..20)? != txn
-    {
+    let m = Message::parse(data).ok()?;
+    if m.method != msg::BINDING || m.class != Class::Success || m.txn != *txn {
         return None;
     }
-    let body = data.get(20..20 + len)?;
-    let mut at = 0;
-    let mut plain = None;
-    while let Some(h) = body.get(at..at + 4) {
-        let t = u16::from_be_bytes([*h.first()?, *h.get(1)?]);
-        let l = usize::from(u16::from_be_bytes([*h.get(2)?, *h.get(3)?]));
-        let v = body.get(at + 4..at + 4 + l)?;
-        match t {
-            ATTR_XOR_MAPPED_ADDRESS => return address(v, Some(txn)),
-            ATTR_MAPPED_ADDRESS => plain = address(v, None),
-            _ => {}
-        }
-        at += 4 + l.div_ceil(4) * 4;
-    }
-    plain
-}
-
-fn address(v: &[u8], xor_txn: Option<&[u8; 12]>) -> Option<SocketAddr> {
-    let family = *v.get(1)?;
-    let mut port = u16::from_be_bytes([*v.get(2)?, *v.get(3)?]);
-    let cookie = MAGIC_COOKIE.to_be_bytes();
-    if xor_txn.is_some() {
-        port ^= (MAGIC_COOKIE >> 16) as u16;
-    }
-    let ip = match family {
-        0x01 => {
-            let mut b: [u8; 4] = v.get(4..8)?.try_into().ok()?;
-            if xor_txn.is_some() {
-                for (x, c) in b.iter_mut().zip(cookie) {
-                    *x ^= c;
-                }
-            }
-            IpAddr::V4(Ipv4Addr::from(b))
-        }
-        0x02 => {
-            let mut b: [u8; 16] = v.get(4..20)?.try_into().ok()?;
-            if let Some(txn) = xor_txn {
-                let key = cookie.iter().chain(txn.iter());
-                for (x, k) in b.iter_mut().zip(key) {
-                    *x ^= k;
-                }
-            }
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
+    m.mapped_addr()
 }
 
 impl StunClient {
@@ -201,6 +141,10 @@ impl StunClient {
 #[allow(clippy::disallowed_methods)] // a real Instant as the tests' time base
 mod tests {
     use super::*;
+    use crate::turn::msg::{ATTR_XOR_MAPPED_ADDRESS, MAGIC_COOKIE};
+    use std::net::IpAddr;
+
+    const BINDING_SUCCESS: u16 = 0x0101;
 
     fn success(txn: &[u8; 12], mapped: SocketAddr) -> Vec<u8> {
         let mut attr = vec![0, 0];

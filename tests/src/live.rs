@@ -905,3 +905,62 @@ pub fn stats_between(p: &Proc, from: Instant, to: Instant) -> Vec<Event> {
         .filter(|e| e.value["event"] == "stats" && e.at >= from && e.at <= to)
         .collect()
 }
+
+// ---------------------------------------------------------------- coturn and ffprobe
+
+/// coturn (Debian package `coturn`) started by a test; killed by PID when dropped.
+pub struct Coturn(Child);
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Coturn {
+    /// `turnserver -n --no-tls --no-dtls --no-cli` with `args`, logging to `<dir>/turnserver.log`.
+    pub fn start(dir: &Path, args: &[String]) -> Coturn {
+        let child = Command::new("turnserver")
+            .args(["-n", "--no-tls", "--no-dtls", "--no-cli", "--simple-log"])
+            .args(args)
+            .arg(format!(
+                "--log-file={}",
+                dir.join("turnserver.log").display()
+            ))
+            .arg(format!(
+                "--pidfile={}",
+                dir.join("turnserver.pid").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
+        // It answers within a few hundred ms of starting.
+        thread::sleep(Duration::from_millis(700));
+        Coturn(child)
+    }
+}
+
+/// `ffprobe -count_frames -show_streams` of a media file, as JSON (Debian package `ffmpeg`).
+pub fn ffprobe(path: &Path) -> Value {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe (Debian ffmpeg) is installed by .ci/run");
+    assert!(
+        out.status.success(),
+        "ffprobe {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
+}

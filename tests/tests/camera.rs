@@ -8,7 +8,6 @@ use std::thread;
 use std::time::Duration;
 
 use call_assist_tests::live::*;
-use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -17,8 +16,14 @@ const READY: Duration = Duration::from_secs(30);
 fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
     let script = workspace_root().join("tests/e2e/rtsp_server.py");
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script)
-        .args(["--port", &port.to_string(), "--user", "cam", "--password", "secret"]);
+    cmd.arg(script).args([
+        "--port",
+        &port.to_string(),
+        "--user",
+        "cam",
+        "--password",
+        "secret",
+    ]);
     let p = Proc::spawn(name, cmd, dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {
@@ -30,15 +35,6 @@ fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
         thread::sleep(Duration::from_millis(50));
     }
     p
-}
-
-fn ffprobe(path: &str) -> Value {
-    let out = Command::new("ffprobe")
-        .args(["-v", "error", "-count_frames", "-show_streams", "-of", "json", path])
-        .output()
-        .expect("ffprobe (Debian ffmpeg) is installed by .ci/run");
-    assert!(out.status.success(), "ffprobe {path}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
 }
 
 #[test]
@@ -62,43 +58,85 @@ fn camera_call_is_recorded_and_survives_a_camera_restart() {
         &["--allow", &alice.id, "--max-calls", "1", "--record", &rec_s],
     );
     bob.wait_event("ready", READY);
-    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "14", "--video", &url]);
+    let mut caller = live.call(
+        &alice,
+        &["--room", &room, "--duration-s", "14", "--video", &url],
+    );
     caller.wait_state("connected", Duration::from_secs(40));
     thread::sleep(Duration::from_secs(4));
     // The camera dies and comes back on the same port: the call goes on.
     signal(camera.pid(), "KILL");
     thread::sleep(Duration::from_secs(1));
     let _camera2 = rtsp_server(&live.dir, "rtsp-2", port);
-    assert_eq!(caller.wait_exit(Duration::from_secs(60)), 0, "{}", caller.report());
-    assert_eq!(bob.wait_exit(Duration::from_secs(20)), 0, "{}", bob.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        caller.report()
+    );
+    assert_eq!(
+        bob.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        bob.report()
+    );
 
     let cams = caller.events_of("camera");
     let states: Vec<&str> = cams.iter().filter_map(|c| c["state"].as_str()).collect();
-    assert!(states.contains(&"lost"), "no camera loss seen: {states:?}\n{}", caller.report());
+    assert!(
+        states.contains(&"lost"),
+        "no camera loss seen: {states:?}\n{}",
+        caller.report()
+    );
     assert!(
         states.iter().filter(|s| **s == "playing").count() >= 1,
         "camera not back: {states:?}\n{}",
         caller.report()
     );
-    assert_eq!(caller.summary()["hangup_reason"], "user_hangup", "{}", caller.report());
+    assert_eq!(
+        caller.summary()["hangup_reason"],
+        "user_hangup",
+        "{}",
+        caller.report()
+    );
     let recorded = bob.events_of("recorded");
     assert_eq!(recorded.len(), 1, "{}", bob.report());
-    let path = recorded[0]["path"].as_str().expect("a recording path").to_owned();
-    let probe = ffprobe(&path);
+    let path = recorded[0]["path"]
+        .as_str()
+        .expect("a recording path")
+        .to_owned();
+    let probe = ffprobe(Path::new(&path));
     let streams = probe["streams"].as_array().expect("streams");
     let video = streams
         .iter()
         .find(|s| s["codec_type"] == "video")
         .unwrap_or_else(|| panic!("no video stream in {path}: {probe}"));
     assert_eq!(video["codec_name"], "h264", "{probe}");
-    assert_eq!((video["width"].as_u64(), video["height"].as_u64()), (Some(640), Some(480)));
-    let frames: u64 = video["nb_read_frames"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert_eq!(
+        (video["width"].as_u64(), video["height"].as_u64()),
+        (Some(640), Some(480))
+    );
+    let frames: u64 = video["nb_read_frames"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     // 14 s at 15 fps minus the reconnect and the wait for IDRs: well over 60 decodable frames.
-    assert!(frames >= 60, "only {frames} video frames in {path}: {probe}");
+    assert!(
+        frames >= 60,
+        "only {frames} video frames in {path}: {probe}"
+    );
     let audio = streams.iter().find(|s| s["codec_type"] == "audio");
-    assert_eq!(audio.map(|a| a["codec_name"].clone()), Some("pcm_mulaw".into()), "{probe}");
+    assert_eq!(
+        audio.map(|a| a["codec_name"].clone()),
+        Some("pcm_mulaw".into()),
+        "{probe}"
+    );
     // Frames after the restart were recorded too (the call lasted past it).
-    assert!(count(&bob.summary(), "video_frames_received") >= 100, "{}", bob.report());
+    assert!(
+        count(&bob.summary(), "video_frames_received") >= 100,
+        "{}",
+        bob.report()
+    );
 }
 
 #[test]
@@ -113,8 +151,19 @@ fn wrong_rtsp_password_is_a_clear_error() {
     let _camera = rtsp_server(&live.dir, "rtsp", port);
     let url = format!("rtsp://cam:xyzzy@127.0.0.1:{port}/cam");
     let mut caller = live.call(&alice, &["--to", "@bob:localhost", "--video", &url]);
-    assert_eq!(caller.wait_exit(Duration::from_secs(30)), 6, "{}", caller.report());
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(30)),
+        6,
+        "{}",
+        caller.report()
+    );
     let report = caller.report();
-    assert!(report.contains("refused the RTSP user name or password"), "{report}");
-    assert!(!report.contains("xyzzy"), "the password leaked into the output:\n{report}");
+    assert!(
+        report.contains("refused the RTSP user name or password"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("xyzzy"),
+        "the password leaked into the output:\n{report}"
+    );
 }

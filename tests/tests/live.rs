@@ -607,41 +607,16 @@ fn call_without_room_or_peer_exits_2() {
     assert_eq!(caller.wait_exit(EXIT), 2, "{}", caller.report());
 }
 
-/// A coturn started by a test (STUN only), killed by PID when dropped.
-struct Coturn(std::process::Child);
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// coturn answering STUN only on 127.0.0.1:`port`.
 fn start_stun_server(dir: &std::path::Path, port: u16) -> Coturn {
-    let coturn = std::process::Command::new("turnserver")
-        .args([
-            "-n",
-            "--listening-ip=127.0.0.1",
-            "--stun-only",
-            "--no-tls",
-            "--no-dtls",
-        ])
-        .arg(format!("--listening-port={port}"))
-        .args(["--no-cli", "--simple-log"])
-        .arg(format!(
-            "--log-file={}",
-            dir.join("turnserver.log").display()
-        ))
-        .arg(format!(
-            "--pidfile={}",
-            dir.join("turnserver.pid").display()
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
-    thread::sleep(Duration::from_millis(500));
-    Coturn(coturn)
+    Coturn::start(
+        dir,
+        &[
+            "--listening-ip=127.0.0.1".to_owned(),
+            "--stun-only".to_owned(),
+            format!("--listening-port={port}"),
+        ],
+    )
 }
 
 fn free_udp_port() -> u16 {

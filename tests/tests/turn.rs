@@ -11,8 +11,7 @@
 //! namespaces and links it creates live inside that namespace and vanish with it.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::Duration;
 
 use call_assist_tests::live::*;
@@ -22,16 +21,6 @@ const CHECK: Duration = Duration::from_secs(60);
 const READY: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(20);
 
-/// coturn started by a test, killed by PID when dropped.
-struct Coturn(std::process::Child);
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_udp_port(ip: &str) -> u16 {
     let s = std::net::UdpSocket::bind((ip, 0)).expect("bind a probe socket");
     s.local_addr().expect("probe address").port()
@@ -39,34 +28,18 @@ fn free_udp_port(ip: &str) -> u16 {
 
 /// coturn with REST credentials (`use-auth-secret`) listening on `ips` at `port`.
 fn start_coturn(dir: &Path, ips: &[&str], relay_ip: &str, port: u16) -> Coturn {
-    let mut cmd = Command::new("turnserver");
-    cmd.args(["-n", "--no-tls", "--no-dtls", "--no-cli", "--simple-log"])
-        .args([
-            "--use-auth-secret",
-            &format!("--static-auth-secret={SECRET}"),
-        ])
-        .args(["--realm=call-assist.test", "--allow-loopback-peers"])
-        .arg(format!("--listening-port={port}"))
-        .arg(format!("--relay-ip={relay_ip}"))
-        .args(["--min-port=49152", "--max-port=49300"])
-        .arg(format!(
-            "--log-file={}",
-            dir.join("turnserver.log").display()
-        ))
-        .arg(format!(
-            "--pidfile={}",
-            dir.join("turnserver.pid").display()
-        ));
-    for ip in ips {
-        cmd.arg(format!("--listening-ip={ip}"));
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
-    thread::sleep(Duration::from_millis(700));
-    Coturn(child)
+    let mut args = vec![
+        "--use-auth-secret".to_owned(),
+        format!("--static-auth-secret={SECRET}"),
+        "--realm=call-assist.test".to_owned(),
+        "--allow-loopback-peers".to_owned(),
+        format!("--listening-port={port}"),
+        format!("--relay-ip={relay_ip}"),
+        "--min-port=49152".to_owned(),
+        "--max-port=49300".to_owned(),
+    ];
+    args.extend(ips.iter().map(|ip| format!("--listening-ip={ip}")));
+    Coturn::start(dir, &args)
 }
 
 fn sh(script: &str) {
