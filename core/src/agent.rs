@@ -953,7 +953,7 @@ impl Agent {
             if let Some(t) = self.stun.poll_transmit(now) {
                 return Output::Transmit(t);
             }
-            if let Some(t) = self.turn.poll_queued() {
+            if let Some(t) = self.turn.poll_queued(&mut self.rng) {
                 return Output::Transmit(t);
             }
             if let Some(t) = self.turn.poll_transmit(now) {

@@ -139,7 +139,7 @@ pub fn turn_message(data: &[u8]) {
         now += Duration::from_millis(10);
     }
     feed(&mut c, now, &mut rng);
-    while c.poll_queued().is_some() {}
+    while c.poll_queued(&mut rng).is_some() {}
     c.handle_timeout(now + Duration::from_secs(700), &mut rng);
 }
 

@@ -159,6 +159,29 @@ fn both_behind_symmetric_nat_connect_only_through_turn() {
 }
 
 #[test]
+fn a_server_without_channels_still_relays_through_send_indications() {
+    let mut world = World::new(WorldConfig {
+        seed: 7,
+        ..WorldConfig::default()
+    });
+    world.add_turn_server(SECRET, 3600);
+    world.turn.as_mut().unwrap().refuse_channel_bind = true;
+    let alice = world.add_agent("alice", "alice", CallPolicy::Anyone);
+    let bob = world.add_agent("bob", "bob", CallPolicy::Anyone);
+    world.put_behind_nat(alice, NatKind::Symmetric);
+    world.put_behind_nat(bob, NatKind::Symmetric);
+    let room = world.create_room(&[alice, bob]);
+    assert!(world.run_until_synced());
+    world.run_for(Duration::from_secs(2));
+    world.agent(bob).auto_answer = true;
+    let call_id = world.place_call(alice, &room);
+    assert!(wait_connected(&mut world, &[alice, bob], &call_id));
+    assert_media_both_ways(&mut world, alice, bob);
+    let turn = world.turn.as_ref().unwrap().stats;
+    assert!(turn.send_indications > 200, "{turn:?}");
+}
+
+#[test]
 fn symmetric_and_full_cone_connect() {
     let mut s = call_behind(
         2,

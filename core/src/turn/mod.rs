@@ -108,8 +108,14 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TxnKind {
     Allocate,
-    Refresh { lifetime: u32 },
-    Bind { channel: u16 },
+    Refresh {
+        lifetime: u32,
+    },
+    Bind {
+        channel: u16,
+    },
+    /// CreatePermission for the txn's peer (when the server refused a ChannelBind).
+    Permission,
 }
 
 #[derive(Debug)]
@@ -132,6 +138,8 @@ struct Channel {
     bound: bool,
     /// When the binding (and its permission) must be refreshed.
     refresh_at: Option<Instant>,
+    /// The server refused the ChannelBind: a permission only, data as Send indications.
+    indications: bool,
 }
 
 #[derive(Debug)]
@@ -204,6 +212,11 @@ impl Allocation {
                     b = b.xor_addr(msg::ATTR_XOR_PEER_ADDRESS, p);
                 }
             }
+            TxnKind::Permission => {
+                if let Some(p) = peer {
+                    b = b.xor_addr(msg::ATTR_XOR_PEER_ADDRESS, p);
+                }
+            }
         }
         match (&self.realm, &self.nonce, &self.key) {
             (Some(realm), Some(nonce), Some(key)) => {
@@ -225,6 +238,7 @@ impl Allocation {
             TxnKind::Allocate => msg::ALLOCATE,
             TxnKind::Refresh { .. } => msg::REFRESH,
             TxnKind::Bind { .. } => msg::CHANNEL_BIND,
+            TxnKind::Permission => msg::CREATE_PERMISSION,
         };
         // One transaction per kind (and peer) at a time.
         self.txns.retain(|t| !(t.kind == kind && t.peer == peer));
@@ -409,17 +423,22 @@ impl TurnClient {
                     rng,
                 );
             }
-            let due: Vec<(SocketAddr, u16)> = a
+            let due: Vec<(SocketAddr, TxnKind)> = a
                 .channels
                 .iter_mut()
                 .filter(|c| c.refresh_at.is_some_and(|t| t <= now))
                 .map(|c| {
                     c.refresh_at = None;
-                    (c.peer, c.number)
+                    let kind = if c.indications {
+                        TxnKind::Permission
+                    } else {
+                        TxnKind::Bind { channel: c.number }
+                    };
+                    (c.peer, kind)
                 })
                 .collect();
-            for (peer, channel) in due {
-                a.start(TxnKind::Bind { channel }, Some(peer), now, rng);
+            for (peer, kind) in due {
+                a.start(kind, Some(peer), now, rng);
             }
             // Requests that ran out of retransmissions.
             let dead: Vec<TxnKind> = a
@@ -433,7 +452,10 @@ impl TurnClient {
                     .retain(|t| !(t.sent >= MAX_SENDS && t.next_at <= now));
                 match a.state {
                     State::Deleting => {}
-                    _ if dead.iter().any(|k| !matches!(k, TxnKind::Bind { .. })) => {
+                    _ if dead
+                        .iter()
+                        .any(|k| !matches!(k, TxnKind::Bind { .. } | TxnKind::Permission)) =>
+                    {
                         a.fail(None, "no answer from the TURN server".into(), now, events)
                     }
                     _ => debug!(server = %a.server, "TURN channel bind got no answer"),
@@ -482,7 +504,7 @@ impl TurnClient {
                 return Some(Some(Transmit {
                     source: a.local,
                     destination: a.server,
-                    contents: msg::channel_data(c.number, data),
+                    contents: wrap(c, data, rng),
                 }));
             }
         } else {
@@ -498,6 +520,7 @@ impl TurnClient {
                 number,
                 bound: false,
                 refresh_at: None,
+                indications: false,
             });
             a.start(TxnKind::Bind { channel: number }, Some(peer), now, rng);
         }
@@ -554,7 +577,7 @@ impl TurnClient {
     }
 
     /// Datagrams that waited for a channel bind and can go now.
-    pub fn poll_queued(&mut self) -> Option<Transmit> {
+    pub fn poll_queued(&mut self, rng: &mut Rng) -> Option<Transmit> {
         for a in &mut self.allocs {
             // The inbound self-test leaves once the permission for our own address exists.
             if let (Some((payload, sent)), Some(relay), Some(mapped)) =
@@ -581,7 +604,7 @@ impl TurnClient {
             return Some(Transmit {
                 source: a.local,
                 destination: a.server,
-                contents: msg::channel_data(c.number, &data),
+                contents: wrap(c, &data, rng),
             });
         }
         None
@@ -720,9 +743,22 @@ impl TurnClient {
             }
             _ => match txn.kind {
                 TxnKind::Bind { channel } => {
-                    debug!(code, "TURN channel bind refused: {reason}");
-                    a.channels.retain(|c| c.number != channel);
+                    // Channels are an optimisation: fall back to a permission and Send
+                    // indications for this peer.
+                    debug!(
+                        code,
+                        "TURN channel bind refused ({reason}); using a permission"
+                    );
+                    if let Some(c) = a.channels.iter_mut().find(|c| c.number == channel) {
+                        c.indications = true;
+                        c.number = 0;
+                    }
+                    a.start(TxnKind::Permission, txn.peer, now, rng);
+                }
+                TxnKind::Permission => {
+                    debug!(code, "TURN permission refused: {reason}");
                     if let Some(p) = txn.peer {
+                        a.channels.retain(|c| c.peer != p);
                         a.queue.retain(|(q, _)| *q != p);
                     }
                 }
@@ -780,6 +816,28 @@ fn on_success(
                 c.refresh_at = Some(now + PERMISSION_REFRESH);
             }
         }
+        TxnKind::Permission => {
+            if let Some(c) = a
+                .channels
+                .iter_mut()
+                .find(|c| Some(c.peer) == txn.peer && c.indications)
+            {
+                c.bound = true;
+                c.refresh_at = Some(now + PERMISSION_REFRESH);
+            }
+        }
+    }
+}
+
+/// A datagram for `c`'s peer: ChannelData on a bound channel, else a Send indication.
+fn wrap(c: &Channel, data: &[u8], rng: &mut Rng) -> Vec<u8> {
+    if c.indications {
+        Builder::new(msg::SEND, Class::Indication, txn_id(rng))
+            .xor_addr(msg::ATTR_XOR_PEER_ADDRESS, c.peer)
+            .attr(msg::ATTR_DATA, data)
+            .build()
+    } else {
+        msg::channel_data(c.number, data)
     }
 }
 

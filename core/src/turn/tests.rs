@@ -255,12 +255,12 @@ fn data_goes_through_a_channel_and_comes_back() {
     assert_eq!(m.xor_addr(msg::ATTR_XOR_PEER_ADDRESS), Some(peer()));
     let number = m.channel_number().unwrap();
     assert!((0x4000..=0x4fff).contains(&number));
-    assert_eq!(t.c.poll_queued(), None, "not bound yet");
+    assert_eq!(t.c.poll_queued(&mut t.rng), None, "not bound yet");
     let ok = Builder::new(msg::CHANNEL_BIND, Class::Success, m.txn)
         .integrity(&key("alice"))
         .build();
     t.recv(&ok);
-    let q = t.c.poll_queued().unwrap();
+    let q = t.c.poll_queued(&mut t.rng).unwrap();
     assert_eq!(
         msg::parse_channel_data(&q.contents),
         Some((number, &b"ping"[..]))
@@ -341,4 +341,46 @@ fn new_credentials_are_used_after_the_old_are_refused() {
     let m = Message::parse(&sent[0]).unwrap();
     assert_eq!(m.str_attr(msg::ATTR_USERNAME), Some("alice2"));
     assert!(m.verify_integrity(&key("alice2")));
+}
+
+#[test]
+fn a_refused_channel_bind_falls_back_to_a_permission_and_send_indications() {
+    let mut t = T::new();
+    t.allocate();
+    assert_eq!(
+        t.c.send(relay(), peer(), b"ping", t.now, &mut t.rng),
+        Some(None)
+    );
+    let bind = Message::parse(&t.sent()[0]).unwrap().txn;
+    let refused = Builder::new(msg::CHANNEL_BIND, Class::Error, bind)
+        .error(403, "Forbidden")
+        .integrity(&key("alice"))
+        .build();
+    t.recv(&refused);
+    let sent = t.sent();
+    let perm = Message::parse(&sent[0]).unwrap();
+    assert_eq!(perm.method, msg::CREATE_PERMISSION);
+    assert_eq!(perm.xor_addr(msg::ATTR_XOR_PEER_ADDRESS), Some(peer()));
+    assert!(perm.verify_integrity(&key("alice")));
+    assert_eq!(t.c.poll_queued(&mut t.rng), None, "no permission yet");
+    let ok = Builder::new(msg::CREATE_PERMISSION, Class::Success, perm.txn)
+        .integrity(&key("alice"))
+        .build();
+    t.recv(&ok);
+    for out in [
+        t.c.poll_queued(&mut t.rng).unwrap(),
+        t.c.send(relay(), peer(), b"pong", t.now, &mut t.rng)
+            .unwrap()
+            .unwrap(),
+    ] {
+        let m = Message::parse(&out.contents).unwrap();
+        assert_eq!((m.method, m.class), (msg::SEND, Class::Indication));
+        assert_eq!(m.xor_addr(msg::ATTR_XOR_PEER_ADDRESS), Some(peer()));
+    }
+    // The permission is refreshed with CreatePermission, not ChannelBind.
+    t.now += PERMISSION_REFRESH;
+    let again = t.sent();
+    assert!(again
+        .iter()
+        .any(|b| Message::parse(b).unwrap().method == msg::CREATE_PERMISSION));
 }

@@ -74,6 +74,8 @@ pub struct TurnStats {
     pub relayed_to_peer: u64,
     pub relayed_to_client: u64,
     pub refused: u64,
+    /// Datagrams relayed from Send indications (not ChannelData).
+    pub send_indications: u64,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,9 @@ pub struct SimTurnServer {
     next_port: u16,
     /// Longest allocation lifetime granted (coturn's `max-allocate-lifetime`, default 3600 s).
     pub max_lifetime: u32,
+    /// Refuse ChannelBind (403), as a server without channel support would: clients must
+    /// fall back to CreatePermission and Send/Data indications.
+    pub refuse_channel_bind: bool,
     pub stats: TurnStats,
 }
 
@@ -99,6 +104,7 @@ impl SimTurnServer {
             allocs: Vec::new(),
             next_port: FIRST_RELAY_PORT,
             max_lifetime: MAX_LIFETIME,
+            refuse_channel_bind: false,
             stats: TurnStats::default(),
         }
     }
@@ -182,6 +188,7 @@ impl SimTurnServer {
                 return Vec::new();
             }
             self.stats.relayed_to_peer += 1;
+            self.stats.send_indications += 1;
             return vec![(a.relay, peer, payload.to_vec())];
         }
         if m.class != Class::Request {
@@ -291,6 +298,9 @@ impl SimTurnServer {
                             .integrity(&key)
                             .fingerprint()
                             .build()
+                    }
+                    msg::CHANNEL_BIND if self.refuse_channel_bind => {
+                        self.error(m, 403, "Forbidden")
                     }
                     msg::CHANNEL_BIND => {
                         let (Some(n), Some(peer)) =
