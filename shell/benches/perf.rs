@@ -3,7 +3,7 @@
 //! setup, memory, binary. Nothing is asserted: this prints, people and CI read.
 //!
 //! `callgrind` re-runs this binary under `valgrind --tool=callgrind` (when valgrind is there)
-//! with `--callgrind-child PATH SIDE FRAMES`, collecting only inside the sender's or the
+//! with `--callgrind-child PATH FRAMES`, collecting only inside the sender's or the
 //! receiver's turns of the media loop: instruction counts do not move with a noisy machine.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -248,7 +248,8 @@ fn main() {
         let frames = args.get(i + 2).and_then(|f| f.parse().ok()).unwrap_or(300);
         return callgrind_child(path, frames);
     }
-    let quick = args.iter().any(|a| a == "--quick");
+    // `cargo bench` passes --bench; without it (`cargo test --all-targets`) a short run.
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
     let only: Vec<&str> = args
         .windows(2)
         .filter(|w| w[0] == "--only")
