@@ -18,8 +18,8 @@ pub mod h264;
 pub mod ivf;
 pub mod ogg;
 pub mod pump;
-pub mod sink;
 pub mod rtsp;
+pub mod sink;
 pub mod source;
 
 use std::fmt;

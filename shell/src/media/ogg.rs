@@ -197,7 +197,10 @@ pub(crate) mod tests {
     fn reads_packets_and_loops() {
         let mut l = LoopingOpus::new(&sample_file(3)).unwrap();
         let (p, t, d) = l.next_packet();
-        assert_eq!((p.to_vec(), t, d), (vec![72, 0, 0xaa], 0, Duration::from_millis(20)));
+        assert_eq!(
+            (p.to_vec(), t, d),
+            (vec![72, 0, 0xaa], 0, Duration::from_millis(20))
+        );
         l.next_packet();
         l.next_packet();
         let (p, t, _) = l.next_packet();

@@ -233,7 +233,8 @@ impl CallMedia {
         match &mut self.video {
             Video::Clip(v) => v.restart_at_keyframe(),
             Video::Camera { last_resend, .. } => {
-                if last_resend.is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_RESEND_MIN)
+                if last_resend
+                    .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_RESEND_MIN)
                 {
                     return;
                 }
@@ -351,7 +352,12 @@ impl CallMedia {
                 }
                 Audio::Opus(o) => {
                     let (data, t, d) = o.next_packet();
-                    (Codec::Opus, t, data.to_vec(), d.max(Duration::from_millis(2)))
+                    (
+                        Codec::Opus,
+                        t,
+                        data.to_vec(),
+                        d.max(Duration::from_millis(2)),
+                    )
                 }
                 Audio::Camera(_) | Audio::Off => break,
             };

@@ -193,7 +193,10 @@ pub enum CameraEvent {
         rtp_time: u64,
     },
     /// The session ended; the task reconnects after `retry_in`.
-    Lost { error: RtspError, retry_in: Duration },
+    Lost {
+        error: RtspError,
+        retry_in: Duration,
+    },
 }
 
 /// Keeps a stream's output timestamps monotonic across sessions: each new session's first
@@ -293,15 +296,13 @@ async fn session(
         .streams()
         .iter()
         .position(|s| s.media() == "video" && s.encoding_name() == "h264");
-    let audio = described
-        .streams()
-        .iter()
-        .enumerate()
-        .find_map(|(i, s)| match (s.media(), s.encoding_name()) {
+    let audio = described.streams().iter().enumerate().find_map(|(i, s)| {
+        match (s.media(), s.encoding_name()) {
             ("audio", "pcmu") => Some((i, Codec::Pcmu)),
             ("audio", "pcma") => Some((i, Codec::Pcma)),
             _ => None,
-        });
+        }
+    });
     if video_i.is_none() && audio.is_none() {
         let found: Vec<String> = described
             .streams()
@@ -334,10 +335,7 @@ async fn session(
         retina::codec::ParametersRef::Video(v) => Some(v.pixel_dimensions()),
         _ => None,
     });
-    let playing = described
-        .play(PlayOptions::default())
-        .await
-        .map_err(fail)?;
+    let playing = described.play(PlayOptions::default()).await.map_err(fail)?;
     let mut demuxed = playing.demuxed().map_err(fail)?;
     info!(camera = %source, ?resolution, audio = ?audio.map(|a| a.1), "camera playing");
     let playing = CameraEvent::Playing {
@@ -364,7 +362,10 @@ async fn session(
                 ))
             }
             Some(None) => {
-                return Err((RtspError::Session("camera ended the stream".into()), got_frames))
+                return Err((
+                    RtspError::Session("camera ended the stream".into()),
+                    got_frames,
+                ))
             }
             Some(Some(Err(e))) => return Err((classify(e), got_frames)),
             Some(Some(Ok(item))) => item,
@@ -412,8 +413,8 @@ mod tests {
 
     #[test]
     fn url_keeps_the_password_apart() {
-        let s = RtspSource::parse("rtsp://cam:p%40ss@127.0.0.1:8554/live", RtspTransport::Tcp)
-            .unwrap();
+        let s =
+            RtspSource::parse("rtsp://cam:p%40ss@127.0.0.1:8554/live", RtspTransport::Tcp).unwrap();
         let c = s.creds.as_ref().unwrap();
         assert_eq!((c.username.as_str(), c.password.as_str()), ("cam", "p@ss"));
         assert_eq!(s.url.as_str(), "rtsp://127.0.0.1:8554/live");
@@ -427,7 +428,10 @@ mod tests {
     fn bad_urls_are_errors() {
         for bad in ["", "http://x/y", "rtsp://", "rtsp://u:%zz@h/p", "not a url"] {
             assert!(
-                matches!(RtspSource::parse(bad, RtspTransport::Tcp), Err(RtspError::BadUrl(_))),
+                matches!(
+                    RtspSource::parse(bad, RtspTransport::Tcp),
+                    Err(RtspError::BadUrl(_))
+                ),
                 "{bad}"
             );
         }

@@ -115,9 +115,10 @@ pub fn plan(
         Some(s) if s.starts_with("file:") => {
             let path = Path::new(s.trim_start_matches("file:"));
             let data = read_file(path, "--audio")?;
-            AudioSource::Opus(LoopingOpus::new(&data).map_err(|e| {
-                SourceError(format!("--audio: {}: {e}", path.display()))
-            })?)
+            AudioSource::Opus(
+                LoopingOpus::new(&data)
+                    .map_err(|e| SourceError(format!("--audio: {}: {e}", path.display())))?,
+            )
         }
         Some(other) => {
             return Err(SourceError(format!(
@@ -151,7 +152,14 @@ mod tests {
     use super::*;
 
     fn p(video: &str, audio: Option<&str>) -> Result<Sources, SourceError> {
-        plan(video, audio, 25, VideoChoice::Auto, RtspTransport::Tcp, None)
+        plan(
+            video,
+            audio,
+            25,
+            VideoChoice::Auto,
+            RtspTransport::Tcp,
+            None,
+        )
     }
 
     #[test]
@@ -173,7 +181,10 @@ mod tests {
             with_password("rtsp://cam@h/x", "p@ss").unwrap(),
             "rtsp://cam:p%40ss@h/x"
         );
-        assert_eq!(with_password("rtsp://cam:a@h/x", "b").unwrap(), "rtsp://cam:a@h/x");
+        assert_eq!(
+            with_password("rtsp://cam:a@h/x", "b").unwrap(),
+            "rtsp://cam:a@h/x"
+        );
         assert_eq!(with_password("rtsp://h/x", "b").unwrap(), "rtsp://h/x");
     }
 
@@ -199,7 +210,10 @@ mod tests {
         let s = p("none", Some(&format!("file:{}", ogg.display()))).unwrap();
         assert!(matches!(s.plan.audio, AudioSource::Opus(_)));
         assert!(p("webcam", None).unwrap_err().0.contains("--video must be"));
-        assert!(p("testclip", Some("mic")).unwrap_err().0.contains("--audio must be"));
+        assert!(p("testclip", Some("mic"))
+            .unwrap_err()
+            .0
+            .contains("--audio must be"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
