@@ -81,10 +81,17 @@ pub fn packet_samples(packet: &[u8]) -> Option<u32> {
     let toc = *packet.first()?;
     let config = toc >> 3;
     // Frame size per config (RFC 6716 Table 2), in 48 kHz samples.
-    let frame: u32 = match config {
-        0..=11 => [480, 960, 1920, 2880][usize::from(config % 4)],
-        12..=15 => [480, 960][usize::from(config % 2)],
-        _ => [120, 240, 480, 960][usize::from(config % 4)],
+    let frame: u32 = match (config, config % 4) {
+        (0..=11, 0) => 480,
+        (0..=11, 1) => 960,
+        (0..=11, 2) => 1920,
+        (0..=11, _) => 2880,
+        (12..=15, m) if m % 2 == 0 => 480,
+        (12..=15, _) => 960,
+        (_, 0) => 120,
+        (_, 1) => 240,
+        (_, 2) => 480,
+        (_, _) => 960,
     };
     let frames = match toc & 3 {
         0 => 1,
