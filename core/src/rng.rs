@@ -25,7 +25,9 @@ impl Rng {
     pub fn id(&mut self, len: usize) -> String {
         (0..len)
             .map(|_| {
-                let i = self.0.usize(..ID_ALPHABET.len());
+                // u32, not usize: fastrand draws usize ranges differently on 32-bit targets,
+                // and the same seed must give the same ids on armv7 as on x86_64 and aarch64.
+                let i = self.0.u32(..ID_ALPHABET.len() as u32) as usize;
                 char::from(ID_ALPHABET.get(i).copied().unwrap_or(b'x'))
             })
             .collect()
