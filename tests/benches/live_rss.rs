@@ -105,7 +105,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this without: no Synapse then.
     if !args.iter().any(|a| a == "--bench" || a == "--calls") {
-        println!("{}", json!({"bench": "live_rss", "skipped": "run with cargo bench"}));
+        println!(
+            "{}",
+            json!({"bench": "live_rss", "skipped": "run with cargo bench"})
+        );
         return;
     }
     if !live::non_loopback_interfaces().is_empty() {
