@@ -964,3 +964,30 @@ pub fn ffprobe(path: &Path) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
 }
+
+/// Starts the test camera, `tests/e2e/rtsp_server.py` (GStreamer's RTSP server), on `port`
+/// (user `cam`, password `secret`, 640x480 H.264 at 15 fps with one IDR per second, PCMU
+/// audio) and waits for its READY line.
+pub fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(workspace_root().join("tests/e2e/rtsp_server.py"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--user",
+            "cam",
+            "--password",
+            "secret",
+        ]);
+    let p = Proc::spawn(name, cmd, dir);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {
+        assert!(
+            Instant::now() < deadline,
+            "RTSP server not ready\n{}",
+            p.report()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    p
+}

@@ -3,39 +3,12 @@
 //! Runs inside the loopback-only namespace like `live.rs`.
 
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
 use call_assist_tests::live::*;
 
 const READY: Duration = Duration::from_secs(30);
-
-/// Starts the RTSP server on `port` (user `cam`, password `secret`, 640x480 at 15 fps, one
-/// IDR per second, PCMU audio) and waits for its READY line.
-fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
-    let script = workspace_root().join("tests/e2e/rtsp_server.py");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script).args([
-        "--port",
-        &port.to_string(),
-        "--user",
-        "cam",
-        "--password",
-        "secret",
-    ]);
-    let p = Proc::spawn(name, cmd, dir);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "RTSP server not ready\n{}",
-            p.report()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    p
-}
 
 #[test]
 fn camera_call_is_recorded_and_survives_a_camera_restart() {

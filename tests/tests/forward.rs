@@ -110,19 +110,7 @@ fn ffmpeg_plays_the_forwarded_call() {
         listener.report()
     );
 
-    let probe = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-of",
-            "json",
-        ])
-        .arg(&out)
-        .output()
-        .expect("ffprobe");
-    let v: serde_json::Value = serde_json::from_slice(&probe.stdout).expect("ffprobe JSON");
+    let v = ffprobe(&out);
     let streams = v["streams"].as_array().cloned().unwrap_or_default();
     let frames = |kind: &str| -> u64 {
         streams

@@ -682,32 +682,6 @@ fn serve_keeps_running_across_a_homeserver_outage() {
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }
 
-/// Starts `tests/e2e/rtsp_server.py` on `port` (user `cam`, password `secret`, 640x480 H.264
-/// and PCMU) and waits for its READY line.
-fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(workspace_root().join("tests/e2e/rtsp_server.py"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--user",
-            "cam",
-            "--password",
-            "secret",
-        ]);
-    let p = Proc::spawn(name, cmd, dir);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {
-        assert!(
-            Instant::now() < deadline,
-            "RTSP server not ready\n{}",
-            p.report()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    p
-}
-
 #[test]
 fn a_camera_station_answers_and_survives_a_camera_restart() {
     let name = "a_camera_station_answers_and_survives_a_camera_restart";

@@ -731,6 +731,30 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
     config
 }
 
+/// The homeserver HTTP client of the live drivers (reqwest on rustls; runs under async-compat).
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// What to log in with: a saved access token first, with the password (if any) kept as the
+/// fallback for when the token is refused; else what the config gives.
+pub(crate) fn login_credentials(
+    auth: &Auth,
+    saved: Option<&SavedSession>,
+) -> (Credentials, Option<call_assist_core::Secret>) {
+    match (auth, saved) {
+        (Auth::Password(pw), Some(s)) => (
+            Credentials::AccessToken(call_assist_core::Secret::new(s.access_token.clone())),
+            Some(pw.clone()),
+        ),
+        (Auth::Password(pw), None) => (Credentials::Password(pw.clone()), None),
+        (Auth::AccessToken(t), _) => (Credentials::AccessToken(t.clone()), None),
+    }
+}
+
 /// TURN from the config for the core; host names are resolved here, once (the config is
 /// read at start).
 pub(crate) fn static_turn(t: &config::TurnOptions) -> StaticTurn {
@@ -974,11 +998,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(90))
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-    {
+    let client = match http_client() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: HTTP client: {e}");
@@ -990,14 +1010,7 @@ async fn run_async(opts: LiveOptions) -> u8 {
         .state_dir
         .as_deref()
         .and_then(|d| SavedSession::load(d, &opts.homeserver, &opts.user));
-    let (credentials, password_fallback) = match (&opts.auth, &saved) {
-        (Auth::Password(pw), Some(s)) => (
-            Credentials::AccessToken(call_assist_core::Secret::new(s.access_token.clone())),
-            Some(pw.clone()),
-        ),
-        (Auth::Password(pw), None) => (Credentials::Password(pw.clone()), None),
-        (Auth::AccessToken(t), _) => (Credentials::AccessToken(t.clone()), None),
-    };
+    let (credentials, password_fallback) = login_credentials(&opts.auth, saved.as_ref());
     let now = Instant::now();
     let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
     let mut config = agent_config(&opts, &addrs, credentials);

@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use self::api::{Command, Reply};
 use self::config::{ServeConfig, StationConfig};
-use crate::live::config::{Auth, SavedSession};
+use crate::live::config::SavedSession;
 use crate::live::exit;
 use crate::live::media::LiveMedia;
 use crate::media::rtsp::CameraEvent;
@@ -878,11 +878,7 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
             Err(e) => warn!("cannot install signal handlers: {e}"),
         }
     }
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(90))
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-    {
+    let client = match crate::live::http_client() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: HTTP client: {e}");
@@ -893,14 +889,8 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
         .state_dir
         .as_deref()
         .and_then(|d| SavedSession::load(d, &config.homeserver, &config.user));
-    let (credentials, password_fallback) = match (&config.auth, &saved) {
-        (Auth::Password(pw), Some(s)) => (
-            Credentials::AccessToken(call_assist_core::Secret::new(s.access_token.clone())),
-            Some(pw.clone()),
-        ),
-        (Auth::Password(pw), None) => (Credentials::Password(pw.clone()), None),
-        (Auth::AccessToken(t), _) => (Credentials::AccessToken(t.clone()), None),
-    };
+    let (credentials, password_fallback) =
+        crate::live::login_credentials(&config.auth, saved.as_ref());
     let now = Instant::now();
     let first_profile = stations.first().and_then(|s| s.profile);
     let agent = match new_agent(&config, &sockets, credentials, first_profile, now) {
