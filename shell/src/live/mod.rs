@@ -275,15 +275,13 @@ impl Run {
             } => {
                 info!(%device_id, "logged in as {user_id}");
                 if let Some(dir) = &self.opts.state_dir {
-                    let s = SavedSession {
-                        homeserver: self.opts.homeserver.clone(),
-                        user_id: user_id.to_string(),
-                        device_id: device_id.to_string(),
-                        access_token: access_token.expose().to_owned(),
-                    };
-                    if let Err(err) = s.save(dir) {
-                        warn!("cannot save session in {}: {err}", dir.display());
-                    }
+                    save_login(
+                        dir,
+                        &self.opts.homeserver,
+                        &user_id,
+                        &device_id,
+                        &access_token,
+                    );
                 }
             }
             AgentEvent::LoginFailed { message } => {
@@ -389,16 +387,10 @@ impl Run {
             AgentEvent::ReflexiveAddress { local, mapped } => {
                 self.print(json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}));
             }
-            AgentEvent::RelayAllocated { server, relay, .. } => {
-                self.print(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
-            }
-            AgentEvent::RelayFailed {
-                server,
-                code,
-                reason,
-            } => {
-                warn!(%server, ?code, "TURN allocation failed: {reason}");
-                self.print(json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}));
+            AgentEvent::RelayAllocated { .. } | AgentEvent::RelayFailed { .. } => {
+                if let Some(line) = relay_line(&e) {
+                    self.print(line);
+                }
             }
             AgentEvent::RelayLost { relay } => {
                 self.print(json!({"event": "relay_lost", "relay": relay.to_string()}));
@@ -729,6 +721,42 @@ fn agent_config(opts: &LiveOptions, addrs: &[SocketAddr], credentials: Credentia
     config.relay_only = opts.relay_only;
     config.turn = opts.turn.as_ref().map(static_turn);
     config
+}
+
+/// The JSON line of a TURN relay event (`relay`, `relay_failed`); the core logs them.
+pub(crate) fn relay_line(e: &AgentEvent) -> Option<serde_json::Value> {
+    match e {
+        AgentEvent::RelayAllocated { server, relay, .. } => Some(
+            json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}),
+        ),
+        AgentEvent::RelayFailed {
+            server,
+            code,
+            reason,
+        } => Some(
+            json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}),
+        ),
+        _ => None,
+    }
+}
+
+/// Keeps a login's device and token in `dir` for the next start (a failure is only logged).
+pub(crate) fn save_login(
+    dir: &std::path::Path,
+    homeserver: &str,
+    user_id: &call_assist_core::UserId,
+    device_id: &ruma::DeviceId,
+    access_token: &call_assist_core::Secret,
+) {
+    let s = SavedSession {
+        homeserver: homeserver.to_owned(),
+        user_id: user_id.to_string(),
+        device_id: device_id.to_string(),
+        access_token: access_token.expose().to_owned(),
+    };
+    if let Err(err) = s.save(dir) {
+        warn!("cannot save session in {}: {err}", dir.display());
+    }
 }
 
 /// The homeserver HTTP client of the live drivers (reqwest on rustls; runs under async-compat).

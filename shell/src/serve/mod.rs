@@ -201,15 +201,13 @@ impl Hub {
             } => {
                 info!(%device_id, "logged in as {user_id}");
                 if let Some(dir) = &self.config.state_dir {
-                    let s = SavedSession {
-                        homeserver: self.config.homeserver.clone(),
-                        user_id: user_id.to_string(),
-                        device_id: device_id.to_string(),
-                        access_token: access_token.expose().to_owned(),
-                    };
-                    if let Err(err) = s.save(dir) {
-                        warn!("cannot save session in {}: {err}", dir.display());
-                    }
+                    crate::live::save_login(
+                        dir,
+                        &self.config.homeserver,
+                        &user_id,
+                        &device_id,
+                        &access_token,
+                    );
                 }
             }
             AgentEvent::LoginFailed { message } => {
@@ -383,17 +381,10 @@ impl Hub {
                     self.emit(r);
                 }
             }
-            AgentEvent::RelayAllocated { server, relay, .. } => {
-                info!(%server, "TURN relay allocated");
-                self.emit(json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}));
-            }
-            AgentEvent::RelayFailed {
-                server,
-                code,
-                reason,
-            } => {
-                warn!(%server, ?code, "TURN allocation failed: {reason}");
-                self.emit(json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}));
+            AgentEvent::RelayAllocated { .. } | AgentEvent::RelayFailed { .. } => {
+                if let Some(line) = crate::live::relay_line(&e) {
+                    self.emit(line);
+                }
             }
             other => debug!(?other, "event"),
         }
