@@ -35,6 +35,8 @@ pub struct CallInfo {
     pub direction: CallDirection,
     pub frames_sent: u64,
     pub frames_received: u64,
+    /// Video keyframe requests (PLI/FIR) sent to the peer.
+    pub keyframes_requested: u64,
     /// Kinds of the local and remote candidate media flows on (`host`, `srflx`, `relay`,
     /// `prflx`), once connected.
     pub local_candidate: Option<String>,
@@ -173,6 +175,7 @@ impl Agent {
                 direction: c.direction,
                 frames_sent: c.stats.frames_sent,
                 frames_received: c.stats.frames_received,
+                keyframes_requested: c.stats.keyframes_requested,
                 local_candidate: pair.as_ref().map(|p| p.0.clone()),
                 remote_candidate: pair.map(|p| p.1),
             }
@@ -517,11 +520,14 @@ impl Agent {
     }
 
     fn drain_call_actions(&mut self) {
-        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
-        for id in ids {
-            while let Some(action) = self.calls.get_mut(&id).and_then(|c| c.poll_action()) {
+        // Field by field, so no list of call ids is cloned on this hot path.
+        let now = self.now;
+        for call in self.calls.values_mut() {
+            while let Some(action) = call.poll_action() {
                 match action {
-                    CallAction::Event(e) => self.push_event(e),
+                    CallAction::Event(e) => {
+                        push_event(&mut self.events, &mut self.dropped_media_events, e)
+                    }
                     CallAction::Send {
                         room_id,
                         event_type,
@@ -534,10 +540,7 @@ impl Agent {
                             .is_err()
                             && event_type != "m.call.candidates"
                         {
-                            let now = self.now;
-                            if let Some(c) = self.calls.get_mut(&id) {
-                                c.end(HangupReason::UnknownError, Party::Local, now);
-                            }
+                            call.end(HangupReason::UnknownError, Party::Local, now);
                         }
                     }
                 }
@@ -546,22 +549,7 @@ impl Agent {
     }
 
     fn push_event(&mut self, e: AgentEvent) {
-        if self.events.len() >= limits::MAX_PENDING_EVENTS {
-            if matches!(e, AgentEvent::Media(_)) {
-                self.dropped_media_events += 1;
-                return;
-            }
-            // Make room by dropping the oldest media frame; call events are never dropped.
-            if let Some(i) = self
-                .events
-                .iter()
-                .position(|e| matches!(e, AgentEvent::Media(_)))
-            {
-                self.events.remove(i);
-                self.dropped_media_events += 1;
-            }
-        }
-        self.events.push_back(e);
+        push_event(&mut self.events, &mut self.dropped_media_events, e);
     }
 
     fn on_room_event(&mut self, ev: RoomEvent) {
@@ -895,6 +883,20 @@ impl Agent {
         })
     }
 
+    /// Asks the peer of a connected call for a video keyframe (PLI/FIR), at most once per
+    /// [`limits::KEYFRAME_REQUEST_INTERVAL`](crate::limits::KEYFRAME_REQUEST_INTERVAL).
+    /// `Ok(false)`: not connected, no video, or asked too recently. The agent also asks on
+    /// its own after a loss in the peer's video.
+    ///
+    /// # Errors
+    /// [`ApiError::UnknownCall`].
+    pub fn request_keyframe(&mut self, call_id: &str, now: Instant) -> Result<bool, ApiError> {
+        self.with_rng(|a| {
+            a.now = now;
+            Ok(a.call_mut(call_id)?.request_keyframe(now))
+        })
+    }
+
     /// Codecs negotiated for sending media of `kind` in a call.
     pub fn send_codecs(
         &mut self,
@@ -923,12 +925,18 @@ impl Agent {
                 return Output::Event(e);
             }
             let now = self.now;
-            let ids: Vec<CallId> = self.calls.keys().cloned().collect();
-            for id in &ids {
-                let Some(call) = self.calls.get_mut(id) else {
-                    continue;
-                };
-                let transmit = call.poll_transmit(now);
+            // The first call with a datagram to send or actions to carry out (no list of
+            // call ids is built: this runs for every packet).
+            let mut transmit = None;
+            let mut acted = false;
+            for call in self.calls.values_mut() {
+                transmit = call.poll_transmit(now);
+                acted = call.has_actions();
+                if transmit.is_some() || acted {
+                    break;
+                }
+            }
+            if transmit.is_some() || acted {
                 self.drain_call_actions();
                 if let Some(t) = transmit {
                     if self.turn.is_relay(t.source) {
@@ -946,9 +954,8 @@ impl Agent {
                     }
                     return Output::Transmit(t);
                 }
-                if let Some(e) = self.events.pop_front() {
-                    return Output::Event(e);
-                }
+                // Its events go out first; then the calls are looked at again.
+                continue 'again;
             }
             if let Some(t) = self.stun.poll_transmit(now) {
                 return Output::Transmit(t);
@@ -984,4 +991,24 @@ impl Agent {
             return Output::Timeout(at);
         }
     }
+}
+
+/// Queues an agent event; when the queue is full, remote media frames give way (counted),
+/// call events never do.
+fn push_event(events: &mut VecDeque<AgentEvent>, dropped_media: &mut u64, e: AgentEvent) {
+    if events.len() >= limits::MAX_PENDING_EVENTS {
+        if matches!(e, AgentEvent::Media(_)) {
+            *dropped_media += 1;
+            return;
+        }
+        // Make room by dropping the oldest media frame; call events are never dropped.
+        if let Some(i) = events
+            .iter()
+            .position(|e| matches!(e, AgentEvent::Media(_)))
+        {
+            events.remove(i);
+            *dropped_media += 1;
+        }
+    }
+    events.push_back(e);
 }

@@ -157,4 +157,30 @@ pub fn h264(data: &[u8]) {
         let _ = au.nalus().count();
     }
     let _ = h264::profile_of_stream(data);
+    let _ = h264::avcc_parameter_sets(data);
+    // The same bytes as RTP packets: each one a control byte (bit 0 marker, bit 1 a new
+    // timestamp, bits 2-3: next packet, a gap of 1 or 2, or the previous one again), a length
+    // byte and that many payload bytes.
+    let mut d = h264::Depacketizer::new();
+    let (mut seq, mut ts, mut rest) = (0u16, 0i64, data);
+    while let [ctl, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (payload, tail) = tail.split_at(n);
+        seq = match (ctl >> 2) & 3 {
+            3 => seq.wrapping_sub(2), // the previous packet again
+            jump => seq.wrapping_add(u16::from(jump)),
+        };
+        if ctl & 2 != 0 {
+            ts += 3000;
+        }
+        let _ = d.push(seq, ts, ctl & 1 != 0, payload);
+        seq = seq.wrapping_add(1);
+        while let Some(f) = d.pop() {
+            assert!(f.data.len() <= h264::MAX_ACCESS_UNIT + 1024);
+            assert!(!f.keyframe || f.data.starts_with(&h264::START_CODE));
+        }
+        rest = tail;
+    }
+    let s = d.stats();
+    assert!(s.keyframes <= s.frames);
 }

@@ -58,6 +58,10 @@ pub const ICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// ICE disconnected this long after it was connected ends the call with `ice_timeout`.
 pub const ICE_DISCONNECTED_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// We ask a peer for a video keyframe (PLI/FIR) at most this often: after a loss, when the
+/// first frame is no keyframe, or when the driver asks. A sender needs a moment to answer.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Long-poll timeout asked of /sync.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request without an answer after this (plus the sync timeout for /sync) counts as failed.

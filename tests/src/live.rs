@@ -969,6 +969,12 @@ pub fn ffprobe(path: &Path) -> Value {
 /// (user `cam`, password `secret`, 640x480 H.264 at 15 fps with one IDR per second, PCMU
 /// audio) and waits for its READY line.
 pub fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
+    rtsp_server_with(dir, name, port, &[])
+}
+
+/// [`rtsp_server`] with more of `rtsp_server.py`'s options (`--audio opus`, `--protocols udp`,
+/// `--auth digest`, `--gop N`, ...).
+pub fn rtsp_server_with(dir: &Path, name: &str, port: u16, extra: &[&str]) -> Proc {
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(workspace_root().join("tests/e2e/rtsp_server.py"))
         .args([
@@ -978,7 +984,8 @@ pub fn rtsp_server(dir: &Path, name: &str, port: u16) -> Proc {
             "cam",
             "--password",
             "secret",
-        ]);
+        ])
+        .args(extra);
     let p = Proc::spawn(name, cmd, dir);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !p.non_json_stdout().iter().any(|l| l.starts_with("READY")) {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use call_assist::sim::homeserver::Fault;
-use call_assist_core::{CallState, HangupReason, Party};
+use call_assist_core::{AgentEvent, CallState, HangupReason, Party};
 use call_assist_tests::scenarios::{self, LossyCall, Outage};
 use call_assist_tests::*;
 use serde_json::{json, Value};
@@ -31,6 +31,50 @@ fn call_connects_over_a_lossy_link_with_300ms_rtt() {
             w.agents[i].name
         );
         assert_eq!(w.agents[i].ended_reason(&call_id), None);
+    }
+}
+
+#[test]
+fn lost_video_makes_the_receiver_ask_for_keyframes_and_the_sender_answers() {
+    // 20 % loss at 100 ms RTT for 20 s: NACKs recover most packets, not all.
+    let mut scene = Scene::new(lossy_config(5, 50, 0.2));
+    scene.world.agent(scene.bob).auto_answer = true;
+    let call_id = scene.world.place_call(scene.alice, &scene.room);
+    assert!(wait_connected(
+        &mut scene.world,
+        &[scene.alice, scene.bob],
+        &call_id
+    ));
+    let start = scene.world.elapsed();
+    scene.world.run_for(Duration::from_secs(20));
+    let w = &scene.world;
+    for (rx, tx) in [(scene.alice, scene.bob), (scene.bob, scene.alice)] {
+        let asked = w.agents[rx]
+            .agent
+            .call_info(&call_id)
+            .map_or(0, |i| i.keyframes_requested);
+        let answered: Vec<Duration> = w.agents[tx]
+            .events
+            .iter()
+            .filter(
+                |(_, e)| matches!(e, AgentEvent::KeyframeRequested { call_id: c } if *c == call_id),
+            )
+            .map(|(t, _)| *t)
+            .collect();
+        let (rxn, txn) = (&w.agents[rx].name, &w.agents[tx].name);
+        assert!(asked >= 1, "{rxn} lost video but asked for no keyframe");
+        // Each request crosses the lossy link or not; some arrive.
+        assert!(
+            !answered.is_empty() && answered.len() as u64 <= asked,
+            "{txn} saw {} of {rxn}'s {asked} keyframe requests",
+            answered.len()
+        );
+        // At most one request per second of the call.
+        let connected_s = (w.elapsed() - start).as_secs() + 1;
+        assert!(
+            asked <= connected_s,
+            "{rxn} asked {asked} times in {connected_s} s"
+        );
     }
 }
 

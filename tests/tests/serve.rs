@@ -779,3 +779,167 @@ fn a_camera_station_answers_and_survives_a_camera_restart() {
     let logs = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
     assert!(!logs.contains("secret"), "the camera password was logged");
 }
+
+/// Key-frame flags of the video packets of a recording (ffprobe, no decoding).
+fn video_keyframes(path: &str) -> usize {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v",
+            "-show_entries",
+            "packet=flags",
+            "-of",
+            "csv=p=0",
+            path,
+        ])
+        .output()
+        .expect("ffprobe (Debian ffmpeg) is installed by .ci/run");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('K'))
+        .count()
+}
+
+#[test]
+fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr() {
+    let name = "a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    // The camera: RTP over UDP only, Opus audio, Digest auth, one IDR per 20 s (300 frames
+    // at 15 fps), so the call below sees the camera's first IDR only.
+    let cam_port = closed_port();
+    let _camera = rtsp_server_with(
+        &live.dir,
+        "rtsp",
+        cam_port,
+        &[
+            "--protocols",
+            "udp",
+            "--audio",
+            "opus",
+            "--auth",
+            "digest",
+            "--gop",
+            "300",
+        ],
+    );
+    let rec = live.dir.join("hub-recordings");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"none\"\naudio = \"none\"\nrecord = \"{}\"\n\
+         answer = [\"{}\"]\n",
+        rec.display(),
+        alice.id
+    );
+    let cfg = write(
+        &live.dir.join("hub.toml"),
+        &config(
+            &live.dir,
+            &live.hs.base_url,
+            &hub_user.id,
+            "listen = \"127.0.0.1:0\"",
+            &stations,
+        ),
+    );
+    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
+    let port = api_port(&mut hub);
+    hub.wait_event("ready", READY);
+
+    let url = format!("rtsp://cam:secret@127.0.0.1:{cam_port}/cam");
+    let mut caller = live.call(
+        &alice,
+        &[
+            "--room",
+            &room,
+            "--duration-s",
+            "9",
+            "--video",
+            &url,
+            "--rtsp-transport",
+            "udp",
+        ],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+    thread::sleep(Duration::from_secs(3));
+    let (status, asked) = http(port, "POST", &format!("/calls/{id}/keyframe"), None, None);
+    assert_eq!(
+        (status, &asked["requested"]),
+        (200, &json!(true)),
+        "{asked}"
+    );
+    // A second request within a second is not sent.
+    let (_, again) = http(port, "POST", &format!("/calls/{id}/keyframe"), None, None);
+    assert_eq!(again["requested"], false, "{again}");
+    assert_eq!(
+        caller.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        caller.report()
+    );
+    let ended = hub.wait_for("the call's end", EXIT, |v| {
+        v["event"] == "recorded" && v["call_id"] == id.as_str()
+    });
+
+    // The camera refuses TCP (461), so what follows came over UDP; its Opus reaches the
+    // recording below.
+    // The PLI crossed the call and got the camera's cached IDR.
+    let answers: Vec<Value> = caller
+        .events_of("keyframe_request")
+        .iter()
+        .map(|k| k["answer"].clone())
+        .collect();
+    assert!(
+        answers.contains(&json!("cached_idr")),
+        "keyframe requests seen by the caller: {answers:?}\n{}",
+        caller.report()
+    );
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert!(
+        call["stats"]["keyframes_requested"].as_u64() >= Some(1),
+        "{call}"
+    );
+
+    // The recording: the camera's H.264 at 640x480 and its Opus, and two keyframes (the one
+    // the call started with and the one the request brought) within one camera GOP.
+    let path = ended.value["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no recording path in {}", ended.value))
+        .to_owned();
+    let probe = ffprobe(Path::new(&path));
+    let streams = probe["streams"].as_array().cloned().unwrap_or_default();
+    let video = streams
+        .iter()
+        .find(|s| s["codec_type"] == "video")
+        .unwrap_or_else(|| panic!("no video stream in {path}: {probe}"));
+    assert_eq!(video["codec_name"], "h264", "{probe}");
+    assert_eq!(
+        (video["width"].as_u64(), video["height"].as_u64()),
+        (Some(640), Some(480)),
+        "{probe}"
+    );
+    let audio = streams.iter().find(|s| s["codec_type"] == "audio");
+    assert_eq!(
+        audio.map(|a| a["codec_name"].clone()),
+        Some(json!("opus")),
+        "{probe}"
+    );
+    let audio_packets: u64 = audio
+        .and_then(|a| a["nb_read_frames"].as_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        audio_packets >= 200,
+        "{audio_packets} Opus packets in {path}: {probe}"
+    );
+    let keyframes = video_keyframes(&path);
+    assert!(keyframes >= 2, "{keyframes} keyframes in {path}");
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}

@@ -116,6 +116,8 @@ pub(crate) struct CallSetup {
 pub(crate) struct CallStats {
     pub frames_sent: u64,
     pub frames_received: u64,
+    /// PLI/FIR sent to the peer (our own after a loss, and the driver's).
+    pub keyframes_requested: u64,
 }
 
 pub(crate) struct Call {
@@ -152,6 +154,10 @@ pub(crate) struct Call {
     pub remote_video: bool,
     lifetime: Duration,
     pub stats: CallStats,
+    /// When we last asked the peer for a keyframe.
+    last_keyframe_request: Option<Instant>,
+    /// A remote video keyframe arrived: until then, a frame that is none asks for one.
+    remote_keyframe_seen: bool,
     out: VecDeque<CallAction>,
     pub ended_reason: Option<HangupReason>,
     /// The profile our H.264 source sends (chooses the payload type media goes out on).
@@ -333,6 +339,8 @@ impl Call {
             remote_video: false,
             lifetime: setup.lifetime,
             stats: CallStats::default(),
+            last_keyframe_request: None,
+            remote_keyframe_seen: false,
             out: VecDeque::new(),
             ended_reason: None,
             h264_profile: setup.h264_profile,
@@ -459,6 +467,11 @@ impl Call {
 
     pub fn poll_action(&mut self) -> Option<CallAction> {
         self.out.pop_front()
+    }
+
+    /// Actions are waiting for [`Call::poll_action`].
+    pub fn has_actions(&self) -> bool {
+        !self.out.is_empty()
     }
 
     fn set_state(&mut self, state: CallState) {
@@ -1045,6 +1058,24 @@ impl Call {
                 } else {
                     MediaKind::Video
                 };
+                if kind == MediaKind::Video {
+                    // A decoder (or recorder) cannot use what follows a loss, nor a first
+                    // frame that is no keyframe: ask for one, as browsers do.
+                    let keyframe = d.is_keyframe();
+                    let why = if !d.contiguous {
+                        Some("loss")
+                    } else if !keyframe && !self.remote_keyframe_seen {
+                        Some("no keyframe yet")
+                    } else {
+                        None
+                    };
+                    self.remote_keyframe_seen |= keyframe;
+                    if let Some(why) = why {
+                        if self.request_keyframe(now) {
+                            debug!(call_id = %self.id, why, "asked the peer for a keyframe");
+                        }
+                    }
+                }
                 self.event(AgentEvent::Media(MediaFrame {
                     call_id: self.id.clone(),
                     kind,
@@ -1060,6 +1091,45 @@ impl Call {
             }),
             Event::Closed => debug!(call_id = %self.id, "rtc closed"),
             _ => {}
+        }
+    }
+
+    /// Asks the peer for a video keyframe (PLI, or FIR when only that was negotiated), at most
+    /// once per [`limits::KEYFRAME_REQUEST_INTERVAL`]. True when a request went out.
+    pub fn request_keyframe(&mut self, now: Instant) -> bool {
+        if self.state != CallState::Connected {
+            return false;
+        }
+        if self
+            .last_keyframe_request
+            .is_some_and(|t| now.saturating_duration_since(t) < limits::KEYFRAME_REQUEST_INTERVAL)
+        {
+            return false;
+        }
+        let Some(mid) = self.video_mid else {
+            return false;
+        };
+        let Some(mut writer) = self.rtc.writer(mid) else {
+            return false;
+        };
+        use str0m::media::KeyframeRequestKind as K;
+        let Some(kind) = [K::Pli, K::Fir]
+            .into_iter()
+            .find(|k| writer.is_request_keyframe_possible(*k))
+        else {
+            return false;
+        };
+        match writer.request_keyframe(None, kind) {
+            Ok(()) => {
+                self.last_keyframe_request = Some(now);
+                self.stats.keyframes_requested += 1;
+                self.rtc_deadline = Some(now);
+                true
+            }
+            Err(e) => {
+                debug!(call_id = %self.id, "keyframe request refused: {e}");
+                false
+            }
         }
     }
 

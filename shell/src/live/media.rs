@@ -11,7 +11,7 @@ use call_assist_core::{Agent, MediaFrame};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::media::pump::{CallMedia, CameraCache, MediaPlan};
+use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan};
 use crate::media::rtsp::CameraEvent;
 use crate::media::sink::{Recorder, RtpForwarder};
 
@@ -131,10 +131,15 @@ impl LiveMedia {
         }
     }
 
-    pub fn keyframe_requested(&mut self, agent: &mut Agent, call_id: &str, now: Instant) {
-        if let Some(m) = self.calls.get_mut(call_id) {
-            m.keyframe_requested(agent, &self.cache, now);
-        }
+    /// The peer of a call asked for a keyframe: how it was answered (`None`: no such call).
+    pub fn keyframe_requested(
+        &mut self,
+        agent: &mut Agent,
+        call_id: &str,
+        now: Instant,
+    ) -> Option<KeyframeAnswer> {
+        let m = self.calls.get_mut(call_id)?;
+        Some(m.keyframe_requested(agent, &self.cache, now))
     }
 
     /// Writes the paced frames due.

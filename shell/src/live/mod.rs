@@ -396,8 +396,13 @@ impl Run {
                 self.print(json!({"event": "relay_lost", "relay": relay.to_string()}));
             }
             AgentEvent::KeyframeRequested { call_id } => {
-                self.media
-                    .keyframe_requested(&mut self.agent, &call_id, now);
+                if let Some(answer) = self
+                    .media
+                    .keyframe_requested(&mut self.agent, &call_id, now)
+                {
+                    info!(%call_id, answer = answer.as_str(), "the peer asked for a keyframe");
+                    self.print(json!({"event": "keyframe_request", "call_id": call_id.as_str(), "answer": answer.as_str()}));
+                }
             }
             AgentEvent::CallEnded {
                 call_id,
@@ -605,6 +610,7 @@ impl Run {
             "bytes_received": c.bytes_received,
             "frames_sent": info.as_ref().map_or(0, |i| i.frames_sent),
             "frames_received": info.as_ref().map_or(0, |i| i.frames_received),
+            "keyframes_requested": info.as_ref().map_or(0, |i| i.keyframes_requested),
             "local_candidate": info.as_ref().and_then(|i| i.local_candidate.clone()),
             "remote_candidate": info.as_ref().and_then(|i| i.remote_candidate.clone()),
             "video_frames_received": c.video_frames_received,

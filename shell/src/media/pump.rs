@@ -49,7 +49,7 @@ pub enum AudioSource {
     Tone,
     /// An Ogg Opus file, looped.
     Opus(LoopingOpus),
-    /// The RTSP camera's G.711 (frames pushed by the shell).
+    /// The RTSP camera's G.711 or Opus (frames pushed by the shell).
     Camera,
     None,
 }
@@ -98,6 +98,33 @@ impl CameraCache {
     }
 }
 
+/// How a peer's PLI/FIR was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyframeAnswer {
+    /// The clip went back to its keyframe.
+    ClipRestarted,
+    /// The camera's cached IDR went out now; P-frames wait for the camera's next IDR.
+    CachedIdr,
+    /// Nothing cached (the camera is reconnecting): the camera's next IDR goes out.
+    NextIdr,
+    /// The cached IDR went out less than [`KEYFRAME_RESEND_MIN`] ago.
+    TooSoon,
+    /// This call sends no video.
+    NoVideo,
+}
+
+impl KeyframeAnswer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyframeAnswer::ClipRestarted => "clip_restarted",
+            KeyframeAnswer::CachedIdr => "cached_idr",
+            KeyframeAnswer::NextIdr => "next_idr",
+            KeyframeAnswer::TooSoon => "too_soon",
+            KeyframeAnswer::NoVideo => "no_video",
+        }
+    }
+}
+
 /// A peer's repeated PLI/FIR resends the cached keyframe at most this often.
 const KEYFRAME_RESEND_MIN: Duration = Duration::from_millis(500);
 
@@ -117,7 +144,7 @@ enum Video {
 enum Audio {
     Tone(ToneAudio, Codec),
     Opus(LoopingOpus),
-    /// The camera's G.711; the codec last checked against what the call negotiated.
+    /// The camera's G.711 or Opus; the codec last checked against what the call negotiated.
     Camera(Option<Codec>),
     Off,
 }
@@ -228,41 +255,62 @@ impl CallMedia {
         }
     }
 
-    /// The peer asked for a keyframe (PLI/FIR).
-    pub fn keyframe_requested(&mut self, agent: &mut Agent, cache: &CameraCache, now: Instant) {
+    /// The peer asked for a keyframe (PLI/FIR): what it gets.
+    pub fn keyframe_requested(
+        &mut self,
+        agent: &mut Agent,
+        cache: &CameraCache,
+        now: Instant,
+    ) -> KeyframeAnswer {
         match &mut self.video {
-            Video::Clip(v) => v.restart_at_keyframe(),
+            Video::Clip(v) => {
+                v.restart_at_keyframe();
+                KeyframeAnswer::ClipRestarted
+            }
             Video::Camera { last_resend, .. } => {
                 if last_resend
                     .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_RESEND_MIN)
                 {
-                    return;
+                    return KeyframeAnswer::TooSoon;
                 }
                 *last_resend = Some(now);
-                self.send_cached_keyframe(agent, cache, now);
+                if self.send_cached_keyframe(agent, cache, now) {
+                    KeyframeAnswer::CachedIdr
+                } else {
+                    KeyframeAnswer::NextIdr
+                }
             }
-            Video::Off => {}
+            Video::Off => KeyframeAnswer::NoVideo,
         }
     }
 
-    fn send_cached_keyframe(&mut self, agent: &mut Agent, cache: &CameraCache, now: Instant) {
+    /// True when the cached IDR went out.
+    fn send_cached_keyframe(
+        &mut self,
+        agent: &mut Agent,
+        cache: &CameraCache,
+        now: Instant,
+    ) -> bool {
         let Video::Camera {
             waiting_keyframe,
             last_rtp_time,
             ..
         } = &mut self.video
         else {
-            return;
+            return false;
         };
         let Some((data, at)) = &cache.keyframe else {
             debug!(call_id = %self.call_id, "no camera keyframe cached yet; waiting for one");
             *waiting_keyframe = true;
-            return;
+            return false;
         };
         if send_h264(agent, &self.call_id, last_rtp_time, data, *at, now) {
             self.frames_sent += 1;
             // Frames after the cached IDR refer to pictures this peer never got.
             *waiting_keyframe = cache.frames_since_keyframe > 0;
+            true
+        } else {
+            false
         }
     }
 
@@ -292,7 +340,7 @@ impl CallMedia {
         }
     }
 
-    /// A camera audio packet (G.711, 8 kHz timestamp).
+    /// A camera audio packet (G.711 with an 8 kHz timestamp, or Opus with 48 kHz).
     pub fn camera_audio(
         &mut self,
         agent: &mut Agent,

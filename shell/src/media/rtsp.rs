@@ -1,6 +1,14 @@
 //! An RTSP camera as a media source, through retina (the Rust RTSP client cameras are tested
 //! against). H.264 is passed through as the camera sends it (Annex B access units, SPS/PPS in
-//! front of every keyframe, the camera's timestamps); PCMU/PCMA audio likewise. No decoding.
+//! front of every keyframe, the camera's timestamps); PCMU/PCMA or Opus audio likewise, one
+//! RTP payload per packet. No decoding.
+//!
+//! retina does RTSP (DESCRIBE/SETUP/PLAY, Basic and Digest auth, keepalives, TCP-interleaved
+//! or UDP transport); its raw packet stream is read rather than its demuxer, because retina
+//! has no Opus depacketizer and refuses to demux a session with a stream it cannot
+//! depacketize. H.264 access units are put together by the core's
+//! [`Depacketizer`](call_assist_core::h264::Depacketizer) (RFC 6184; after a lost packet it
+//! holds frames until the next keyframe).
 //!
 //! One task per camera runs the session and sends [`CameraEvent`]s to the shell's loop. When the
 //! camera drops, it reconnects with backoff; timestamps stay monotonic across reconnects, so the
@@ -11,12 +19,13 @@ use std::fmt;
 use std::time::Duration;
 
 use call_assist_core::h264::ProfileLevelId;
+use call_assist_core::h264::{avcc_parameter_sets, Depacketizer};
 use call_assist_core::Codec;
 use futures_lite::{FutureExt, StreamExt};
 use retina::client::{
-    Credentials, PlayOptions, SessionGroup, SessionOptions, SetupOptions, Transport,
+    Credentials, PacketItem, PlayOptions, SessionGroup, SessionOptions, SetupOptions, Transport,
 };
-use retina::codec::{CodecItem, FrameFormat};
+use retina::codec::ParametersRef;
 use smol::channel::Sender;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -37,7 +46,7 @@ pub enum RtspError {
     BadUrl(String),
     /// The camera refused the credentials (or asked for some and none were given).
     Unauthorized(String),
-    /// The camera has no H.264 video and no G.711 audio stream.
+    /// The camera has no H.264 video and no G.711 or Opus audio stream.
     NoUsableStream(String),
     /// Connecting, DESCRIBE/SETUP/PLAY or the stream itself failed.
     Session(String),
@@ -185,11 +194,11 @@ pub enum CameraEvent {
         /// From the SPS in front of a keyframe.
         profile: Option<ProfileLevelId>,
     },
-    /// One G.711 packet as the camera sent it.
+    /// One G.711 or Opus packet as the camera sent it.
     Audio {
         codec: Codec,
         data: Vec<u8>,
-        /// In the codec's clock (8 kHz), monotonic across reconnects.
+        /// In the codec's clock (8 kHz G.711, 48 kHz Opus), monotonic across reconnects.
         rtp_time: u64,
     },
     /// The session ended; the task reconnects after `retry_in`.
@@ -300,6 +309,7 @@ async fn session(
         match (s.media(), s.encoding_name()) {
             ("audio", "pcmu") => Some((i, Codec::Pcmu)),
             ("audio", "pcma") => Some((i, Codec::Pcma)),
+            ("audio", "opus") => Some((i, Codec::Opus)),
             _ => None,
         }
     });
@@ -311,7 +321,7 @@ async fn session(
             .collect();
         return Err((
             RtspError::NoUsableStream(format!(
-                "streams {found:?}; need video/h264 or audio/pcmu|pcma"
+                "streams {found:?}; need video/h264 or audio/pcmu|pcma|opus"
             )),
             false,
         ));
@@ -322,89 +332,105 @@ async fn session(
     };
     for i in video_i.into_iter().chain(audio.map(|a| a.0)) {
         described
-            .setup(
-                i,
-                SetupOptions::default()
-                    .transport(transport.clone())
-                    .frame_format(FrameFormat::SIMPLE),
-            )
+            .setup(i, SetupOptions::default().transport(transport.clone()))
             .await
             .map_err(fail)?;
     }
-    let resolution = video_i.and_then(|i| match described.streams().get(i)?.parameters()? {
-        retina::codec::ParametersRef::Video(v) => Some(v.pixel_dimensions()),
-        _ => None,
-    });
-    let playing = described.play(PlayOptions::default()).await.map_err(fail)?;
-    let mut demuxed = playing.demuxed().map_err(fail)?;
+    let mut depacketizer = Depacketizer::new();
+    let mut resolution = None;
+    if let Some(ParametersRef::Video(v)) = video_i
+        .and_then(|i| described.streams().get(i))
+        .and_then(|s| s.parameters())
+    {
+        // From the SDP's sprop-parameter-sets; in-band SPS/PPS replace them.
+        resolution = Some(v.pixel_dimensions());
+        for nalu in avcc_parameter_sets(v.extra_data()) {
+            depacketizer.set_parameter_set(nalu);
+        }
+    }
+    let mut playing = Box::pin(described.play(PlayOptions::default()).await.map_err(fail)?);
     info!(camera = %source, ?resolution, audio = ?audio.map(|a| a.1), "camera playing");
-    let playing = CameraEvent::Playing {
+    let playing_event = CameraEvent::Playing {
         video: video_i.is_some(),
         audio: audio.map(|a| a.1),
         resolution,
     };
-    if tx.send(playing).await.is_err() {
+    if tx.send(playing_event).await.is_err() {
         return Ok(());
     }
     let mut got_frames = false;
-    loop {
-        let next = async { Some(demuxed.next().await) }
+    let mut bad_packets = 0u64;
+    let why = loop {
+        let next = async { Some(playing.next().await) }
             .or(async {
                 smol::Timer::after(STALL_TIMEOUT).await;
                 None
             })
             .await;
-        let item = match next {
-            None => {
-                return Err((
-                    RtspError::Session(format!("no data for {} s", STALL_TIMEOUT.as_secs())),
-                    got_frames,
-                ))
-            }
-            Some(None) => {
-                return Err((
-                    RtspError::Session("camera ended the stream".into()),
-                    got_frames,
-                ))
-            }
-            Some(Some(Err(e))) => return Err((classify(e), got_frames)),
-            Some(Some(Ok(item))) => item,
+        let pkt = match next {
+            None => break RtspError::Session(format!("no data for {} s", STALL_TIMEOUT.as_secs())),
+            Some(None) => break RtspError::Session("camera ended the stream".into()),
+            Some(Some(Err(e))) => break classify(e),
+            Some(Some(Ok(PacketItem::Rtp(pkt)))) => pkt,
+            Some(Some(Ok(_))) => continue, // RTCP
         };
-        let event = match item {
-            CodecItem::VideoFrame(f) => {
-                let keyframe = f.is_random_access_point();
-                let rtp_time = video_tl.map(f.timestamp().elapsed(), RECONNECT_GAP_90K);
-                let data = f.into_data();
-                let profile = if keyframe {
-                    call_assist_core::h264::profile_of_stream(&data)
+        let stream = Some(pkt.stream_id());
+        if stream == video_i {
+            let ts = pkt.timestamp().elapsed();
+            if let Err(e) = depacketizer.push(pkt.sequence_number(), ts, pkt.mark(), pkt.payload())
+            {
+                bad_packets += 1;
+                // A camera that sends these sends many: the first, then every 100th.
+                if bad_packets % 100 == 1 {
+                    warn!(camera = %source, bad_packets, "camera: dropped a video packet: {e}");
+                }
+            }
+            while let Some(f) = depacketizer.pop() {
+                let rtp_time = video_tl.map(f.timestamp, RECONNECT_GAP_90K);
+                let profile = if f.keyframe {
+                    call_assist_core::h264::profile_of_stream(&f.data)
                 } else {
                     None
                 };
-                CameraEvent::Video {
-                    data,
+                let event = CameraEvent::Video {
+                    data: f.data,
                     rtp_time,
-                    keyframe,
+                    keyframe: f.keyframe,
                     profile,
+                };
+                got_frames = true;
+                if tx.send(event).await.is_err() {
+                    return Ok(());
                 }
             }
-            CodecItem::AudioFrame(f) => match audio {
-                Some((_, codec)) => {
-                    let gap = u64::from(f.frame_length().get());
-                    CameraEvent::Audio {
-                        codec,
-                        rtp_time: audio_tl.map(f.timestamp().elapsed(), gap),
-                        data: f.data().to_vec(),
-                    }
-                }
-                None => continue,
-            },
-            _ => continue,
-        };
-        got_frames = true;
-        if tx.send(event).await.is_err() {
-            return Ok(());
+        } else if let Some((_, codec)) = audio.filter(|a| Some(a.0) == stream) {
+            let payload = pkt.payload();
+            if payload.is_empty() {
+                continue;
+            }
+            // Gap after a reconnect: one packet's worth (G.711 carries a sample per byte;
+            // cameras send Opus in 20 ms packets).
+            let gap = match codec {
+                Codec::Opus => 960,
+                _ => payload.len() as u64,
+            };
+            let event = CameraEvent::Audio {
+                codec,
+                rtp_time: audio_tl.map(pkt.timestamp().elapsed(), gap),
+                data: payload.to_vec(),
+            };
+            got_frames = true;
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
         }
-    }
+    };
+    let st = depacketizer.stats();
+    info!(camera = %source, frames = st.frames, keyframes = st.keyframes,
+        packets_lost = st.packets_lost, packets_late = st.packets_late,
+        dropped_broken = st.broken, dropped_waiting = st.waited, bad_packets,
+        "camera session ended");
+    Err((why, got_frames))
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! so the API never touches the agent itself.
 //!
 //! Routes: `GET /health`, `GET /stations`, `GET /calls`, `POST /calls` (`{"station", "to"}`),
-//! `GET /calls/ID`, `DELETE /calls/ID` (or `POST /calls/ID/hangup`), `GET /events`
+//! `GET /calls/ID`, `DELETE /calls/ID` (or `POST /calls/ID/hangup`),
+//! `POST /calls/ID/keyframe` (ask the peer for a video keyframe), `GET /events`
 //! (Server-Sent Events, one `data:` JSON line per event). Errors are `{"error": "..."}`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,8 +43,13 @@ pub enum Command {
     Stations,
     ListCalls,
     GetCall(String),
-    StartCall { station: String, to: String },
+    StartCall {
+        station: String,
+        to: String,
+    },
     Hangup(String),
+    /// Ask the peer of a call for a video keyframe (PLI/FIR).
+    RequestKeyframe(String),
     Subscribe,
 }
 
@@ -326,6 +332,10 @@ fn route(r: &Http) -> Result<Command, RouteError> {
             "POST" => Ok(Command::Hangup((*id).to_owned())),
             _ => wrong(vec!["POST"]),
         },
+        ["calls", id, "keyframe"] => match method {
+            "POST" => Ok(Command::RequestKeyframe((*id).to_owned())),
+            _ => wrong(vec!["POST"]),
+        },
         _ => Err((404, format!("no such endpoint: {}", r.path), Vec::new())),
     }
 }
@@ -466,6 +476,15 @@ mod tests {
         assert!(route(&h).unwrap_err().1.contains("\"to\""));
         assert!(
             matches!(route(&head("DELETE /calls/abc HTTP/1.1\r\n\r\n")), Ok(Command::Hangup(id)) if id == "abc")
+        );
+        assert!(
+            matches!(route(&head("POST /calls/abc/keyframe HTTP/1.1\r\n\r\n")), Ok(Command::RequestKeyframe(id)) if id == "abc")
+        );
+        assert_eq!(
+            route(&head("GET /calls/abc/keyframe HTTP/1.1\r\n\r\n"))
+                .unwrap_err()
+                .0,
+            405
         );
         assert!(matches!(
             route(&head("GET /calls?x=1 HTTP/1.1\r\n\r\n")),

@@ -342,7 +342,9 @@ impl Hub {
                     .get(&call_id)
                     .and_then(|r| self.stations.get_mut(r.station))
                 {
-                    s.media.keyframe_requested(&mut self.agent, &call_id, now);
+                    if let Some(a) = s.media.keyframe_requested(&mut self.agent, &call_id, now) {
+                        self.emit(json!({"event": "keyframe_request", "call_id": call_id.as_str(), "answer": a.as_str()}));
+                    }
                 }
             }
             AgentEvent::CallEnded {
@@ -407,6 +409,7 @@ impl Hub {
             "stats": {
                 "frames_sent": info.as_ref().map_or(0, |i| i.frames_sent),
                 "frames_received": info.as_ref().map_or(0, |i| i.frames_received),
+                "keyframes_requested": info.as_ref().map_or(0, |i| i.keyframes_requested),
                 "video_frames_received": rec.video_frames_received,
                 "audio_frames_received": rec.audio_frames_received,
                 "local_candidate": info.as_ref().and_then(|i| i.local_candidate.clone()),
@@ -478,6 +481,19 @@ impl Hub {
                         )
                     }
                     Err(e) => Reply::error(409, format!("cannot hang up {id:?}: {e}")),
+                },
+            },
+            Command::RequestKeyframe(id) => match self.calls.get(&id) {
+                None => Reply::error(404, format!("no call {id:?}")),
+                Some(r) if r.ended.is_some() => {
+                    Reply::error(409, format!("call {id:?} has already ended"))
+                }
+                Some(_) => match self.agent.request_keyframe(&id, now) {
+                    Ok(sent) => {
+                        info!(call_id = %id, sent, "keyframe request (API)");
+                        Reply::Json(200, json!({"id": id, "requested": sent}))
+                    }
+                    Err(e) => Reply::error(409, format!("cannot ask {id:?} for a keyframe: {e}")),
                 },
             },
             Command::Subscribe => {

@@ -434,7 +434,7 @@ impl World {
             AgentEvent::KeyframeRequested { call_id } => {
                 let a = &mut self.agents[i];
                 if let Some(p) = a.pump.as_mut().filter(|p| &p.call_id == call_id) {
-                    p.keyframe_requested(&mut a.agent, &CameraCache::default(), now);
+                    let _ = p.keyframe_requested(&mut a.agent, &CameraCache::default(), now);
                 }
             }
             _ => {}

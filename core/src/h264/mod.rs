@@ -6,6 +6,11 @@
 //! that the fuzz target reaches it. Only what the media sources need: it does not decode RBSP beyond the first bit of a
 //! slice header. Any input, including garbage, gives a well-formed (possibly empty) result.
 
+mod depacketize;
+pub use depacketize::{
+    avcc_parameter_sets, DepacketizeError, Depacketizer, DepacketizerStats, Frame, MAX_ACCESS_UNIT,
+};
+
 /// NAL unit types used here (ITU-T H.264 Table 7-1).
 pub mod nal_type {
     /// Coded slice of a non-IDR picture.
