@@ -803,8 +803,8 @@ fn video_keyframes(path: &str) -> usize {
 }
 
 #[test]
-fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr() {
-    let name = "a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr";
+fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_gop() {
+    let name = "a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_gop";
     if !in_loopback_namespace(name) {
         return;
     }
@@ -813,7 +813,8 @@ fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr() {
     let alice = live.user("alice");
     let room = live.hs.create_dm(&alice, &hub_user);
     // The camera: RTP over UDP only, Opus audio, Digest auth, one IDR per 20 s (300 frames
-    // at 15 fps), so the call below sees the camera's first IDR only.
+    // at 15 fps), so the call below sees the camera's first IDR only: without the cached
+    // GOP its picture would stand still.
     let cam_port = closed_port();
     let _camera = rtsp_server_with(
         &live.dir,
@@ -889,14 +890,14 @@ fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr() {
 
     // The camera refuses TCP (461), so what follows came over UDP; its Opus reaches the
     // recording below.
-    // The PLI crossed the call and got the camera's cached IDR.
+    // The PLI crossed the call and got the camera's cached GOP (IDR and frames since).
     let answers: Vec<Value> = caller
         .events_of("keyframe_request")
         .iter()
         .map(|k| k["answer"].clone())
         .collect();
     assert!(
-        answers.contains(&json!("cached_idr")),
+        answers.contains(&json!("cached_gop")),
         "keyframe requests seen by the caller: {answers:?}\n{}",
         caller.report()
     );
@@ -938,8 +939,19 @@ fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_idr() {
         audio_packets >= 200,
         "{audio_packets} Opus packets in {path}: {probe}"
     );
+    // The call began with the GOP so far and the request brought it again, so the
+    // recording holds two keyframes (the camera's next IDR is 20 s away) and its frames
+    // decode from the start: 8+ s at 15 fps.
     let keyframes = video_keyframes(&path);
     assert!(keyframes >= 2, "{keyframes} keyframes in {path}");
+    let frames: u64 = video["nb_read_frames"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        frames >= 100,
+        "only {frames} decodable video frames in {path}: {probe}"
+    );
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }

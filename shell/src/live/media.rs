@@ -110,9 +110,9 @@ impl LiveMedia {
     }
 
     /// Remote media of a call.
-    pub fn remote_frame(&mut self, f: &MediaFrame) {
+    pub fn remote_frame(&mut self, f: &MediaFrame, now: Instant) {
         if let Some(r) = self.recorders.get_mut(f.call_id.as_str()) {
-            if let Err(e) = r.write(f) {
+            if let Err(e) = r.write(f, now) {
                 warn!(call_id = %f.call_id, "recording: {e}");
             }
         }

@@ -374,7 +374,7 @@ impl Run {
                 }
             }
             AgentEvent::Media(f) => {
-                self.media.remote_frame(&f);
+                self.media.remote_frame(&f, now);
                 match f.kind {
                     MediaKind::Video => self.counters.video_frames_received += 1,
                     MediaKind::Audio => self.counters.audio_frames_received += 1,

@@ -6,11 +6,14 @@
 //! [`CallMedia::camera_audio`]).
 //!
 //! Keyframes from a camera: a passthrough source cannot make the camera encode a new IDR, so
-//! the latest IDR (with its SPS/PPS) is kept in a [`CameraCache`]. A call that starts, or a
-//! peer that sends PLI/FIR, gets that cached IDR at once, and then no P-frame until the
-//! camera's next IDR (P-frames after the cached IDR refer to pictures the peer never got). The
-//! picture appears at once and is clean; it moves from the camera's next IDR on (its GOP length,
-//! typically 1-2 s).
+//! the camera's current GOP, its latest IDR (with SPS/PPS) and the frames since, is kept in a
+//! [`CameraCache`] (bounded by [`GOP_CACHE_MAX_BYTES`] and [`GOP_CACHE_MAX_FRAMES`]). A call
+//! that starts, or a peer that sends PLI/FIR, gets that GOP at once, so its decoder holds the
+//! camera's current picture and the live frames that follow decode: the picture appears and
+//! moves at once. When the GOP outgrew the cache (a long GOP at a high bitrate), only the IDR
+//! goes out and then no P-frame until the camera's next IDR (P-frames after the IDR refer to
+//! pictures the peer never got): the picture appears at once and is clean, and moves from the
+//! camera's next IDR on.
 
 use std::time::{Duration, Instant};
 
@@ -71,30 +74,64 @@ impl MediaPlan {
     }
 }
 
-/// A camera's latest keyframe, for calls that start or ask for one.
+/// Largest GOP (bytes of the IDR and the frames since) a camera's cache keeps: 2 s of
+/// 1080p at 8 Mbit/s.
+pub const GOP_CACHE_MAX_BYTES: usize = 2 << 20;
+/// Most frames since the IDR the cache keeps (10 s at 30 fps).
+pub const GOP_CACHE_MAX_FRAMES: usize = 300;
+
+/// A camera's current GOP, for calls that start or ask for a keyframe.
 #[derive(Debug, Default, Clone)]
 pub struct CameraCache {
-    /// SPS + PPS + IDR access unit and its 90 kHz timestamp.
-    pub keyframe: Option<(Vec<u8>, u64)>,
-    /// Frames the camera sent after that keyframe.
-    pub frames_since_keyframe: u64,
+    /// SPS + PPS + IDR access unit first, then the frames after it, each with its 90 kHz
+    /// timestamp. Only the IDR once the GOP outgrew the bounds.
+    gop: Vec<(Vec<u8>, u64)>,
+    bytes: usize,
+    /// Frames since the IDR were dropped from the cache (bounds): a call that gets the IDR
+    /// waits for the camera's next one.
+    truncated: bool,
 }
 
 impl CameraCache {
-    /// Notes a camera frame; keeps it when it is a keyframe.
+    /// Notes a camera frame: a keyframe starts a new GOP, other frames join the current one.
     pub fn observe(&mut self, data: &[u8], rtp_time: u64, keyframe: bool) {
         if keyframe {
-            self.keyframe = Some((data.to_vec(), rtp_time));
-            self.frames_since_keyframe = 0;
-        } else {
-            self.frames_since_keyframe = self.frames_since_keyframe.saturating_add(1);
+            self.gop.clear();
+            self.gop.push((data.to_vec(), rtp_time));
+            self.bytes = data.len();
+            self.truncated = false;
+            return;
         }
+        if self.gop.is_empty() || self.truncated {
+            return;
+        }
+        if self.gop.len() > GOP_CACHE_MAX_FRAMES
+            || self.bytes.saturating_add(data.len()) > GOP_CACHE_MAX_BYTES
+        {
+            self.gop.truncate(1);
+            self.bytes = self.gop.first().map_or(0, |f| f.0.len());
+            self.truncated = true;
+            return;
+        }
+        self.gop.push((data.to_vec(), rtp_time));
+        self.bytes += data.len();
     }
 
-    /// Forgets the keyframe (the camera reconnected: its next frames do not follow it).
+    /// Forgets the GOP (the camera reconnected: its next frames do not follow it).
     pub fn reset(&mut self) {
-        self.keyframe = None;
-        self.frames_since_keyframe = 0;
+        self.gop.clear();
+        self.bytes = 0;
+        self.truncated = false;
+    }
+
+    /// The latest IDR and its timestamp.
+    pub fn keyframe(&self) -> Option<(&[u8], u64)> {
+        self.gop.first().map(|(d, t)| (d.as_slice(), *t))
+    }
+
+    /// Frames cached (the IDR included) and their bytes.
+    pub fn len(&self) -> (usize, usize) {
+        (self.gop.len(), self.bytes)
     }
 }
 
@@ -103,7 +140,10 @@ impl CameraCache {
 pub enum KeyframeAnswer {
     /// The clip went back to its keyframe.
     ClipRestarted,
-    /// The camera's cached IDR went out now; P-frames wait for the camera's next IDR.
+    /// The camera's cached GOP (its latest IDR and the frames since) went out now, and live
+    /// frames follow.
+    CachedGop,
+    /// The GOP outgrew the cache: its IDR went out now; P-frames wait for the camera's next IDR.
     CachedIdr,
     /// Nothing cached (the camera is reconnecting): the camera's next IDR goes out.
     NextIdr,
@@ -117,6 +157,7 @@ impl KeyframeAnswer {
     pub fn as_str(self) -> &'static str {
         match self {
             KeyframeAnswer::ClipRestarted => "clip_restarted",
+            KeyframeAnswer::CachedGop => "cached_gop",
             KeyframeAnswer::CachedIdr => "cached_idr",
             KeyframeAnswer::NextIdr => "next_idr",
             KeyframeAnswer::TooSoon => "too_soon",
@@ -241,7 +282,7 @@ impl CallMedia {
             next_audio: now,
             frames_sent: 0,
         };
-        media.send_cached_keyframe(agent, cache, now);
+        let _ = media.send_cached_keyframe(agent, cache, now);
         media
     }
 
@@ -274,43 +315,48 @@ impl CallMedia {
                     return KeyframeAnswer::TooSoon;
                 }
                 *last_resend = Some(now);
-                if self.send_cached_keyframe(agent, cache, now) {
-                    KeyframeAnswer::CachedIdr
-                } else {
-                    KeyframeAnswer::NextIdr
-                }
+                self.send_cached_keyframe(agent, cache, now)
             }
             Video::Off => KeyframeAnswer::NoVideo,
         }
     }
 
-    /// True when the cached IDR went out.
+    /// Sends the camera's cached GOP (or its IDR alone, see [`CameraCache`]): `CachedGop` or
+    /// `CachedIdr` when the IDR went out, `NextIdr` when nothing did.
     fn send_cached_keyframe(
         &mut self,
         agent: &mut Agent,
         cache: &CameraCache,
         now: Instant,
-    ) -> bool {
+    ) -> KeyframeAnswer {
         let Video::Camera {
             waiting_keyframe,
             last_rtp_time,
             ..
         } = &mut self.video
         else {
-            return false;
+            return KeyframeAnswer::NoVideo;
         };
-        let Some((data, at)) = &cache.keyframe else {
+        if cache.gop.is_empty() {
             debug!(call_id = %self.call_id, "no camera keyframe cached yet; waiting for one");
             *waiting_keyframe = true;
-            return false;
-        };
-        if send_h264(agent, &self.call_id, last_rtp_time, data, *at, now) {
-            self.frames_sent += 1;
-            // Frames after the cached IDR refer to pictures this peer never got.
-            *waiting_keyframe = cache.frames_since_keyframe > 0;
-            true
-        } else {
-            false
+            return KeyframeAnswer::NextIdr;
+        }
+        let mut sent = 0;
+        for (data, at) in &cache.gop {
+            if !send_h264(agent, &self.call_id, last_rtp_time, data, *at, now) {
+                break;
+            }
+            sent += 1;
+        }
+        self.frames_sent += sent as u64;
+        // Live frames follow the cached ones only when all of the GOP went out.
+        *waiting_keyframe = cache.truncated || sent < cache.gop.len();
+        debug!(call_id = %self.call_id, frames = sent, truncated = cache.truncated, "sent the camera's cached GOP");
+        match sent {
+            0 => KeyframeAnswer::NextIdr,
+            _ if *waiting_keyframe => KeyframeAnswer::CachedIdr,
+            _ => KeyframeAnswer::CachedGop,
         }
     }
 
@@ -463,5 +509,45 @@ fn describe_audio(a: &Audio) -> Option<String> {
         Audio::Opus(_) => Some("Opus file".into()),
         Audio::Camera(_) => Some("camera".into()),
         Audio::Off => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_the_gop_from_its_idr_within_bounds() {
+        let mut c = CameraCache::default();
+        // P-frames before any IDR are of no use.
+        c.observe(&[1; 10], 0, false);
+        assert_eq!(c.len(), (0, 0));
+        assert!(c.keyframe().is_none());
+        c.observe(&[5; 100], 3000, true);
+        c.observe(&[1; 10], 6000, false);
+        c.observe(&[1; 10], 9000, false);
+        assert_eq!(c.len(), (3, 120));
+        assert!(!c.truncated);
+        // A new IDR starts over.
+        c.observe(&[5; 50], 12000, true);
+        assert_eq!(c.len(), (1, 50));
+        assert_eq!(c.keyframe().map(|k| k.1), Some(12000));
+        // Beyond the byte bound only the IDR stays, and later frames are not kept.
+        c.observe(&vec![1; GOP_CACHE_MAX_BYTES], 15000, false);
+        assert_eq!(c.len(), (1, 50));
+        assert!(c.truncated);
+        c.observe(&[1; 10], 18000, false);
+        assert_eq!(c.len(), (1, 50));
+        // Beyond the frame bound too.
+        c.observe(&[5; 50], 21000, true);
+        assert!(!c.truncated);
+        for i in 0..=GOP_CACHE_MAX_FRAMES as u64 + 1 {
+            c.observe(&[1; 10], 24000 + i * 3000, false);
+        }
+        assert!(c.truncated);
+        assert_eq!(c.len(), (1, 50));
+        c.reset();
+        assert_eq!(c.len(), (0, 0));
+        assert!(c.keyframe().is_none());
     }
 }

@@ -333,7 +333,7 @@ impl Hub {
                     MediaKind::Audio => rec.audio_frames_received += 1,
                 }
                 if let Some(s) = self.stations.get_mut(rec.station) {
-                    s.media.remote_frame(&f);
+                    s.media.remote_frame(&f, now);
                 }
             }
             AgentEvent::KeyframeRequested { call_id } => {

@@ -21,6 +21,10 @@
 //!    (an audio-only or video-only call), or
 //! 3. one kind is ready and the other has appeared but is still not ready after
 //!    [`WAIT_FOR_KEYFRAME_MS`] (video whose keyframes never arrive), or
+//!
+//!    (for 2 and 3 the wait must also have passed in arrival time: a sender that starts with
+//!    a burst of older frames, such as a camera's cached GOP, spans seconds of media in a
+//!    moment, before the other kind's first packet could arrive), or
 //! 4. the hold-back buffer is full, or `finish` is called.
 //!
 //! A kind that is not declared then is not recorded (logged once). Video frames before the
@@ -39,6 +43,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use call_assist_core::h264::{nal_type, split_nalus};
 use call_assist_core::{Codec, MediaFrame, MediaKind};
@@ -106,6 +111,9 @@ pub struct Recorder {
     audio: Track,
     pending: VecDeque<Block>,
     pending_bytes: usize,
+    /// Arrival of the first frame, and how long ago that was at the latest one.
+    first_arrival: Option<Instant>,
+    arrival_span: Duration,
     cluster: Option<Cluster>,
     sps: Option<Vec<u8>>,
     pps: Option<Vec<u8>>,
@@ -327,6 +335,8 @@ impl Recorder {
             audio: Track::default(),
             pending: VecDeque::new(),
             pending_bytes: 0,
+            first_arrival: None,
+            arrival_span: Duration::ZERO,
             cluster: None,
             sps: None,
             pps: None,
@@ -350,7 +360,9 @@ impl Recorder {
     /// changed codec, a kind that came too late); the recording goes on, and the cause is
     /// logged once. Any other kind is an I/O error: the file is left as far as it got and
     /// every later call fails too.
-    pub fn write(&mut self, f: &MediaFrame) -> io::Result<()> {
+    pub fn write(&mut self, f: &MediaFrame, now: Instant) -> io::Result<()> {
+        let first = *self.first_arrival.get_or_insert(now);
+        self.arrival_span = now.saturating_duration_since(first);
         if self.phase == Phase::Failed {
             return Err(io::Error::other(
                 "recording stopped after an earlier write error",
@@ -630,9 +642,10 @@ impl Recorder {
             WAIT_FOR_OTHER_KIND_MS
         };
         let span = self.video.seen_span_ms().max(self.audio.seen_span_ms());
+        let waited = span >= wait && self.arrival_span >= Duration::from_millis(wait);
         let full =
             self.pending.len() >= MAX_PENDING_FRAMES || self.pending_bytes >= MAX_PENDING_BYTES;
-        if (v_ready && a_ready) || full || span >= wait {
+        if (v_ready && a_ready) || full || waited {
             self.declare()?;
         }
         Ok(())
@@ -860,10 +873,18 @@ mod tests {
     use super::*;
     use crate::media::sink::testutil::*;
 
+    /// When a frame arrives in these tests: as its media time says.
+    fn at(f: &MediaFrame) -> Instant {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let rate = u128::from(f.clock_rate).max(1);
+        let us = (u128::from(f.rtp_time) * 1_000_000 / rate).min(1 << 40) as u64;
+        *BASE.get_or_init(Instant::now) + Duration::from_micros(us)
+    }
+
     fn record(dir: &Path, frames: &[MediaFrame]) -> Recorder {
         let mut rec = Recorder::create(dir, "!call:id/with?junk", 1_700_000_000_000).unwrap();
         for f in frames {
-            rec.write(f).unwrap();
+            rec.write(f, at(f)).unwrap();
         }
         rec
     }
@@ -930,6 +951,33 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_older_video_waits_for_the_audio_in_arrival_time() {
+        // A camera's cached GOP: seconds of video media in one moment, then the audio.
+        let dir = temp_dir("burst");
+        let video = h264_clip(0);
+        let span_ms = video.last().map_or(0, |f| f.rtp_time / 90);
+        assert!(span_ms > WAIT_FOR_OTHER_KIND_MS, "clip spans {span_ms} ms");
+        let mut rec = Recorder::create(&dir, "burst", 0).unwrap();
+        let t0 = at(&video[0]);
+        for f in &video {
+            rec.write(f, t0).unwrap();
+        }
+        assert!(
+            rec.phase == Phase::Waiting,
+            "declared before the audio could come"
+        );
+        for (i, f) in pcmu(0, 10).iter().enumerate() {
+            rec.write(f, t0 + Duration::from_millis(100 + 20 * i as u64))
+                .unwrap();
+        }
+        assert!(rec.phase == Phase::Declared);
+        let summary = rec.finish().unwrap();
+        assert_eq!(summary.video_codec, Some(Codec::H264));
+        assert_eq!(summary.audio_codec, Some(Codec::Pcmu));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn audio_only_call_is_declared_after_the_wait() {
         let dir = temp_dir("alaw");
         let frames: Vec<MediaFrame> = pcmu(0, 150)
@@ -941,7 +989,7 @@ mod tests {
             .collect();
         let mut rec = Recorder::create(&dir, "audio-only", 0).unwrap();
         for (i, f) in frames.iter().enumerate() {
-            rec.write(f).unwrap();
+            rec.write(f, at(f)).unwrap();
             // 2 s of audio = frame 100: declared then, not before.
             assert_eq!(rec.phase == Phase::Declared, i >= 100, "frame {i}");
         }
@@ -1038,7 +1086,7 @@ mod tests {
             frame(MediaKind::Audio, Codec::Pcmu, 0, 0, &[1, 2, 3]),
         ];
         for f in &bad {
-            let err = rec.write(f).unwrap_err();
+            let err = rec.write(f, at(f)).unwrap_err();
             assert!(
                 matches!(
                     err.kind(),
@@ -1049,12 +1097,12 @@ mod tests {
         }
         // The recording goes on: the good media after the garbage is all there.
         for f in interleave(vec![h264_clip(0), pcmu(0, 200)]) {
-            rec.write(&f).unwrap();
+            rec.write(&f, at(&f)).unwrap();
         }
         // A codec switch mid-call is refused for the track.
         let switched = frame(MediaKind::Video, Codec::Vp8, 400_000, 90_000, &[1, 2, 3]);
         assert_eq!(
-            rec.write(&switched).unwrap_err().kind(),
+            rec.write(&switched, at(&switched)).unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
         let summary = rec.finish().unwrap();
@@ -1090,7 +1138,8 @@ mod tests {
             } else {
                 i * 3_000
             };
-            let _ = rec.write(&frame(kind, codec, t, rate, &data));
+            let f = frame(kind, codec, t, rate, &data);
+            let _ = rec.write(&f, at(&f));
         }
         rec.finish().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
