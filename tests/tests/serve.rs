@@ -212,6 +212,25 @@ fn api_port(hub: &mut Proc) -> u16 {
         .unwrap_or_else(|| panic!("no port in {}", e.value))
 }
 
+/// `serve` as `hub_user` on the test's Synapse with `stations`, its API on a free loopback
+/// port: the process and the port, once it is logged in and synced.
+fn start_hub(live: &Live, hub_user: &User, stations: &str) -> (Proc, u16) {
+    let cfg = write(
+        &live.dir.join("hub.toml"),
+        &config(
+            &live.dir,
+            &live.hs.base_url,
+            &hub_user.id,
+            "listen = \"127.0.0.1:0\"",
+            stations,
+        ),
+    );
+    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
+    let port = api_port(&mut hub);
+    hub.wait_event("ready", READY);
+    (hub, port)
+}
+
 fn call_id(v: &Value) -> String {
     v["call_id"]
         .as_str()
@@ -241,19 +260,7 @@ fn api_places_lists_and_hangs_up_a_call() {
         rec.display(),
         alice.id
     );
-    let cfg = write(
-        &live.dir.join("hub.toml"),
-        &config(
-            &live.dir,
-            &live.hs.base_url,
-            &hub_user.id,
-            "listen = \"127.0.0.1:0\"",
-            &stations,
-        ),
-    );
-    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
-    let port = api_port(&mut hub);
-    hub.wait_event("ready", READY);
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
 
     let (status, health) = http(port, "GET", "/health", None, None);
     assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
@@ -634,19 +641,7 @@ fn serve_keeps_running_across_a_homeserver_outage() {
         "[[station]]\nname = \"door\"\nmay_call = [\"{}\"]\n",
         alice.id
     );
-    let cfg = write(
-        &live.dir.join("hub.toml"),
-        &config(
-            &live.dir,
-            &live.hs.base_url,
-            &hub_user.id,
-            "listen = \"127.0.0.1:0\"",
-            &stations,
-        ),
-    );
-    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
-    let port = api_port(&mut hub);
-    hub.wait_event("ready", READY);
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
 
     let down = Instant::now();
     live.hs.stop();
@@ -701,19 +696,7 @@ fn a_camera_station_answers_and_survives_a_camera_restart() {
         pw.display(),
         bob.id
     );
-    let cfg = write(
-        &live.dir.join("hub.toml"),
-        &config(
-            &live.dir,
-            &live.hs.base_url,
-            &hub_user.id,
-            "listen = \"127.0.0.1:0\"",
-            &stations,
-        ),
-    );
-    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
-    let port = api_port(&mut hub);
-    hub.wait_event("ready", READY);
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
     let (_, health) = http(port, "GET", "/health", None, None);
     assert_eq!(health["stations"][0]["camera_up"], true, "{health}");
 
@@ -838,19 +821,7 @@ fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_gop() {
         rec.display(),
         alice.id
     );
-    let cfg = write(
-        &live.dir.join("hub.toml"),
-        &config(
-            &live.dir,
-            &live.hs.base_url,
-            &hub_user.id,
-            "listen = \"127.0.0.1:0\"",
-            &stations,
-        ),
-    );
-    let mut hub = serve(&live.dir, &cfg, &hub_user.password);
-    let port = api_port(&mut hub);
-    hub.wait_event("ready", READY);
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
 
     let url = format!("rtsp://cam:secret@127.0.0.1:{cam_port}/cam");
     let mut caller = live.call(
