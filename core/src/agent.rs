@@ -625,7 +625,7 @@ impl Agent {
             }
             Signal::Reject(_) => call.on_reject(party, now),
             Signal::Negotiate(n) => {
-                call.on_negotiate(party, &n.description.session_type, &n.description.sdp)
+                call.on_negotiate(party, &n.description.session_type, &n.description.sdp, now)
             }
             Signal::Hangup(h) => {
                 call.on_hangup(party, HangupReason::from_wire(h.reason.as_str()), now)

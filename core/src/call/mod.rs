@@ -443,10 +443,8 @@ impl Call {
         call.opponent_party = their_party;
         call.remote_video = invite_has_video(offer_sdp);
         (call.audio_mid, call.video_mid) = sdp_mids(offer_sdp);
-        let answer = call
-            .rtc
-            .sdp_api()
-            .accept_offer(offer)
+        let rtc = &mut call.rtc;
+        let answer = remote_sdp(|| rtc.sdp_api().accept_offer(offer))
             .map_err(|e| format!("offer refused: {e}"))?;
         call.prepared_answer = Some(answer.to_sdp_string());
         call.timers.set(Timer::Lifetime, now + remaining);
@@ -747,7 +745,8 @@ impl Call {
         let Some(pending) = self.pending_offer.take() else {
             return;
         };
-        if let Err(e) = self.rtc.sdp_api().accept_answer(pending, answer) {
+        let rtc = &mut self.rtc;
+        if let Err(e) = remote_sdp(|| rtc.sdp_api().accept_answer(pending, answer)) {
             warn!(call_id = %self.id, "answer refused: {e}");
             self.hangup(HangupReason::UnknownError, now);
             return;
@@ -865,7 +864,7 @@ impl Call {
         }
     }
 
-    pub fn on_negotiate(&mut self, party: Option<&str>, kind: &str, sdp: &str) {
+    pub fn on_negotiate(&mut self, party: Option<&str>, kind: &str, sdp: &str, now: Instant) {
         if !matches!(self.state, CallState::Connecting | CallState::Connected)
             || !self.is_opponent(party)
         {
@@ -889,12 +888,17 @@ impl Call {
                     }
                     self.pending_offer = None;
                 }
-                match self.rtc.sdp_api().accept_offer(offer) {
+                let rtc = &mut self.rtc;
+                match remote_sdp(|| rtc.sdp_api().accept_offer(offer)) {
                     Ok(answer) => {
                         self.send_negotiate("answer", answer.to_sdp_string());
                         self.event(AgentEvent::Renegotiated {
                             call_id: self.id.clone(),
                         });
+                    }
+                    Err(e @ SdpRefused::Panicked) => {
+                        warn!(call_id = %self.id, "negotiate offer refused: {e}; ending the call");
+                        self.hangup(HangupReason::UnknownError, now);
                     }
                     Err(e) => warn!(call_id = %self.id, "negotiate offer refused: {e}"),
                 }
@@ -912,10 +916,15 @@ impl Call {
                         return;
                     }
                 };
-                match self.rtc.sdp_api().accept_answer(pending, answer) {
+                let rtc = &mut self.rtc;
+                match remote_sdp(|| rtc.sdp_api().accept_answer(pending, answer)) {
                     Ok(()) => self.event(AgentEvent::Renegotiated {
                         call_id: self.id.clone(),
                     }),
+                    Err(e @ SdpRefused::Panicked) => {
+                        warn!(call_id = %self.id, "negotiate answer refused: {e}; ending the call");
+                        self.hangup(HangupReason::UnknownError, now);
+                    }
                     Err(e) => warn!(call_id = %self.id, "negotiate answer refused: {e}"),
                 }
             }
@@ -1197,10 +1206,46 @@ impl Call {
     }
 }
 
+/// Why str0m did not take a peer's SDP.
+#[derive(Debug)]
+enum SdpRefused {
+    /// str0m said no (incompatible offer, answer to another offer, ...).
+    Rtc(str0m::RtcError),
+    /// str0m panicked on it. Its state may be half-changed, so the call cannot go on.
+    Panicked,
+}
+
+impl std::fmt::Display for SdpRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SdpRefused::Rtc(e) => write!(f, "{e}"),
+            SdpRefused::Panicked => f.write_str("str0m panicked on the peer's SDP"),
+        }
+    }
+}
+
+/// Hands a remote peer's SDP to str0m. SDP is the one input of a peer that str0m interprets
+/// in depth, through code with many internal assertions; a panic there would take every call
+/// of the process with it, so it is caught here and costs only this call (release builds
+/// unwind, see the workspace's `[profile.release]`).
+fn remote_sdp<T>(f: impl FnOnce() -> Result<T, str0m::RtcError>) -> Result<T, SdpRefused> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(SdpRefused::Rtc),
+        Err(_) => Err(SdpRefused::Panicked),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // a real Instant as the tests' time base
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_str0m_on_remote_sdp_costs_only_that_sdp() {
+        let r: Result<(), SdpRefused> = remote_sdp(|| panic!("a str0m bug"));
+        assert!(matches!(r, Err(SdpRefused::Panicked)), "{r:?}");
+        assert!(matches!(remote_sdp(|| Ok::<_, str0m::RtcError>(5)), Ok(5)));
+    }
 
     fn offer(profile: Option<ProfileLevelId>) -> String {
         let setup = CallSetup {
