@@ -125,12 +125,14 @@ impl CameraCache {
     }
 
     /// The latest IDR and its timestamp.
-    pub fn keyframe(&self) -> Option<(&[u8], u64)> {
+    #[cfg(test)]
+    fn keyframe(&self) -> Option<(&[u8], u64)> {
         self.gop.first().map(|(d, t)| (d.as_slice(), *t))
     }
 
     /// Frames cached (the IDR included) and their bytes.
-    pub fn len(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn len(&self) -> (usize, usize) {
         (self.gop.len(), self.bytes)
     }
 }
