@@ -8,3 +8,22 @@ pub mod media;
 pub mod serve;
 pub mod sim;
 pub mod sweep;
+
+/// Logs go to stderr (with `--json`, stdout carries only JSON lines), in colour only on a
+/// terminal and without `NO_COLOR` (a file or journald would show the escape codes).
+pub fn init_logs(json: bool) {
+    use std::io::IsTerminal;
+    let default = if json {
+        "warn"
+    } else {
+        "call_assist=info,call_assist_core=warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CALL_ASSIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
+        .init();
+}

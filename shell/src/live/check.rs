@@ -13,12 +13,17 @@ use std::time::{Duration, Instant};
 use call_assist_core::AgentEvent;
 use serde_json::json;
 
+use super::driver::{Driver, Policy};
+use super::exit;
+
 /// How long allocations may take before the self-test starts anyway.
 const ALLOCATE_WAIT: Duration = Duration::from_secs(20);
 /// How long the self-test datagrams may take.
 const ECHO_WAIT: Duration = Duration::from_secs(5);
 /// Without TURN servers from the homeserver or config after this, there is nothing to test.
 const TURN_SERVERS_WAIT: Duration = Duration::from_secs(15);
+/// How often the waits are checked.
+const STEP_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Default, Clone)]
 struct Relay {
@@ -29,31 +34,60 @@ struct Relay {
     inbound: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Check {
-    started: Instant,
+    started: Option<Instant>,
     logged_in_at: Option<Instant>,
     stun: BTreeMap<SocketAddr, SocketAddr>,
     relays: BTreeMap<SocketAddr, Relay>,
     testing_since: Option<Instant>,
-    pub done: Option<u8>,
+    done: Option<u8>,
     turn_uris: Vec<String>,
+    next_step: Option<Instant>,
+}
+
+impl Policy for Check {
+    type Command = ();
+
+    fn on_event(&mut self, _d: &mut Driver<()>, e: &AgentEvent, now: Instant) {
+        self.observe(e, now);
+    }
+
+    fn on_tick(&mut self, d: &mut Driver<()>, now: Instant) {
+        self.started.get_or_insert(now);
+        self.next_step = Some(now + STEP_EVERY);
+        if let Some((code, text, json)) = self.step(&mut d.agent, now) {
+            d.lines.say(text.trim_end());
+            d.lines.emit(json);
+            d.finish(code);
+        }
+    }
+
+    /// The waits above are checked this often.
+    fn deadline(&self) -> Option<Instant> {
+        self.next_step
+    }
+
+    fn stop_code(&self, _d: &Driver<()>) -> u8 {
+        exit::NOT_CONNECTED
+    }
 }
 
 impl Check {
-    pub fn new(now: Instant) -> Self {
+    pub fn new() -> Self {
         Check {
-            started: now,
+            started: None,
             logged_in_at: None,
             stun: BTreeMap::new(),
             relays: BTreeMap::new(),
             testing_since: None,
             done: None,
             turn_uris: Vec::new(),
+            next_step: None,
         }
     }
 
-    pub fn on_event(&mut self, e: &AgentEvent, now: Instant) {
+    fn observe(&mut self, e: &AgentEvent, now: Instant) {
         match e {
             AgentEvent::LoggedIn { .. } => self.logged_in_at = Some(now),
             AgentEvent::ReflexiveAddress { local, mapped } => {
@@ -101,7 +135,7 @@ impl Check {
     }
 
     /// Moves the check on; `Some(report)` once it is over.
-    pub fn step(
+    fn step(
         &mut self,
         agent: &mut call_assist_core::Agent,
         now: Instant,
@@ -145,9 +179,9 @@ impl Check {
             return None;
         }
         let code = if self.relays.values().any(|r| r.outbound && r.inbound) {
-            super::exit::OK
+            exit::OK
         } else {
-            super::exit::NOT_CONNECTED
+            exit::NOT_CONNECTED
         };
         self.done = Some(code);
         Some((code, self.text(), self.json(code)))
@@ -157,7 +191,10 @@ impl Check {
         let mut out = String::new();
         let took = self
             .logged_in_at
-            .map_or(0, |t| (t - self.started).as_millis());
+            .zip(self.started)
+            .map_or(0, |(t, started)| {
+                t.saturating_duration_since(started).as_millis()
+            });
         out.push_str(&format!("login: ok ({took} ms)\n"));
         if self.turn_uris.is_empty() {
             out.push_str(
@@ -201,7 +238,7 @@ impl Check {
     fn json(&self, code: u8) -> serde_json::Value {
         json!({
             "event": "check",
-            "ok": code == super::exit::OK,
+            "ok": code == exit::OK,
             "turn_uris": self.turn_uris,
             "stun": self.stun.iter().map(|(l, m)| json!({"local": l.to_string(), "mapped": m.to_string()})).collect::<Vec<_>>(),
             "turn": self.relays.iter().map(|(s, r)| json!({

@@ -1,5 +1,6 @@
-//! Live settings: a TOML file (`--config`), the same settings as flags (flags win), secrets
-//! from the environment only, and the state directory that keeps the device across restarts.
+//! Settings of `call`, `listen` and `check`: a TOML file (`--config`) and the same settings as
+//! flags (clap). A flag replaces the file's value, lists included. Secrets come from the
+//! environment only.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use call_assist_core::{OwnedRoomId, OwnedUserId, Secret};
-use serde::{Deserialize, Serialize};
+use clap::Args;
+use serde::Deserialize;
 
+pub use super::session::{Account, Auth};
 use crate::media::pump::VideoChoice;
 
 /// A bad command line or config file: exit code 2.
@@ -68,6 +71,116 @@ impl FileConfig {
     }
 }
 
+/// Flags of every live command.
+#[derive(Debug, Default, Args)]
+pub struct CommonArgs {
+    /// TOML file with the same settings (keys: homeserver, user, room, to, allow, state_dir,
+    /// allow_loopback, interfaces, exclude_interfaces, video_codec, max_calls, duration_s,
+    /// port, stun, turn, turn_user, relay_only, video, audio, video_fps, rtsp_transport,
+    /// record, forward_rtp); a flag replaces the file's value, lists included
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Homeserver base URL (http:// or https://)
+    #[arg(long, value_name = "URL")]
+    pub homeserver: Option<String>,
+    /// The hub's Matrix user
+    #[arg(long, value_name = "@me:server")]
+    pub user: Option<String>,
+    /// Keeps the device id and access token between runs
+    /// [default: $XDG_STATE_HOME/call-assist or ~/.local/state/call-assist]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Also use loopback addresses for media (tests)
+    #[arg(long)]
+    pub allow_loopback: bool,
+    /// Only use this interface (repeatable)
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interfaces: Vec<String>,
+    /// Never use this interface (repeatable)
+    #[arg(long = "exclude-interface", value_name = "NAME")]
+    pub exclude_interfaces: Vec<String>,
+    /// Local UDP port [default: any free port]
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// STUN server for server-reflexive candidates (repeatable; the homeserver's TURN URIs
+    /// with an IP address are probed too)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub stun: Vec<String>,
+    /// Which test clip to send: auto, h264 or vp8 [default: auto]
+    #[arg(long, value_name = "CODEC")]
+    pub video_codec: Option<String>,
+    /// TURN server instead of the homeserver's (repeatable; UDP only)
+    #[arg(long, value_name = "turn:HOST:PORT")]
+    pub turn: Vec<String>,
+    /// Username of --turn; the password in CALL_ASSIST_TURN_PASSWORD
+    #[arg(long, value_name = "NAME")]
+    pub turn_user: Option<String>,
+    /// Offer only relay candidates (no address of ours in the room)
+    #[arg(long)]
+    pub relay_only: bool,
+    /// Video source: testclip, file:PATH (H.264 Annex B), rtsp://..., none [default: testclip]
+    #[arg(long, value_name = "SOURCE")]
+    pub video: Option<String>,
+    /// Audio source: tone, file:PATH (Ogg Opus), camera, none [default: the camera's, else tone]
+    #[arg(long, value_name = "SOURCE")]
+    pub audio: Option<String>,
+    /// Frame rate an H.264 file is played at [default: 25]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=240))]
+    pub video_fps: Option<u32>,
+    /// tcp or udp [default: tcp]; the camera password in CALL_ASSIST_RTSP_PASSWORD
+    #[arg(long, value_name = "TRANSPORT")]
+    pub rtsp_transport: Option<String>,
+    /// Directory for recordings of the remote side, one file per call
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Re-send the remote media as plain RTP to IP:PORT (audio at PORT+2, plus an SDP file)
+    #[arg(long, value_name = "IP:PORT")]
+    pub forward_rtp: Option<String>,
+    /// One JSON object per line on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `call`: place a video call, stay connected, hang up.
+#[derive(Debug, Default, Args)]
+pub struct CallArgs {
+    /// The room to call in
+    #[arg(long, value_name = "ROOM_ID")]
+    pub room: Option<String>,
+    /// The user to call, in a direct room (found, or created and waited for)
+    #[arg(long, value_name = "@peer:server")]
+    pub to: Option<String>,
+    /// How long the call stays up once connected [default: 10]
+    #[arg(long, value_name = "N")]
+    pub duration_s: Option<u64>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `listen`: answer calls from allowed users.
+#[derive(Debug, Default, Args)]
+pub struct ListenArgs {
+    /// Answer calls from this user (repeatable); without it, anyone
+    #[arg(long, value_name = "@peer:server")]
+    pub allow: Vec<String>,
+    /// Exit after this many calls
+    #[arg(long, value_name = "N")]
+    pub max_calls: Option<u32>,
+    /// Hang up each call N s after it connected
+    #[arg(long, value_name = "N")]
+    pub duration_s: Option<u64>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// A live command as given.
+#[derive(Debug)]
+pub enum LiveCommand {
+    Call(CallArgs),
+    Listen(ListenArgs),
+    Check(CommonArgs),
+}
+
 /// Where a `call` goes.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -92,30 +205,28 @@ pub enum Mode {
     Check,
 }
 
-#[derive(Debug, Clone)]
-pub enum Auth {
-    Password(Secret),
-    AccessToken(Secret),
+/// Which interfaces and servers carry media (`serve`'s `[network]` too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub allow_loopback: bool,
+    pub interfaces: Vec<String>,
+    pub exclude_interfaces: Vec<String>,
+    pub port: u16,
+    pub stun: Vec<String>,
+    /// TURN from the config (instead of `/voip/turnServer`).
+    pub turn: Option<TurnOptions>,
+    pub relay_only: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct LiveOptions {
-    pub homeserver: String,
-    pub user: OwnedUserId,
-    pub auth: Auth,
+    pub account: Account,
     pub mode: Mode,
     pub json: bool,
-    pub state_dir: Option<PathBuf>,
-    pub allow_loopback: bool,
-    pub interfaces: Vec<String>,
-    pub exclude_interfaces: Vec<String>,
+    pub network: NetworkConfig,
     pub video: VideoChoice,
-    pub port: u16,
-    pub stun: Vec<String>,
-    /// TURN from the config: URIs, username, password (from the environment).
-    pub turn: Option<TurnOptions>,
-    pub relay_only: bool,
     pub media: MediaOptions,
+    pub rtsp_password: Option<Secret>,
 }
 
 /// TURN servers given in the config rather than by the homeserver.
@@ -141,11 +252,6 @@ pub struct MediaOptions {
 /// Frame rate of an H.264 file source unless `--video-fps` says otherwise.
 pub const DEFAULT_FILE_FPS: u32 = 25;
 
-fn next_value(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, ConfigError> {
-    args.next()
-        .ok_or_else(|| ConfigError(format!("{flag} needs a value")))
-}
-
 fn user_id(s: &str, what: &str) -> Result<OwnedUserId, ConfigError> {
     OwnedUserId::try_from(s).map_err(|e| {
         ConfigError(format!(
@@ -165,109 +271,108 @@ pub(crate) fn parse_video(s: &str) -> Result<VideoChoice, ConfigError> {
     }
 }
 
-/// Parses `call` / `listen` arguments (after the command name) and the environment.
-pub fn parse(
-    command: &str,
-    args: impl Iterator<Item = String>,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<LiveOptions, ConfigError> {
-    let mut args: Vec<String> = args.collect();
-    // The config file first, so that flags override it.
-    let mut file = FileConfig::default();
-    if let Some(i) = args.iter().position(|a| a == "--config") {
-        let path = args
-            .get(i + 1)
-            .cloned()
-            .ok_or_else(|| ConfigError("--config needs a value".into()))?;
-        file = FileConfig::load(Path::new(&path))?;
-        args.drain(i..i + 2);
+/// A list flag given replaces the file's list.
+fn list(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
     }
-    let mut json = false;
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--homeserver" => file.homeserver = Some(next_value(&mut it, &a)?),
-            "--user" => file.user = Some(next_value(&mut it, &a)?),
-            "--room" => file.room = Some(next_value(&mut it, &a)?),
-            "--to" => file.to = Some(next_value(&mut it, &a)?),
-            "--state-dir" => file.state_dir = Some(PathBuf::from(next_value(&mut it, &a)?)),
-            "--allow" => file
-                .allow
-                .get_or_insert_with(Vec::new)
-                .push(next_value(&mut it, &a)?),
-            "--allow-loopback" => file.allow_loopback = Some(true),
-            "--interface" => file
-                .interfaces
-                .get_or_insert_with(Vec::new)
-                .push(next_value(&mut it, &a)?),
-            "--exclude-interface" => file
-                .exclude_interfaces
-                .get_or_insert_with(Vec::new)
-                .push(next_value(&mut it, &a)?),
-            "--video-codec" => file.video_codec = Some(next_value(&mut it, &a)?),
-            "--max-calls" => {
-                let v = next_value(&mut it, &a)?;
-                file.max_calls = Some(
-                    v.parse()
-                        .map_err(|_| ConfigError(format!("--max-calls: {v:?} is not a number")))?,
-                );
+}
+
+impl LiveOptions {
+    /// The command's flags over its config file, and the environment (secrets, state dir).
+    pub fn new(
+        command: LiveCommand,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<LiveOptions, ConfigError> {
+        let common = match &command {
+            LiveCommand::Call(a) => &a.common,
+            LiveCommand::Listen(a) => &a.common,
+            LiveCommand::Check(c) => c,
+        };
+        let file = match &common.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mode = mode(&command, &file)?;
+        let c = match command {
+            LiveCommand::Call(a) => a.common,
+            LiveCommand::Listen(a) => a.common,
+            LiveCommand::Check(c) => c,
+        };
+        let account = account(&c, &file, &env)?;
+        let network = NetworkConfig {
+            allow_loopback: c.allow_loopback || file.allow_loopback.unwrap_or(false),
+            interfaces: list(c.interfaces, file.interfaces),
+            exclude_interfaces: list(c.exclude_interfaces, file.exclude_interfaces),
+            port: c.port.or(file.port).unwrap_or(0),
+            stun: list(c.stun, file.stun),
+            turn: turn_options(
+                Some(list(c.turn, file.turn)),
+                c.turn_user.or(file.turn_user),
+                env("CALL_ASSIST_TURN_PASSWORD"),
+            )?,
+            relay_only: c.relay_only || file.relay_only.unwrap_or(false),
+        };
+        let transport = c.rtsp_transport.or(file.rtsp_transport);
+        let forward = c.forward_rtp.or(file.forward_rtp);
+        let video_fps = match c.video_fps.or(file.video_fps) {
+            Some(f) if !(1..=240).contains(&f) => {
+                return Err(ConfigError(format!("video_fps: {f} is not 1..240")))
             }
-            "--duration-s" => {
-                let v = next_value(&mut it, &a)?;
-                file.duration_s =
-                    Some(v.parse().map_err(|_| {
-                        ConfigError(format!("--duration-s: {v:?} is not a number"))
-                    })?);
-            }
-            "--port" => {
-                let v = next_value(&mut it, &a)?;
-                file.port = Some(
-                    v.parse()
-                        .map_err(|_| ConfigError(format!("--port: {v:?} is not a port")))?,
-                );
-            }
-            "--stun" => file
-                .stun
-                .get_or_insert_with(Vec::new)
-                .push(next_value(&mut it, &a)?),
-            "--turn" => file
-                .turn
-                .get_or_insert_with(Vec::new)
-                .push(next_value(&mut it, &a)?),
-            "--turn-user" => file.turn_user = Some(next_value(&mut it, &a)?),
-            "--relay-only" => file.relay_only = Some(true),
-            "--video" => file.video = Some(next_value(&mut it, &a)?),
-            "--audio" => file.audio = Some(next_value(&mut it, &a)?),
-            "--video-fps" => {
-                let v = next_value(&mut it, &a)?;
-                file.video_fps = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|f| (1..=240).contains(f))
-                        .ok_or_else(|| ConfigError(format!("--video-fps: {v:?} is not 1..240")))?,
-                );
-            }
-            "--rtsp-transport" => file.rtsp_transport = Some(next_value(&mut it, &a)?),
-            "--record" => file.record = Some(PathBuf::from(next_value(&mut it, &a)?)),
-            "--forward-rtp" => file.forward_rtp = Some(next_value(&mut it, &a)?),
-            "--json" => json = true,
-            other => return Err(ConfigError(format!("unknown option {other:?}"))),
-        }
+            f => f.unwrap_or(DEFAULT_FILE_FPS),
+        };
+        Ok(LiveOptions {
+            account,
+            mode,
+            json: c.json,
+            network,
+            video: parse_video(
+                c.video_codec
+                    .or(file.video_codec)
+                    .as_deref()
+                    .unwrap_or("auto"),
+            )?,
+            media: MediaOptions {
+                video: c.video.or(file.video).unwrap_or_else(|| "testclip".into()),
+                audio: c.audio.or(file.audio),
+                video_fps,
+                rtsp_transport: transport
+                    .as_deref()
+                    .unwrap_or("tcp")
+                    .parse()
+                    .map_err(|e| ConfigError(format!("--rtsp-transport: {e}")))?,
+                record: c.record.or(file.record),
+                forward_rtp: forward.map(|f| parse_forward(&f)).transpose()?,
+            },
+            rtsp_password: env("CALL_ASSIST_RTSP_PASSWORD").map(Secret::new),
+        })
     }
-    let homeserver = file.homeserver.ok_or_else(|| {
-        ConfigError("--homeserver is required (or `homeserver` in --config)".into())
-    })?;
+}
+
+fn account(
+    c: &CommonArgs,
+    file: &FileConfig,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Account, ConfigError> {
+    let homeserver = c
+        .homeserver
+        .clone()
+        .or(file.homeserver.clone())
+        .ok_or_else(|| {
+            ConfigError("--homeserver is required (or `homeserver` in --config)".into())
+        })?;
     if !(homeserver.starts_with("http://") || homeserver.starts_with("https://")) {
         return Err(ConfigError(format!(
             "--homeserver must be an http:// or https:// URL, got {homeserver:?}"
         )));
     }
-    let user = user_id(
-        &file
-            .user
-            .ok_or_else(|| ConfigError("--user is required (or `user` in --config)".into()))?,
-        "--user",
-    )?;
+    let user = c
+        .user
+        .as_ref()
+        .or(file.user.as_ref())
+        .ok_or_else(|| ConfigError("--user is required (or `user` in --config)".into()))?;
     let auth = match (env("CALL_ASSIST_ACCESS_TOKEN"), env("CALL_ASSIST_PASSWORD")) {
         (_, Some(p)) if !p.is_empty() => Auth::Password(Secret::new(p)),
         (Some(t), _) if !t.is_empty() => Auth::AccessToken(Secret::new(t)),
@@ -277,11 +382,30 @@ pub fn parse(
             ))
         }
     };
-    let duration = file.duration_s.map(Duration::from_secs);
-    let mode = match command {
-        "check" => Mode::Check,
-        "call" => {
-            let target = match (file.room, file.to) {
+    let state_dir = c.state_dir.clone().or(file.state_dir.clone()).or_else(|| {
+        env("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|h| Path::new(&h).join(".local/state")))
+            .map(|p| p.join("call-assist"))
+    });
+    Ok(Account {
+        homeserver,
+        user: user_id(user, "--user")?,
+        auth,
+        state_dir,
+    })
+}
+
+fn mode(command: &LiveCommand, file: &FileConfig) -> Result<Mode, ConfigError> {
+    Ok(match command {
+        LiveCommand::Check(_) => Mode::Check,
+        LiveCommand::Call(a) => {
+            let (room, to) = match (&a.room, &a.to) {
+                // Either flag replaces both of the file's keys.
+                (None, None) => (file.room.clone(), file.to.clone()),
+                (r, t) => (r.clone(), t.clone()),
+            };
+            let target = match (room, to) {
                 (Some(r), None) => Target::Room(
                     OwnedRoomId::try_from(r.as_str())
                         .map_err(|e| ConfigError(format!("--room: {r:?} is not a room id: {e}")))?,
@@ -293,55 +417,19 @@ pub fn parse(
                     ))
                 }
             };
+            let duration = a.duration_s.or(file.duration_s).unwrap_or(10);
             Mode::Call {
                 target,
-                duration: duration.unwrap_or(Duration::from_secs(10)),
+                duration: Duration::from_secs(duration),
             }
         }
-        _ => Mode::Listen {
-            allow: file
-                .allow
-                .unwrap_or_default()
+        LiveCommand::Listen(a) => Mode::Listen {
+            allow: list(a.allow.clone(), file.allow.clone())
                 .iter()
                 .map(|u| user_id(u, "--allow"))
                 .collect::<Result<_, _>>()?,
-            max_calls: file.max_calls,
-            hangup_after: duration,
-        },
-    };
-    let state_dir = file.state_dir.or_else(|| {
-        env("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| env("HOME").map(|h| Path::new(&h).join(".local/state")))
-            .map(|p| p.join("call-assist"))
-    });
-    Ok(LiveOptions {
-        homeserver,
-        user,
-        auth,
-        mode,
-        json,
-        state_dir,
-        allow_loopback: file.allow_loopback.unwrap_or(false),
-        interfaces: file.interfaces.unwrap_or_default(),
-        exclude_interfaces: file.exclude_interfaces.unwrap_or_default(),
-        video: parse_video(file.video_codec.as_deref().unwrap_or("auto"))?,
-        port: file.port.unwrap_or(0),
-        stun: file.stun.unwrap_or_default(),
-        turn: turn_options(file.turn, file.turn_user, env("CALL_ASSIST_TURN_PASSWORD"))?,
-        relay_only: file.relay_only.unwrap_or(false),
-        media: MediaOptions {
-            video: file.video.unwrap_or_else(|| "testclip".into()),
-            audio: file.audio,
-            video_fps: file.video_fps.unwrap_or(DEFAULT_FILE_FPS),
-            rtsp_transport: file
-                .rtsp_transport
-                .as_deref()
-                .unwrap_or("tcp")
-                .parse()
-                .map_err(|e| ConfigError(format!("--rtsp-transport: {e}")))?,
-            record: file.record,
-            forward_rtp: file.forward_rtp.map(|f| parse_forward(&f)).transpose()?,
+            max_calls: a.max_calls.or(file.max_calls),
+            hangup_after: a.duration_s.or(file.duration_s).map(Duration::from_secs),
         },
     })
 }
@@ -395,51 +483,10 @@ pub(crate) fn parse_forward(s: &str) -> Result<SocketAddr, ConfigError> {
     Ok(addr)
 }
 
-/// What is kept between runs, so a restart reuses the same device.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SavedSession {
-    pub homeserver: String,
-    pub user_id: String,
-    pub device_id: String,
-    pub access_token: String,
-}
-
-impl SavedSession {
-    fn path(dir: &Path) -> PathBuf {
-        dir.join("session.json")
-    }
-
-    /// The saved session for this homeserver and user, if any.
-    pub fn load(dir: &Path, homeserver: &str, user: &OwnedUserId) -> Option<SavedSession> {
-        let text = std::fs::read_to_string(Self::path(dir)).ok()?;
-        let s: SavedSession = match serde_json::from_str(&text) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("ignoring unreadable {}: {e}", Self::path(dir).display());
-                return None;
-            }
-        };
-        (s.homeserver == homeserver && s.user_id == user.as_str()).then_some(s)
-    }
-
-    /// Writes the session, readable by the owner only.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let path = Self::path(dir);
-        let tmp = dir.join("session.json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        }
-        std::fs::rename(tmp, path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
     fn env(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
@@ -450,11 +497,28 @@ mod tests {
         }
     }
 
-    fn args(s: &str) -> impl Iterator<Item = String> {
-        s.split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
+    #[derive(Parser)]
+    enum Cli {
+        Call(CallArgs),
+        Listen(ListenArgs),
+        Check(CommonArgs),
+    }
+
+    fn parse(
+        command: &str,
+        args: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<LiveOptions, ConfigError> {
+        let argv = ["call-assist", command]
             .into_iter()
+            .chain(args.split_whitespace());
+        let cli = Cli::try_parse_from(argv).map_err(|e| ConfigError(e.to_string()))?;
+        let command = match cli {
+            Cli::Call(a) => LiveCommand::Call(a),
+            Cli::Listen(a) => LiveCommand::Listen(a),
+            Cli::Check(c) => LiveCommand::Check(c),
+        };
+        LiveOptions::new(command, env)
     }
 
     #[test]
@@ -462,9 +526,7 @@ mod tests {
         let base = "--homeserver http://h --user @a:h";
         let o = parse(
             "check",
-            args(&format!(
-                "{base} --turn turn:192.0.2.1:3478?transport=udp --turn-user u --relay-only"
-            )),
+            &format!("{base} --turn turn:192.0.2.1:3478?transport=udp --turn-user u --relay-only"),
             env(&[
                 ("CALL_ASSIST_PASSWORD", "pw"),
                 ("CALL_ASSIST_TURN_PASSWORD", "tp"),
@@ -472,8 +534,8 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(o.mode, Mode::Check));
-        assert!(o.relay_only);
-        let t = o.turn.unwrap();
+        assert!(o.network.relay_only);
+        let t = o.network.turn.unwrap();
         assert_eq!(
             (t.uris.len(), t.username.as_str(), t.password.expose()),
             (1, "u", "tp")
@@ -496,7 +558,7 @@ mod tests {
         ] {
             let e = parse(
                 "listen",
-                args(&format!("{base} {flags}")),
+                &format!("{base} {flags}"),
                 env(&[("CALL_ASSIST_PASSWORD", "pw")]),
             )
             .unwrap_err();
@@ -508,7 +570,7 @@ mod tests {
     fn call_flags_parse() {
         let o = parse(
             "call",
-            args("--homeserver http://127.0.0.1:8008 --user @a:localhost --to @b:localhost --duration-s 3 --json"),
+            "--homeserver http://127.0.0.1:8008 --user @a:localhost --to @b:localhost --duration-s 3 --json",
             env(&[("CALL_ASSIST_PASSWORD", "pw")]),
         )
         .unwrap();
@@ -520,38 +582,34 @@ mod tests {
 
     #[test]
     fn missing_secret_and_bad_ids_are_clear_errors() {
+        let pw = || env(&[("CALL_ASSIST_PASSWORD", "x")]);
         let e = parse(
             "call",
-            args("--homeserver http://h --user @a:h --to @b:h"),
+            "--homeserver http://h --user @a:h --to @b:h",
             env(&[]),
         )
         .unwrap_err();
         assert!(e.0.contains("CALL_ASSIST_PASSWORD"));
-        let e = parse(
-            "call",
-            args("--homeserver http://h --user alice --to @b:h"),
-            env(&[("CALL_ASSIST_PASSWORD", "x")]),
-        )
-        .unwrap_err();
+        let e = parse("call", "--homeserver http://h --user alice --to @b:h", pw()).unwrap_err();
         assert!(e.0.contains("--user"), "{e}");
-        let e = parse(
-            "call",
-            args("--homeserver ftp://h --user @a:h --to @b:h"),
-            env(&[("CALL_ASSIST_PASSWORD", "x")]),
-        )
-        .unwrap_err();
+        let e = parse("call", "--homeserver ftp://h --user @a:h --to @b:h", pw()).unwrap_err();
         assert!(e.0.contains("http"), "{e}");
+        let e = parse("call", "--homeserver http://h --user @a:h", pw()).unwrap_err();
+        assert!(e.0.contains("--room"), "{e}");
         let e = parse(
             "call",
-            args("--homeserver http://h --user @a:h"),
-            env(&[("CALL_ASSIST_PASSWORD", "x")]),
+            "--homeserver http://h --user @a:h --room !r --allow @b:h",
+            pw(),
         )
         .unwrap_err();
-        assert!(e.0.contains("--room"), "{e}");
+        assert!(
+            e.0.contains("--allow"),
+            "a listen flag on call is refused: {e}"
+        );
     }
 
     #[test]
-    fn config_file_with_unknown_key_names_it() {
+    fn flags_replace_the_files_values_lists_included() {
         let dir = std::env::temp_dir().join(format!("ca-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("c.toml");
@@ -564,32 +622,36 @@ mod tests {
         assert!(e.0.contains("pasword"), "{e}");
         std::fs::write(
             &p,
-            "homeserver = \"http://h\"\nuser = \"@a:h\"\nallow = [\"@b:h\"]\n",
+            "homeserver = \"http://h\"\nuser = \"@a:h\"\nallow = [\"@b:h\", \"@c:h\"]\n\
+             stun = [\"192.0.2.1:3478\"]\nport = 5000\nmax_calls = 3\n",
         )
         .unwrap();
+        let pw = || env(&[("CALL_ASSIST_PASSWORD", "x")]);
+        let cfg = format!("--config {}", p.display());
+        let o = parse("listen", &cfg, pw()).unwrap();
+        assert!(
+            matches!(o.mode, Mode::Listen { ref allow, max_calls: Some(3), .. } if allow.len() == 2)
+        );
+        assert_eq!((o.network.port, o.network.stun.len()), (5000, 1));
         let o = parse(
             "listen",
-            vec!["--config".to_owned(), p.display().to_string()].into_iter(),
-            env(&[("CALL_ASSIST_PASSWORD", "x")]),
+            &format!("{cfg} --allow @d:h --stun 192.0.2.2:3478 --port 6000 --max-calls 1"),
+            pw(),
         )
         .unwrap();
-        assert!(matches!(o.mode, Mode::Listen { ref allow, .. } if allow.len() == 1));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn session_round_trip() {
-        let dir = std::env::temp_dir().join(format!("ca-state-{}", std::process::id()));
-        let user = OwnedUserId::try_from("@a:h").unwrap();
-        let s = SavedSession {
-            homeserver: "http://h".into(),
-            user_id: user.to_string(),
-            device_id: "DEV".into(),
-            access_token: "tok".into(),
+        let Mode::Listen {
+            allow, max_calls, ..
+        } = o.mode
+        else {
+            panic!("not listen")
         };
-        s.save(&dir).unwrap();
-        assert_eq!(SavedSession::load(&dir, "http://h", &user), Some(s));
-        assert_eq!(SavedSession::load(&dir, "http://other", &user), None);
+        assert_eq!(
+            allow.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            ["@d:h"]
+        );
+        assert_eq!(max_calls, Some(1));
+        assert_eq!(o.network.stun, ["192.0.2.2:3478"]);
+        assert_eq!(o.network.port, 6000);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

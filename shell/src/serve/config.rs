@@ -11,6 +11,7 @@ use call_assist_core::{OwnedUserId, Secret};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::live::config::NetworkConfig;
 use crate::live::config::{Auth, MediaOptions, DEFAULT_FILE_FPS};
 use crate::media::pump::VideoChoice;
 
@@ -105,19 +106,6 @@ pub struct ApiConfig {
     pub token: Option<Secret>,
 }
 
-/// Which interfaces carry media.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkConfig {
-    pub allow_loopback: bool,
-    pub interfaces: Vec<String>,
-    pub exclude_interfaces: Vec<String>,
-    pub port: u16,
-    pub stun: Vec<String>,
-    /// TURN from the config (instead of `/voip/turnServer`).
-    pub turn: Option<crate::live::config::TurnOptions>,
-    pub relay_only: bool,
-}
-
 /// A camera plus a place to show the other side, and who it talks to.
 #[derive(Debug, Clone)]
 pub struct StationConfig {
@@ -132,6 +120,16 @@ pub struct StationConfig {
 }
 
 impl StationConfig {
+    /// The video source for `GET /stations`: a camera URL may carry a user name, so only its
+    /// scheme and host.
+    pub fn media_video(&self) -> String {
+        let v = &self.media.video;
+        match url::Url::parse(v) {
+            Ok(u) if u.scheme() == "rtsp" => format!("rtsp://{}", u.host_str().unwrap_or("")),
+            _ => v.clone(),
+        }
+    }
+
     /// What needs a restart to change: everything but `answer` and `may_call`.
     fn same_media(&self, other: &StationConfig) -> bool {
         self.name == other.name

@@ -5,15 +5,26 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use call_assist_core::h264::ProfileLevelId;
 use call_assist_core::{Agent, MediaFrame};
+use futures_lite::FutureExt;
 use serde_json::json;
+use smol::channel::Sender;
 use tracing::{info, warn};
 
-use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan};
-use crate::media::rtsp::CameraEvent;
+use crate::live::config::MediaOptions;
+use crate::live::exit;
+use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
+use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
+
+/// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
+/// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
+const CAMERA_START_WAIT: Duration = Duration::from_secs(10);
+/// Camera events queued before the camera task waits.
+const CAMERA_QUEUE: usize = 256;
 
 /// Media of every call of the process.
 pub struct LiveMedia {
@@ -235,4 +246,101 @@ impl LiveMedia {
             }
         }
     }
+}
+
+/// Reads the media options: files are loaded and checked, a camera is connected to and its
+/// first keyframe awaited (for its H.264 profile). Camera events reach `tx` wrapped by `wrap`;
+/// a forwarder writes its SDP file at `forward_sdp`. `Err` is the exit code, after a clear
+/// message.
+pub(crate) async fn start_media<M: Send + 'static>(
+    m: &MediaOptions,
+    video: VideoChoice,
+    rtsp_password: Option<&str>,
+    forward_sdp: PathBuf,
+    tx: &Sender<M>,
+    wrap: impl Fn(CameraEvent) -> M + Send + 'static,
+) -> Result<(LiveMedia, Option<ProfileLevelId>), u8> {
+    let sources = crate::media::source::plan(
+        &m.video,
+        m.audio.as_deref(),
+        m.video_fps,
+        video,
+        m.rtsp_transport,
+        rtsp_password,
+    )
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        exit::USAGE
+    })?;
+    let mut profile = sources.h264_profile;
+    if let Some(dir) = &m.record {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("error: --record: cannot create {}: {e}", dir.display());
+            return Err(exit::USAGE);
+        }
+    }
+    let forward = m.forward_rtp.map(|dest| (dest, forward_sdp));
+    if let Some(dir) = forward.as_ref().and_then(|(_, sdp)| sdp.parent()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
+    let Some(camera) = sources.camera else {
+        return Ok((live, profile));
+    };
+    info!(camera = %camera, transport = ?camera.transport, "connecting to the camera");
+    let (cam_tx, cam_rx) = smol::channel::bounded(CAMERA_QUEUE);
+    smol::spawn(async_compat::Compat::new(crate::media::rtsp::run(
+        camera.clone(),
+        cam_tx,
+    )))
+    .detach();
+    let deadline = Instant::now() + CAMERA_START_WAIT;
+    let mut last_error = None;
+    loop {
+        let ev = async { cam_rx.recv().await.ok() }
+            .or(async {
+                smol::Timer::at(deadline).await;
+                None
+            })
+            .await;
+        let Some(ev) = ev else { break };
+        match &ev {
+            CameraEvent::Lost {
+                error: e @ (RtspError::Unauthorized(_) | RtspError::NoUsableStream(_)),
+                ..
+            } => {
+                eprintln!("error: camera {camera}: {e}");
+                return Err(exit::MEDIA_SOURCE);
+            }
+            CameraEvent::Lost { error, .. } => last_error = Some(error.to_string()),
+            CameraEvent::Video {
+                profile: Some(p), ..
+            } => {
+                profile = Some(*p);
+                info!(profile = %p, "camera H.264 profile");
+                live.prime(&ev);
+                break;
+            }
+            _ => {}
+        }
+        live.prime(&ev);
+    }
+    if profile.is_none() {
+        warn!(
+            camera = %camera,
+            last_error = last_error.as_deref().unwrap_or("no keyframe yet"),
+            "no keyframe from the camera within {} s; starting anyway, calls get its video once it is up",
+            CAMERA_START_WAIT.as_secs()
+        );
+    }
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = cam_rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok((live, profile))
 }

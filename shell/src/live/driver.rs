@@ -1,0 +1,819 @@
+//! The one live driver: the place where datagrams, homeserver HTTP answers, signals, camera
+//! frames and time enter the core.
+//!
+//! [`Driver`] owns what every live mode shares: the UDP sockets, the clock and timer, the HTTP
+//! client, signals, the drain-until-Timeout loop, the stations' media, TURN host resolution,
+//! login and the saved session, finding or creating a direct room and waiting for the peer to
+//! join. A mode (`call`, `listen`, `check`, `serve`) is a [`Policy`]: what to do on an event,
+//! a command or a tick, and when to stop.
+//!
+//! smol runs everything on the calling thread except HTTP: reqwest needs a tokio reactor, so
+//! each request runs inside `async_compat::Compat`, which keeps one tokio runtime thread in the
+//! background. Every input reaches the loop through one bounded channel.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use call_assist_core::h264::ProfileLevelId;
+use call_assist_core::{
+    Agent, AgentConfig, AgentEvent, ApiError, CallId, CallPolicy, CallState, Credentials,
+    HttpFailure, HttpId, Input, MediaKind, OwnedRoomId, OwnedUserId, Party, RoomId, Secret,
+};
+use futures_lite::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+use smol::channel::{Receiver, Sender};
+use tracing::{debug, error, info, warn};
+
+use super::config::{MediaOptions, NetworkConfig};
+use super::net::{self, Sockets};
+use super::session::{login_credentials, Account, SavedSession};
+use super::{exit, Lines};
+use crate::media::live::{start_media, LiveMedia};
+use crate::media::pump::VideoChoice;
+use crate::media::rtsp::CameraEvent;
+
+/// Inputs queued for the loop (datagrams, HTTP answers, commands, camera frames); when full,
+/// the socket readers and the camera wait.
+const INBOX: usize = 1024;
+/// How long the homeserver may stay unreachable before the first sync (then exit 4), for
+/// modes that give up (`Setup::give_up_unreachable`).
+const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
+/// How long a call to a user without a direct room waits for them to join a new one.
+pub(crate) const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
+/// After a hangup on shutdown, how long to wait for the homeserver to take the events.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+/// What reaches the loop. `C`: the mode's own commands (the API's requests for `serve`).
+pub(crate) enum Msg<C> {
+    Datagram {
+        local: SocketAddr,
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+    Http {
+        id: HttpId,
+        response: Result<http::Response<Vec<u8>>, HttpFailure>,
+    },
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP, for modes that reload.
+    Reload,
+    /// Resolved host names of STUN/TURN URIs.
+    Servers {
+        stun: Vec<SocketAddr>,
+        turn: Vec<SocketAddr>,
+    },
+    /// An event of the camera of station `.0`.
+    Camera(usize, CameraEvent),
+    Command(C),
+}
+
+/// A mode of the live driver.
+pub(crate) trait Policy {
+    type Command: Send + 'static;
+    /// An agent event, after the driver did its shared part (lines, media, session).
+    fn on_event(&mut self, d: &mut Driver<Self::Command>, e: &AgentEvent, now: Instant);
+    /// The outcome of [`Driver::call_user`].
+    fn on_dial(
+        &mut self,
+        _d: &mut Driver<Self::Command>,
+        _dial: DialId,
+        _outcome: Dialed,
+        _now: Instant,
+    ) {
+    }
+    fn on_command(&mut self, _d: &mut Driver<Self::Command>, _c: Self::Command, _now: Instant) {}
+    /// Time-driven work, before every drain.
+    fn on_tick(&mut self, _d: &mut Driver<Self::Command>, _now: Instant) {}
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// SIGTERM/SIGINT: the exit code of the shutdown it starts.
+    fn stop_code(&self, d: &Driver<Self::Command>) -> u8;
+    fn on_reload(&mut self, _d: &mut Driver<Self::Command>) {}
+}
+
+/// A source of media and its sinks; `serve` has one per named station, the others one.
+pub(crate) struct Station {
+    pub name: Option<String>,
+    pub media: LiveMedia,
+    /// The H.264 profile the camera sends (it goes into the SDP of this station's calls).
+    pub profile: Option<ProfileLevelId>,
+}
+
+/// How to start one station.
+pub(crate) struct StationSetup {
+    pub name: Option<String>,
+    pub media: MediaOptions,
+    pub video: VideoChoice,
+    pub rtsp_password: Option<Secret>,
+}
+
+/// Everything the driver needs to start.
+pub(crate) struct Setup {
+    pub account: Account,
+    pub network: NetworkConfig,
+    pub stations: Vec<StationSetup>,
+    pub policy: CallPolicy,
+    pub lines: Lines,
+    /// Exit 4 when the homeserver stays unreachable before the first sync (a daemon retries).
+    pub give_up_unreachable: bool,
+    /// SIGHUP reaches [`Policy::on_reload`] (otherwise it keeps its default action).
+    pub reload_on_hup: bool,
+}
+
+pub(crate) type DialId = u64;
+/// The call placed (and its room), or why none was.
+pub(crate) type Dialed = Result<(CallId, OwnedRoomId), DialError>;
+
+/// Why [`Driver::call_user`] placed no call.
+#[derive(Debug)]
+pub(crate) enum DialError {
+    /// The homeserver refused to create the direct room.
+    Room(String),
+    /// The peer did not join within [`PEER_JOIN_WAIT`].
+    NoJoin,
+    Place(OwnedRoomId, ApiError),
+    ShuttingDown,
+}
+
+/// A call to a user waiting for a direct room and their join.
+struct Dial {
+    id: DialId,
+    station: usize,
+    peer: OwnedUserId,
+    room: Option<OwnedRoomId>,
+    since: Instant,
+}
+
+/// Per-process counters for the stats line.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Counters {
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub video_frames_received: u64,
+    pub audio_frames_received: u64,
+}
+
+pub(crate) struct Driver<C> {
+    pub agent: Agent,
+    pub lines: Lines,
+    pub stations: Vec<Station>,
+    pub counters: Counters,
+    /// The first sync is done.
+    pub synced: bool,
+    pub reachable: bool,
+    sockets: Sockets,
+    tx: Sender<Msg<C>>,
+    client: reqwest::Client,
+    account: Account,
+    config_turn: bool,
+    /// The agent's config with the password, for when the saved access token is refused.
+    password_fallback: Option<AgentConfig>,
+    /// Which station each call of ours belongs to.
+    call_station: BTreeMap<CallId, usize>,
+    /// Calls whose media has started (state `Connected` seen).
+    media_started: BTreeMap<CallId, ()>,
+    turn_uris_seen: Vec<String>,
+    unreachable_since: Option<Instant>,
+    give_up_unreachable: bool,
+    dials: Vec<Dial>,
+    next_dial: DialId,
+    dial_outcomes: Vec<(DialId, Dialed)>,
+    shutdown: Option<(Instant, u8)>,
+    exit: Option<u8>,
+}
+
+impl<C: Send + 'static> Driver<C> {
+    /// Binds the sockets, starts every station's media, installs signal handlers and makes the
+    /// agent. `Err` is the exit code, after a clear message on stderr.
+    pub async fn start(s: Setup) -> Result<(Self, Receiver<Msg<C>>), u8> {
+        let n = &s.network;
+        let ips = net::local_ips(&n.interfaces, &n.exclude_interfaces, n.allow_loopback);
+        if ips.is_empty() {
+            eprintln!("error: no usable network address (allow loopback to use loopback)");
+            return Err(exit::USAGE);
+        }
+        let (tx, rx) = smol::channel::bounded(INBOX);
+        let sockets = net::bind_udp(&ips, n.port, &tx, |local, from, data| Msg::Datagram {
+            local,
+            from,
+            data,
+        });
+        if sockets.is_empty() {
+            eprintln!("error: could not bind any UDP socket");
+            return Err(exit::USAGE);
+        }
+        // Every station's sources and sinks before anything else: nothing starts half-set-up.
+        let mut stations = Vec::new();
+        for (i, st) in s.stations.into_iter().enumerate() {
+            let sdp = s
+                .account
+                .state_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir)
+                .join(match &st.name {
+                    Some(name) => format!("forward-{name}.sdp"),
+                    None => "forward.sdp".to_owned(),
+                });
+            let password = st.rtsp_password.as_ref().map(Secret::expose);
+            let started = start_media(&st.media, st.video, password, sdp, &tx, move |ev| {
+                Msg::Camera(i, ev)
+            });
+            let (media, profile) = started.await.inspect_err(|_| {
+                if let Some(name) = &st.name {
+                    eprintln!("error: station {name:?} cannot start");
+                }
+            })?;
+            stations.push(Station {
+                name: st.name,
+                media,
+                profile,
+            });
+        }
+        listen_for_signals(&tx, s.reload_on_hup);
+        let client = net::http_client().map_err(|e| {
+            eprintln!("error: HTTP client: {e}");
+            exit::USAGE
+        })?;
+        let a = &s.account;
+        let saved = a
+            .state_dir
+            .as_deref()
+            .and_then(|d| SavedSession::load(d, &a.homeserver, &a.user));
+        let (credentials, password) = login_credentials(&a.auth, saved.as_ref());
+        let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
+        let mut config = AgentConfig::new(a.homeserver.clone(), a.user.clone(), credentials, addrs);
+        config.policy = s.policy;
+        config.stun_servers = net::resolve_stun(&n.stun);
+        config.relay_only = n.relay_only;
+        config.turn = n.turn.as_ref().map(net::static_turn);
+        config.h264_profile = stations.first().and_then(|s| s.profile);
+        config.device_id = saved.map(|s| s.device_id.as_str().into());
+        let password_fallback = password.map(|pw| {
+            let mut c = config.clone();
+            c.credentials = Credentials::Password(pw);
+            c
+        });
+        let agent =
+            Agent::new(config, net::seed(), Instant::now(), net::unix_ms()).map_err(|e| {
+                eprintln!("error: {e}");
+                exit::USAGE
+            })?;
+        let driver = Driver {
+            agent,
+            lines: s.lines,
+            stations,
+            counters: Counters::default(),
+            synced: false,
+            reachable: false,
+            sockets,
+            tx,
+            client,
+            config_turn: n.turn.is_some(),
+            account: s.account,
+            password_fallback,
+            call_station: BTreeMap::new(),
+            media_started: BTreeMap::new(),
+            turn_uris_seen: Vec::new(),
+            unreachable_since: None,
+            give_up_unreachable: s.give_up_unreachable,
+            dials: Vec::new(),
+            next_dial: 0,
+            dial_outcomes: Vec::new(),
+            shutdown: None,
+            exit: None,
+        };
+        Ok((driver, rx))
+    }
+
+    /// Where the mode's own inputs go in (e.g. the API's requests).
+    pub fn sender(&self) -> Sender<Msg<C>> {
+        self.tx.clone()
+    }
+
+    /// Ends the run with `code` (the first code given wins).
+    pub fn finish(&mut self, code: u8) {
+        self.exit.get_or_insert(code);
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_some() || self.exit.is_some()
+    }
+
+    /// Hangs up every call and exits with `code` once the homeserver took the hangups.
+    pub fn begin_shutdown(&mut self, now: Instant, code: u8) {
+        if self.shutting_down() {
+            return;
+        }
+        self.agent.hangup_all(now);
+        self.shutdown = Some((now, code));
+        for dial in std::mem::take(&mut self.dials) {
+            self.dial_outcomes
+                .push((dial.id, Err(DialError::ShuttingDown)));
+        }
+    }
+
+    /// The station a call of ours belongs to.
+    pub fn station_of(&self, call_id: &str) -> Option<usize> {
+        self.call_station.get(call_id).copied()
+    }
+
+    pub fn station_name(&self, i: usize) -> Option<&str> {
+        self.stations.get(i).and_then(|s| s.name.as_deref())
+    }
+
+    /// Answers a ringing call with station `station`'s media.
+    pub fn answer(&mut self, call_id: &str, station: usize, now: Instant) -> Result<(), ApiError> {
+        self.use_station(station);
+        self.agent.answer(call_id, now)?;
+        self.call_station.insert(call_id.to_owned(), station);
+        Ok(())
+    }
+
+    /// Places a call in `room` with station `station`'s media.
+    pub fn place(
+        &mut self,
+        room: &RoomId,
+        station: usize,
+        now: Instant,
+    ) -> Result<CallId, ApiError> {
+        self.use_station(station);
+        let call_id = self.agent.place_call(room, now)?;
+        self.call_station.insert(call_id.clone(), station);
+        Ok(call_id)
+    }
+
+    /// Calls `peer` in their direct room; creates one and waits for their join if there is
+    /// none. The outcome reaches [`Policy::on_dial`].
+    pub fn call_user(&mut self, peer: &OwnedUserId, station: usize, now: Instant) -> DialId {
+        self.next_dial += 1;
+        let id = self.next_dial;
+        if self.shutting_down() {
+            self.dial_outcomes.push((id, Err(DialError::ShuttingDown)));
+            return id;
+        }
+        let room = self.agent.find_direct_room(peer);
+        if room.is_none() && !self.dials.iter().any(|d| d.peer == *peer) {
+            info!(%peer, "no direct room yet; creating one");
+            self.agent.create_direct_room(peer, now);
+        }
+        self.dials.push(Dial {
+            id,
+            station,
+            peer: peer.clone(),
+            room,
+            since: now,
+        });
+        id
+    }
+
+    /// Forgets a dial nobody waits for any more.
+    pub fn cancel_dial(&mut self, dial: DialId) {
+        self.dials.retain(|d| d.id != dial);
+    }
+
+    /// The offer of the next call carries this station's H.264 profile.
+    fn use_station(&mut self, station: usize) {
+        let profile = self.stations.get(station).and_then(|s| s.profile);
+        self.agent.set_h264_profile(profile);
+    }
+
+    /// A line with the call's station, where stations have names.
+    fn emit_for(&mut self, station: Option<usize>, mut v: Value) {
+        if let Some(name) = station.and_then(|i| self.station_name(i)) {
+            v["station"] = json!(name);
+        }
+        self.lines.emit(v);
+    }
+
+    fn transmit(&mut self, t: call_assist_core::Transmit) {
+        let Some(sock) = self.sockets.get(&t.source) else {
+            debug!(source = %t.source, "no socket for transmit source");
+            return;
+        };
+        match sock.get_ref().send_to(&t.contents, t.destination) {
+            Ok(n) => {
+                self.counters.packets_sent += 1;
+                self.counters.bytes_sent += n as u64;
+            }
+            Err(e) => debug!(dest = %t.destination, "send failed: {e}"),
+        }
+    }
+
+    fn send_http(&self, id: HttpId, request: http::Request<Vec<u8>>) {
+        let tx = self.tx.clone();
+        let client = self.client.clone();
+        smol::spawn(async move {
+            let response = async_compat::Compat::new(net::run_http(client, request)).await;
+            let _ = tx.send(Msg::Http { id, response }).await;
+        })
+        .detach();
+    }
+
+    /// The shared part of an event; `false`: the event is consumed (the policy does not see it).
+    fn on_event(&mut self, e: &AgentEvent, now: Instant) -> bool {
+        match e {
+            AgentEvent::LoggedIn {
+                user_id,
+                device_id,
+                access_token,
+            } => {
+                info!(%device_id, "logged in as {user_id}");
+                self.save_login(user_id, device_id, access_token);
+            }
+            AgentEvent::LoginFailed { message } => {
+                if let Some(config) = self.password_fallback.take() {
+                    warn!("saved access token refused ({message}); logging in with the password");
+                    match Agent::new(config, net::seed(), now, net::unix_ms()) {
+                        Ok(a) => self.agent = a,
+                        Err(e) => {
+                            error!("{e}");
+                            self.finish(exit::USAGE);
+                        }
+                    }
+                    return false;
+                }
+                error!("login refused: {message}");
+                self.lines.say(&format!("error: login refused: {message}"));
+                self.lines.emit(
+                    json!({"event": "error", "kind": "login_refused", "message": message}),
+                );
+                self.finish(exit::LOGIN_REFUSED);
+            }
+            AgentEvent::HomeserverReachable(r) => {
+                self.reachable = *r;
+                self.unreachable_since = if *r {
+                    None
+                } else {
+                    warn!("homeserver unreachable; retrying");
+                    self.unreachable_since.or(Some(now))
+                };
+                self.lines
+                    .emit(json!({"event": "homeserver", "reachable": r}));
+            }
+            AgentEvent::Synced => {
+                self.synced = true;
+                self.reachable = true;
+                self.unreachable_since = None;
+            }
+            AgentEvent::RoomCreated { room_id, peer } => {
+                for d in self.dials.iter_mut() {
+                    if d.peer == *peer && d.room.is_none() {
+                        d.room = Some(room_id.clone());
+                    }
+                }
+            }
+            AgentEvent::RoomRequestFailed { message } => {
+                for d in std::mem::take(&mut self.dials) {
+                    self.dial_outcomes
+                        .push((d.id, Err(DialError::Room(message.clone()))));
+                }
+            }
+            AgentEvent::CallReplaced { old, new } => {
+                // Glare: the peer's call takes over our call's station.
+                if let Some(i) = self.call_station.remove(old) {
+                    self.call_station.insert(new.clone(), i);
+                }
+            }
+            AgentEvent::CallStateChanged { call_id, state } => self.on_state(call_id, *state, now),
+            AgentEvent::Media(f) => {
+                match f.kind {
+                    MediaKind::Video => self.counters.video_frames_received += 1,
+                    MediaKind::Audio => self.counters.audio_frames_received += 1,
+                }
+                if let Some(s) = self.station_mut(&f.call_id) {
+                    s.media.remote_frame(f, now);
+                }
+            }
+            AgentEvent::ReflexiveAddress { local, mapped } => self.lines.emit(
+                json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}),
+            ),
+            AgentEvent::RelayAllocated { server, relay, .. } => self.lines.emit(
+                json!({"event": "relay", "server": server.to_string(), "relay": relay.to_string()}),
+            ),
+            AgentEvent::RelayFailed {
+                server,
+                code,
+                reason,
+            } => self.lines.emit(
+                json!({"event": "relay_failed", "server": server.to_string(), "code": code, "reason": reason}),
+            ),
+            AgentEvent::RelayLost { relay } => self
+                .lines
+                .emit(json!({"event": "relay_lost", "relay": relay.to_string()})),
+            AgentEvent::KeyframeRequested { call_id } => self.on_keyframe_request(call_id, now),
+            AgentEvent::CallEnded {
+                call_id,
+                reason,
+                by,
+            } => {
+                let by = if *by == Party::Local {
+                    "local"
+                } else {
+                    "remote"
+                };
+                let station = self.station_of(call_id);
+                self.emit_for(
+                    station,
+                    json!({"event": "ended", "call_id": call_id, "reason": reason.as_str(), "by": by}),
+                );
+                self.lines
+                    .say(&format!("call {call_id} ended: {reason} ({by})"));
+                self.media_started.remove(call_id);
+                let recorded = self.station_mut(call_id).and_then(|s| s.media.end_call(call_id));
+                if let Some(line) = recorded {
+                    self.emit_for(station, line);
+                }
+            }
+            other => debug!(?other, "event"),
+        }
+        true
+    }
+
+    fn station_mut(&mut self, call_id: &str) -> Option<&mut Station> {
+        let i = self.station_of(call_id)?;
+        self.stations.get_mut(i)
+    }
+
+    fn on_state(&mut self, call_id: &str, state: CallState, now: Instant) {
+        let name = match state {
+            CallState::InviteSent => "invite_sent",
+            CallState::Ringing => "ringing",
+            CallState::Connecting => "connecting",
+            CallState::Connected => "connected",
+            _ => "ended",
+        };
+        let station = self.station_of(call_id);
+        self.emit_for(
+            station,
+            json!({"event": "state", "call_id": call_id, "state": name}),
+        );
+        if state != CallState::Connected || self.media_started.contains_key(call_id) {
+            return;
+        }
+        self.lines.say(&format!("call {call_id} connected"));
+        self.media_started.insert(call_id.to_owned(), ());
+        let Some(i) = station else { return };
+        let lines = match self.stations.get_mut(i) {
+            Some(s) => s
+                .media
+                .start_call(&mut self.agent, call_id, now, net::unix_ms()),
+            None => Vec::new(),
+        };
+        for line in lines {
+            self.emit_for(station, line);
+        }
+    }
+
+    fn on_keyframe_request(&mut self, call_id: &str, now: Instant) {
+        let Some(i) = self.station_of(call_id) else {
+            return;
+        };
+        let answer = match self.stations.get_mut(i) {
+            Some(s) => s.media.keyframe_requested(&mut self.agent, call_id, now),
+            None => None,
+        };
+        if let Some(a) = answer {
+            info!(%call_id, answer = a.as_str(), "the peer asked for a keyframe");
+            self.lines.emit(
+                json!({"event": "keyframe_request", "call_id": call_id, "answer": a.as_str()}),
+            );
+        }
+    }
+
+    fn save_login(
+        &self,
+        user_id: &call_assist_core::UserId,
+        device_id: &ruma::DeviceId,
+        access_token: &Secret,
+    ) {
+        let Some(dir) = &self.account.state_dir else {
+            return;
+        };
+        let s = SavedSession {
+            homeserver: self.account.homeserver.clone(),
+            user_id: user_id.to_string(),
+            device_id: device_id.to_string(),
+            access_token: access_token.expose().to_owned(),
+        };
+        if let Err(err) = s.save(dir) {
+            warn!("cannot save session in {}: {err}", dir.display());
+        }
+    }
+
+    /// Time-driven work of the driver: media, DNS, dials, shutdown, giving up.
+    fn on_tick(&mut self, now: Instant) {
+        for s in &mut self.stations {
+            s.media.pump(&mut self.agent, now);
+        }
+        self.resolve_turn_hosts();
+        self.check_dials(now);
+        if let Some((since, code)) = self.shutdown {
+            if self.agent.outbox_len() == 0 || now >= since + SHUTDOWN_FLUSH {
+                self.finish(code);
+            }
+        }
+        let given_up = self
+            .unreachable_since
+            .is_some_and(|t| now >= t + STARTUP_UNREACHABLE_GRACE);
+        if self.give_up_unreachable && !self.synced && given_up {
+            self.lines.say("error: homeserver unreachable");
+            self.lines.emit(json!({"event": "error", "kind": "unreachable", "message": "homeserver unreachable"}));
+            self.finish(exit::UNREACHABLE);
+        }
+    }
+
+    /// Dials whose peer joined are placed; those waiting too long fail.
+    fn check_dials(&mut self, now: Instant) {
+        for d in std::mem::take(&mut self.dials) {
+            let room = d
+                .room
+                .clone()
+                .filter(|r| self.agent.room_peer(r).is_some())
+                .or_else(|| self.agent.find_direct_room(&d.peer));
+            if let Some(room) = room {
+                let placed = match self.place(&room, d.station, now) {
+                    Ok(call_id) => Ok((call_id, room)),
+                    Err(e) => Err(DialError::Place(room, e)),
+                };
+                self.dial_outcomes.push((d.id, placed));
+            } else if now >= d.since + PEER_JOIN_WAIT {
+                self.dial_outcomes.push((d.id, Err(DialError::NoJoin)));
+            } else {
+                self.dials.push(d);
+            }
+        }
+    }
+
+    /// When the homeserver's TURN URIs change, resolves their host names off the loop.
+    fn resolve_turn_hosts(&mut self) {
+        let Some(uris) = self.agent.turn_servers().map(|t| t.uris.clone()) else {
+            return;
+        };
+        if uris == self.turn_uris_seen {
+            return;
+        }
+        let hosts = net::named_hosts(&uris);
+        self.turn_uris_seen = uris;
+        if hosts.is_empty() {
+            return;
+        }
+        let tx = self.tx.clone();
+        // TURN servers from the config replace the homeserver's (still probed for STUN).
+        let use_turn = !self.config_turn;
+        smol::spawn(async move {
+            let (stun, turn) = smol::unblock(move || net::resolve_hosts(&hosts)).await;
+            let turn = if use_turn { turn } else { Vec::new() };
+            let _ = tx.send(Msg::Servers { stun, turn }).await;
+        })
+        .detach();
+    }
+
+    fn next_deadline(&self, agent_at: Instant) -> Instant {
+        let media = self.stations.iter().filter_map(|s| s.media.next_due());
+        let dials = self.dials.iter().map(|d| d.since + PEER_JOIN_WAIT);
+        let flush = self.shutdown.map(|(since, _)| since + SHUTDOWN_FLUSH);
+        let unreachable = self
+            .unreachable_since
+            .filter(|_| self.give_up_unreachable)
+            .map(|t| t + STARTUP_UNREACHABLE_GRACE);
+        media
+            .chain(dials)
+            .chain(flush)
+            .chain(unreachable)
+            .fold(agent_at, Instant::min)
+    }
+
+    /// Feeds one input to the agent (or to the driver's or the policy's own handling).
+    fn on_msg<P: Policy<Command = C>>(&mut self, p: &mut P, msg: Msg<C>, now: Instant) {
+        match msg {
+            Msg::Datagram { local, from, data } => {
+                self.counters.packets_received += 1;
+                self.counters.bytes_received += data.len() as u64;
+                self.agent.handle_input(Input::Receive {
+                    now,
+                    source: from,
+                    destination: local,
+                    contents: &data,
+                });
+            }
+            Msg::Http { id, response } => {
+                self.agent
+                    .handle_input(Input::HttpResponse { now, id, response })
+            }
+            Msg::Stop => match self.shutdown {
+                // A second signal: exit now.
+                Some((_, code)) => self.finish(code),
+                None => {
+                    let code = p.stop_code(self);
+                    self.begin_shutdown(now, code);
+                }
+            },
+            Msg::Reload => p.on_reload(self),
+            Msg::Servers { stun, turn } => {
+                self.agent.add_stun_servers(&stun, now);
+                self.agent.add_turn_servers(&turn, now);
+            }
+            Msg::Camera(i, e) => {
+                let line = self
+                    .stations
+                    .get_mut(i)
+                    .and_then(|s| s.media.camera(&mut self.agent, e, now, &mut s.profile));
+                if let Some(line) = line {
+                    self.emit_for(Some(i), line);
+                }
+            }
+            Msg::Command(c) => p.on_command(self, c, now),
+        }
+    }
+
+    /// Hands the dials' outcomes to the policy.
+    fn settle<P: Policy<Command = C>>(&mut self, p: &mut P, now: Instant) {
+        while !self.dial_outcomes.is_empty() {
+            for (id, outcome) in std::mem::take(&mut self.dial_outcomes) {
+                p.on_dial(self, id, outcome, now);
+            }
+        }
+    }
+
+    /// Drains the agent until it waits; returns its deadline.
+    fn drain<P: Policy<Command = C>>(&mut self, p: &mut P, now: Instant) -> Instant {
+        loop {
+            match self.agent.poll_output() {
+                call_assist_core::Output::Timeout(at) => return at,
+                call_assist_core::Output::Transmit(t) => self.transmit(t),
+                call_assist_core::Output::Http { id, request } => self.send_http(id, request),
+                call_assist_core::Output::Event(e) => {
+                    if self.on_event(&e, now) {
+                        p.on_event(self, &e, now);
+                    }
+                    self.settle(p, now);
+                }
+            }
+        }
+    }
+
+    /// The loop: tick, drain, wait for the next input or deadline; until a policy or the
+    /// driver finishes. Returns the exit code.
+    pub async fn run<P: Policy<Command = C>>(&mut self, rx: Receiver<Msg<C>>, p: &mut P) -> u8 {
+        loop {
+            let now = Instant::now();
+            self.on_tick(now);
+            p.on_tick(self, now);
+            self.settle(p, now);
+            let agent_at = self.drain(p, now);
+            if let Some(code) = self.exit {
+                return code;
+            }
+            let mut deadline = self.next_deadline(agent_at);
+            if let Some(t) = p.deadline() {
+                deadline = deadline.min(t);
+            }
+            let msg = async { rx.recv().await.ok() }
+                .or(async {
+                    smol::Timer::at(deadline).await;
+                    None
+                })
+                .await;
+            let now = Instant::now();
+            match msg {
+                Some(msg) => self.on_msg(p, msg, now),
+                None => self.agent.handle_input(Input::Timeout(now)),
+            }
+        }
+    }
+}
+
+/// SIGTERM and SIGINT stop the run (hang up, flush, exit); SIGHUP reloads where asked.
+fn listen_for_signals<C: Send + 'static>(tx: &Sender<Msg<C>>, reload_on_hup: bool) {
+    use async_signal::{Signal, Signals};
+    let mut wanted = vec![Signal::Term, Signal::Int];
+    if reload_on_hup {
+        wanted.push(Signal::Hup);
+    }
+    let mut signals = match Signals::new(wanted) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot install signal handlers: {e}");
+            return;
+        }
+    };
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Some(s) = signals.next().await {
+            info!(signal = ?s, "signal");
+            let msg = match s {
+                Ok(Signal::Hup) => Msg::Reload,
+                _ => Msg::Stop,
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+}
