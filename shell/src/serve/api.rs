@@ -1,35 +1,59 @@
-//! The local control API: a small HTTP/1.1 server on smol's TCP listener, one request per
-//! connection. Requests are parsed with `httparse` (already in the build through reqwest's
-//! hyper), turned into a [`Command`] and answered by the hub's loop through a reply channel,
-//! so the API never touches the agent itself.
+//! The local control API: HTTP/1.1 served by hyper, one request per connection. A request
+//! becomes a [`Command`] answered by the hub's loop through a reply channel, so the API never
+//! touches the agent itself.
+//!
+//! hyper runs on smol's own sockets through hyper-util's `TokioIo` over `async_compat::Compat`,
+//! its header timer is hyper-util's `TokioTimer` in the tokio context `Compat` already gives
+//! reqwest: all of it is in the build for reqwest, while smol-hyper would be a new crate that
+//! has had no release since 2023.
 //!
 //! Routes: `GET /health`, `GET /stations`, `GET /calls`, `POST /calls` (`{"station", "to"}`),
 //! `GET /calls/ID`, `DELETE /calls/ID` (or `POST /calls/ID/hangup`),
 //! `POST /calls/ID/keyframe` (ask the peer for a video keyframe), `GET /events`
-//! (Server-Sent Events, one `data:` JSON line per event). Errors are `{"error": "..."}`.
+//! (Server-Sent Events, one `data:` JSON line per event). Errors are `{"error": "..."}`, except
+//! hyper's own bodiless 400 and 431 for requests that are not HTTP or whose head is too large.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use async_compat::Compat;
+use bytes::Bytes;
 use call_assist_core::Secret;
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt, StreamExt};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::{Body as _, Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use smol::channel::{Receiver, Sender};
 use smol::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-/// Largest request head (request line and headers).
+/// Largest request head (request line and headers); a larger one is answered 431.
 const MAX_HEAD: usize = 16 * 1024;
-/// Largest request body.
+/// Request headers; more are answered 431.
+const MAX_HEADERS: usize = 32;
+/// Largest request body; a larger one is answered 413.
 const MAX_BODY: usize = 64 * 1024;
 /// Connections served at once (event streams included); more are answered 503 and closed.
 const MAX_CONNECTIONS: usize = 64;
-/// A client must send its whole request within this.
+/// A client must send its whole request within this: a head that is late closes the
+/// connection (hyper), a body that is late is answered 408.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The hub answers within this (a call to a user without a direct room waits for the room).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
-/// An event-stream write that takes longer than this ends the stream.
+/// A write that makes no progress for this long ends the connection (a client that stopped
+/// reading an event stream, above all).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An event stream sends a comment line this often, so dead clients are noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -83,8 +107,16 @@ pub async fn serve<M: Send + 'static>(
 ) {
     let token = Arc::new(token);
     let open = Arc::new(AtomicUsize::new(0));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        // The read buffer bounds the head: one not complete within it is answered 431.
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        // One request per connection: the connection limit and the timeouts count requests.
+        .keep_alive(false);
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 warn!("API: accept failed: {e}");
@@ -93,17 +125,15 @@ pub async fn serve<M: Send + 'static>(
             }
         };
         debug!(%peer, "API connection");
+        let deadline = Instant::now() + READ_TIMEOUT;
+        let http = http.clone();
         if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             open.fetch_sub(1, Ordering::SeqCst);
-            smol::spawn(async move {
-                let _ = write_json(
-                    &mut stream,
-                    503,
-                    &json!({"error": "too many connections"}),
-                    &[],
-                )
-                .await;
-            })
+            // Refused through hyper too, so the client reads a whole response; the header
+            // timeout bounds how long a refused connection lives.
+            smol::spawn(connection(http, stream, |_| async {
+                error(503, "too many connections")
+            }))
             .detach();
             continue;
         }
@@ -111,67 +141,75 @@ pub async fn serve<M: Send + 'static>(
         let hub = hub.clone();
         let open = open.clone();
         smol::spawn(async move {
-            connection(stream, &token, hub, wrap).await;
+            let respond = move |req| answer(req, token.clone(), hub.clone(), wrap, deadline);
+            connection(http, stream, respond).await;
             open.fetch_sub(1, Ordering::SeqCst);
         })
         .detach();
     }
 }
 
-/// One parsed request.
-#[derive(Debug, PartialEq, Eq)]
-struct Http {
-    method: String,
-    path: String,
-    authorization: Option<String>,
-    body: Vec<u8>,
+/// The response bodies: JSON, or an event stream.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Serves one connection's request with `respond`.
+async fn connection<F, R>(http: http1::Builder, stream: TcpStream, respond: F)
+where
+    F: Fn(hyper::Request<Incoming>) -> R + Send + 'static,
+    R: Future<Output = Response<Body>> + Send + 'static,
+{
+    let io = TokioIo::new(Compat::new(WriteDeadline::new(stream, WRITE_TIMEOUT)));
+    let service = service_fn(move |req| {
+        let response = respond(req);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    // `Compat` is the tokio context for hyper's timer; the socket stays on smol's reactor.
+    if let Err(e) = Compat::new(http.serve_connection(io, service)).await {
+        debug!("API connection ended: {e}");
+    }
 }
 
-/// Why a request could not be read: the status and message to answer with.
-type HttpError = (u16, String);
-
-async fn connection<M>(
-    mut stream: TcpStream,
-    token: &Option<Secret>,
+/// Checks the token, reads the body, routes and asks the hub.
+async fn answer<M>(
+    req: hyper::Request<Incoming>,
+    token: Arc<Option<Secret>>,
     hub: Sender<M>,
     wrap: fn(Request) -> M,
-) {
-    let request = read_request(&mut stream)
-        .or(async {
-            smol::Timer::after(READ_TIMEOUT).await;
-            Err((408, "request not received in time".to_owned()))
-        })
-        .await;
-    let request = match request {
-        Ok(r) => r,
-        Err((status, message)) => {
-            let _ = write_json(&mut stream, status, &json!({ "error": message }), &[]).await;
-            return;
-        }
-    };
-    if let Some(t) = token {
-        let given = request
-            .authorization
-            .as_deref()
+    deadline: Instant,
+) -> Response<Body> {
+    // Before the body, so a client without the token cannot make the hub's host read one.
+    if let Some(t) = token.as_ref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|a| a.to_str().ok())
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim);
         if !given.is_some_and(|g| same(g.as_bytes(), t.expose().as_bytes())) {
-            let _ = write_json(
-                &mut stream,
+            let mut r = error(
                 401,
-                &json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}),
-                &[("WWW-Authenticate", "Bearer")],
-            )
-            .await;
-            return;
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
         }
     }
-    let command = match route(&request) {
+    let (head, body) = req.into_parts();
+    let body = match read_body(body, deadline).await {
+        Ok(b) => b,
+        Err((status, message)) => return error(status, message),
+    };
+    let command = match route(head.method.as_str(), head.uri.path(), &body) {
         Ok(c) => c,
         Err((status, message, allow)) => {
-            let extra: Vec<(&str, &str)> = allow.iter().map(|a| ("Allow", *a)).collect();
-            let _ = write_json(&mut stream, status, &json!({ "error": message }), &extra).await;
-            return;
+            let mut r = error(status, message);
+            if !allow.is_empty() {
+                if let Ok(allow) = HeaderValue::from_str(&allow.join(", ")) {
+                    r.headers_mut().insert(header::ALLOW, allow);
+                }
+            }
+            return r;
         }
     };
     let (reply_tx, reply_rx) = smol::channel::bounded(1);
@@ -182,8 +220,7 @@ async fn connection<M>(
         }))
         .await;
     if sent.is_err() {
-        let _ = write_json(&mut stream, 503, &json!({"error": "shutting down"}), &[]).await;
-        return;
+        return error(503, "shutting down");
     }
     let reply = async { reply_rx.recv().await.ok() }
         .or(async {
@@ -192,19 +229,9 @@ async fn connection<M>(
         })
         .await;
     match reply {
-        Some(Reply::Json(status, body)) => {
-            let _ = write_json(&mut stream, status, &body, &[]).await;
-        }
-        Some(Reply::Events(rx)) => event_stream(stream, rx).await,
-        None => {
-            let _ = write_json(
-                &mut stream,
-                503,
-                &json!({"error": "no answer from the hub"}),
-                &[],
-            )
-            .await;
-        }
+        Some(Reply::Json(status, body)) => json_response(status, &body),
+        Some(Reply::Events(rx)) => event_stream(rx),
+        None => error(503, "no answer from the hub"),
     }
 }
 
@@ -213,98 +240,37 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_request(stream: &mut TcpStream) -> Result<Http, HttpError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| (400, format!("reading the request: {e}")))?;
-        if n == 0 {
-            return Err((
-                400,
-                "connection closed before the request was complete".into(),
-            ));
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        match parse_head(&buf)? {
-            Some((mut http, head_len, content_length)) => {
-                if content_length > MAX_BODY {
-                    return Err((413, format!("body larger than {MAX_BODY} bytes")));
-                }
-                let mut body = buf.get(head_len..).unwrap_or_default().to_vec();
-                while body.len() < content_length {
-                    let n = stream
-                        .read(&mut chunk)
-                        .await
-                        .map_err(|e| (400, format!("reading the body: {e}")))?;
-                    if n == 0 {
-                        return Err((400, "connection closed before the body was complete".into()));
-                    }
-                    body.extend_from_slice(chunk.get(..n).unwrap_or_default());
-                }
-                body.truncate(content_length);
-                http.body = body;
-                return Ok(http);
-            }
-            None if buf.len() > MAX_HEAD => {
-                return Err((431, format!("request head larger than {MAX_HEAD} bytes")))
-            }
-            None => {}
-        }
-    }
-}
+/// Why a request could not be read: the status and message to answer with.
+type HttpError = (u16, String);
 
-/// The request head in `buf`, when complete: the request, the head's length and the body's.
-fn parse_head(buf: &[u8]) -> Result<Option<(Http, usize, usize)>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err((400, format!("malformed request: {e}"))),
-    };
-    let mut authorization = None;
-    let mut content_length = 0usize;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("authorization") {
-            authorization = Some(String::from_utf8_lossy(h.value).into_owned());
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            content_length = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| (400, "Content-Length is not a number".to_owned()))?;
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err((
-                411,
-                "chunked bodies are not supported: send Content-Length".into(),
-            ));
+/// The whole body, at most [`MAX_BODY`] bytes, by `deadline`.
+async fn read_body(body: Incoming, deadline: Instant) -> Result<Bytes, HttpError> {
+    let too_large = || (413, format!("body larger than {MAX_BODY} bytes"));
+    // A declared length over the limit is refused before any of the body is read.
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    async {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+            Err(e) => Err((400, format!("reading the body: {e}"))),
         }
     }
-    let path = req.path.unwrap_or("/");
-    let path = path.split('?').next().unwrap_or(path).to_owned();
-    Ok(Some((
-        Http {
-            method: req.method.unwrap_or("").to_owned(),
-            path,
-            authorization,
-            body: Vec::new(),
-        },
-        head_len,
-        content_length,
-    )))
+    .or(async {
+        smol::Timer::at(deadline).await;
+        Err((408, "request not received in time".to_owned()))
+    })
+    .await
 }
 
 /// A route error: status, message, and the methods the path allows (for 405).
 type RouteError = (u16, String, Vec<&'static str>);
 
-fn route(r: &Http) -> Result<Command, RouteError> {
-    let segments: Vec<&str> = r.path.split('/').filter(|s| !s.is_empty()).collect();
-    let method = r.method.as_str();
-    let wrong = |allow: Vec<&'static str>| {
-        Err((405, format!("{method} is not allowed on {}", r.path), allow))
-    };
+fn route(method: &str, path: &str, body: &[u8]) -> Result<Command, RouteError> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let wrong =
+        |allow: Vec<&'static str>| Err((405, format!("{method} is not allowed on {path}"), allow));
     match segments.as_slice() {
         ["health"] => match method {
             "GET" => Ok(Command::Health),
@@ -320,7 +286,7 @@ fn route(r: &Http) -> Result<Command, RouteError> {
         },
         ["calls"] => match method {
             "GET" => Ok(Command::ListCalls),
-            "POST" => start_call(&r.body),
+            "POST" => start_call(body),
             _ => wrong(vec!["GET", "POST"]),
         },
         ["calls", id] => match method {
@@ -336,7 +302,7 @@ fn route(r: &Http) -> Result<Command, RouteError> {
             "POST" => Ok(Command::RequestKeyframe((*id).to_owned())),
             _ => wrong(vec!["POST"]),
         },
-        _ => Err((404, format!("no such endpoint: {}", r.path), Vec::new())),
+        _ => Err((404, format!("no such endpoint: {path}"), Vec::new())),
     }
 }
 
@@ -361,61 +327,27 @@ fn start_call(body: &[u8]) -> Result<Command, RouteError> {
     })
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "",
-    }
+fn json_response(status: u16, body: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))).boxed_unsync());
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
-async fn write_json(
-    stream: &mut TcpStream,
-    status: u16,
-    body: &Value,
-    extra: &[(&str, &str)],
-) -> std::io::Result<()> {
-    let body = format!("{body}\n");
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n",
-        reason(status),
-        body.len()
-    );
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.flush().await?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+fn error(status: u16, message: impl Into<String>) -> Response<Body> {
+    json_response(status, &json!({ "error": message.into() }))
 }
 
 /// `text/event-stream`: one `data:` line per event, a comment every [`KEEPALIVE`]; ends when
-/// the client goes away or the hub drops the stream.
-async fn event_stream(mut stream: TcpStream, rx: Receiver<String>) {
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                Connection: close\r\n\r\n: call-assist events\n\n";
-    if stream.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    let _ = stream.flush().await;
-    loop {
+/// the hub drops the stream, or when a write fails (the client went away or stopped reading).
+fn event_stream(rx: Receiver<String>) -> Response<Body> {
+    let greeting = futures_lite::stream::once(Bytes::from_static(b": call-assist events\n\n"));
+    let events = futures_lite::stream::unfold(rx, |rx| async move {
         let next = async { Some(rx.recv().await) }
             .or(async {
                 smol::Timer::after(KEEPALIVE).await;
@@ -424,91 +356,327 @@ async fn event_stream(mut stream: TcpStream, rx: Receiver<String>) {
             .await;
         let chunk = match next {
             Some(Ok(event)) => format!("data: {event}\n\n"),
-            Some(Err(_)) => return,
+            Some(Err(_)) => return None,
             None => ": keepalive\n\n".to_owned(),
         };
-        // A client that stops reading must not hold its connection forever.
-        let written = async {
-            stream.write_all(chunk.as_bytes()).await?;
-            stream.flush().await
+        Some((Bytes::from(chunk), rx))
+    });
+    let frames = greeting.chain(events).map(|b| Ok(Frame::data(b)));
+    let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// smol's TCP stream whose writes fail once stalled for `limit`, so a client that stops
+/// reading cannot hold its connection forever (hyper itself has no write timeout).
+struct WriteDeadline {
+    stream: TcpStream,
+    limit: Duration,
+    /// Armed while a write waits for the client.
+    stall: Option<smol::Timer>,
+}
+
+impl WriteDeadline {
+    fn new(stream: TcpStream, limit: Duration) -> WriteDeadline {
+        WriteDeadline {
+            stream,
+            limit,
+            stall: None,
         }
-        .or(async {
-            smol::Timer::after(WRITE_TIMEOUT).await;
-            Err(std::io::ErrorKind::TimedOut.into())
-        })
-        .await;
-        if written.is_err() {
-            return;
+    }
+
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stall = None;
+            return poll;
         }
+        let limit = self.limit;
+        let timer = self.stall.get_or_insert_with(|| smol::Timer::after(limit));
+        if Pin::new(timer).poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // A fired timer never fires again: the next stall gets a fresh one.
+        self.stall = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading",
+        )))
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_close(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use std::net::SocketAddr;
 
-    fn head(text: &str) -> Http {
-        let (h, _, _) = parse_head(text.as_bytes()).unwrap().unwrap();
-        h
+    /// A hub that answers `/health`, echoes `POST /calls` and streams one event.
+    async fn fake_hub(requests: Receiver<Request>) {
+        while let Ok(r) = requests.recv().await {
+            let reply = match r.command {
+                Command::Health => Reply::Json(200, json!({"status": "ok"})),
+                Command::StartCall { station, to } => {
+                    Reply::Json(201, json!({"station": station, "to": to}))
+                }
+                Command::Subscribe => {
+                    let (tx, rx) = smol::channel::bounded(EVENT_QUEUE);
+                    let _ = tx.try_send(json!({"event": "hello"}).to_string());
+                    Reply::Events(rx)
+                }
+                _ => Reply::error(404, "not in this test"),
+            };
+            let _ = r.reply.try_send(reply);
+        }
+    }
+
+    /// An API with `token` on a loopback port, answered by [`fake_hub`].
+    async fn start(token: Option<&str>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = smol::channel::bounded(8);
+        smol::spawn(fake_hub(rx)).detach();
+        smol::spawn(serve(listener, token.map(Secret::new), tx, |r| r)).detach();
+        addr
+    }
+
+    /// Sends `request` as it is and reads the response until the server closes.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut raw = Vec::new();
+        async { s.read_to_end(&mut raw).await.map(|_| ()) }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(5)).await;
+                Err(io::ErrorKind::TimedOut.into())
+            })
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
+    fn status(response: &str) -> u16 {
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {response:?}"))
     }
 
     #[test]
     fn a_start_call_request_routes() {
-        let mut h = head("POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n");
-        h.body = br#"{"station":"door","to":"@me:example.org"}"#.to_vec();
+        let body = br#"{"station":"door","to":"@me:example.org"}"#;
         assert!(
-            matches!(route(&h), Ok(Command::StartCall { station, to }) if station == "door" && to == "@me:example.org")
+            matches!(route("POST", "/calls", body), Ok(Command::StartCall { station, to }) if station == "door" && to == "@me:example.org")
         );
     }
 
     #[test]
     fn paths_methods_and_bodies_are_checked() {
-        assert_eq!(
-            route(&head("GET /nope HTTP/1.1\r\n\r\n")).unwrap_err().0,
-            404
-        );
-        let e = route(&head("PUT /calls HTTP/1.1\r\n\r\n")).unwrap_err();
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().0, 404);
+        let e = route("PUT", "/calls", b"").unwrap_err();
         assert_eq!((e.0, e.2), (405, vec!["GET", "POST"]));
-        let e = route(&head("POST /calls HTTP/1.1\r\n\r\n")).unwrap_err();
-        assert_eq!(e.0, 400);
-        let mut h = head("POST /calls HTTP/1.1\r\n\r\n");
-        h.body = br#"{"station":"door"}"#.to_vec();
-        assert!(route(&h).unwrap_err().1.contains("\"to\""));
+        assert_eq!(route("POST", "/calls", b"").unwrap_err().0, 400);
+        let e = route("POST", "/calls", br#"{"station":"door"}"#).unwrap_err();
+        assert!(e.1.contains("\"to\""), "{}", e.1);
         assert!(
-            matches!(route(&head("DELETE /calls/abc HTTP/1.1\r\n\r\n")), Ok(Command::Hangup(id)) if id == "abc")
+            matches!(route("DELETE", "/calls/abc", b""), Ok(Command::Hangup(id)) if id == "abc")
         );
         assert!(
-            matches!(route(&head("POST /calls/abc/keyframe HTTP/1.1\r\n\r\n")), Ok(Command::RequestKeyframe(id)) if id == "abc")
+            matches!(route("POST", "/calls/abc/keyframe", b""), Ok(Command::RequestKeyframe(id)) if id == "abc")
         );
-        assert_eq!(
-            route(&head("GET /calls/abc/keyframe HTTP/1.1\r\n\r\n"))
-                .unwrap_err()
-                .0,
-            405
-        );
+        assert_eq!(route("GET", "/calls/abc/keyframe", b"").unwrap_err().0, 405);
         assert!(matches!(
-            route(&head("GET /calls?x=1 HTTP/1.1\r\n\r\n")),
+            route("GET", "/calls/", b""),
             Ok(Command::ListCalls)
         ));
     }
 
     #[test]
-    fn heads_are_parsed_incrementally_and_bounded() {
-        assert!(parse_head(b"GET /health HTTP/1.1\r\nHost")
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            parse_head(b"\x01\x02 / HTTP/1.1\r\n\r\n").unwrap_err().0,
-            400
-        );
-        let h = head("GET /health HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n");
-        assert_eq!(h.authorization.as_deref(), Some("Bearer abc"));
-        assert_eq!(
-            parse_head(b"POST /calls HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .unwrap_err()
-                .0,
-            411
-        );
+    fn requests_are_answered_in_json_over_http() {
+        smol::block_on(async {
+            let addr = start(None).await;
+            let r = exchange(addr, b"GET /health?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(status(&r), 200, "{r}");
+            let lower = r.to_ascii_lowercase();
+            assert!(lower.contains("content-type: application/json"), "{r}");
+            assert!(lower.contains("connection: close"), "{r}");
+            assert!(r.ends_with("{\"status\":\"ok\"}\n"), "{r}");
+
+            let body = r#"{"station":"door","to":"@me:example.org"}"#;
+            let req = format!(
+                "POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let r = exchange(addr, req.as_bytes()).await;
+            assert_eq!(status(&r), 201, "{r}");
+            assert!(r.contains(r#""to":"@me:example.org""#), "{r}");
+
+            let r = exchange(addr, b"PUT /calls HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(status(&r), 405, "{r}");
+            assert!(r.to_ascii_lowercase().contains("allow: get, post"), "{r}");
+            assert!(
+                r.contains(r#"{"error":"PUT is not allowed on /calls"}"#),
+                "{r}"
+            );
+        });
+    }
+
+    #[test]
+    fn heads_and_bodies_are_bounded() {
+        smol::block_on(async {
+            let addr = start(None).await;
+            let r = exchange(addr, b"\x01\x02 / HTTP/1.1\r\n\r\n").await;
+            assert_eq!(status(&r), 400, "{r}");
+
+            let big_head = format!(
+                "GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(MAX_HEAD)
+            );
+            assert_eq!(status(&exchange(addr, big_head.as_bytes()).await), 431);
+            let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+            let many = format!("GET /health HTTP/1.1\r\n{many}\r\n");
+            assert_eq!(status(&exchange(addr, many.as_bytes()).await), 431);
+
+            // Refused on the declared length, before the body is sent.
+            let declared = format!(
+                "POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY + 1
+            );
+            let r = exchange(addr, declared.as_bytes()).await;
+            assert_eq!(status(&r), 413, "{r}");
+            assert!(r.contains("body larger than"), "{r}");
+
+            // A chunked body has no declared length: the limit counts what arrives.
+            let chunk = "a".repeat(1024);
+            let chunks: String = (0..=MAX_BODY / 1024)
+                .map(|_| format!("400\r\n{chunk}\r\n"))
+                .collect();
+            let chunked = format!(
+                "POST /calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\n\r\n"
+            );
+            assert_eq!(status(&exchange(addr, chunked.as_bytes()).await), 413);
+        });
+    }
+
+    #[test]
+    fn the_token_is_required_when_set() {
+        smol::block_on(async {
+            let addr = start(Some("s3cret")).await;
+            for auth in [
+                "",
+                "Authorization: Bearer s3cre\r\n",
+                "Authorization: s3cret\r\n",
+            ] {
+                let req = format!("GET /health HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+                let r = exchange(addr, req.as_bytes()).await;
+                assert_eq!(status(&r), 401, "{auth:?}: {r}");
+                assert!(
+                    r.to_ascii_lowercase().contains("www-authenticate: bearer"),
+                    "{r}"
+                );
+                assert!(r.contains("bearer token"), "{r}");
+            }
+            let ok = b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n";
+            assert_eq!(status(&exchange(addr, ok).await), 200);
+        });
+    }
+
+    #[test]
+    fn events_stream_as_server_sent_events() {
+        smol::block_on(async {
+            let addr = start(None).await;
+            // The fake hub drops its sender at once, so the stream ends after one event.
+            let r = exchange(addr, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(status(&r), 200, "{r}");
+            assert!(
+                r.to_ascii_lowercase()
+                    .contains("content-type: text/event-stream"),
+                "{r}"
+            );
+            assert!(r.contains(": call-assist events\n\n"), "{r}");
+            assert!(r.contains("data: {\"event\":\"hello\"}\n\n"), "{r}");
+        });
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_refused() {
+        smol::block_on(async {
+            let addr = start(None).await;
+            let mut idle = Vec::new();
+            for _ in 0..MAX_CONNECTIONS {
+                idle.push(TcpStream::connect(addr).await.unwrap());
+            }
+            let r = exchange(addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(status(&r), 503, "{r}");
+            assert!(r.contains("too many connections"), "{r}");
+            drop(idle);
+        });
+    }
+
+    #[test]
+    fn a_write_the_client_does_not_read_times_out() {
+        smol::block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut w = WriteDeadline::new(stream, Duration::from_millis(200));
+            let chunk = vec![0u8; 64 * 1024];
+            let fail = async {
+                loop {
+                    if let Err(e) = w.write_all(&chunk).await {
+                        return e.kind();
+                    }
+                }
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(10)).await;
+                io::ErrorKind::Other
+            })
+            .await;
+            assert_eq!(fail, io::ErrorKind::TimedOut);
+            drop(client);
+        });
     }
 
     #[test]
