@@ -208,61 +208,16 @@ impl<C: Send + 'static> Driver<C> {
             return Err(exit::USAGE);
         }
         // Every station's sources and sinks before anything else: nothing starts half-set-up.
-        let mut stations = Vec::new();
-        for (i, st) in s.stations.into_iter().enumerate() {
-            let sdp = s
-                .account
-                .state_dir
-                .clone()
-                .unwrap_or_else(std::env::temp_dir)
-                .join(match &st.name {
-                    Some(name) => format!("forward-{name}.sdp"),
-                    None => "forward.sdp".to_owned(),
-                });
-            let password = st.rtsp_password.as_ref().map(Secret::expose);
-            let started = start_media(&st.media, st.video, password, sdp, &tx, move |ev| {
-                Msg::Camera(i, ev)
-            });
-            let (media, profile) = started.await.inspect_err(|_| {
-                if let Some(name) = &st.name {
-                    eprintln!("error: station {name:?} cannot start");
-                }
-            })?;
-            stations.push(Station {
-                name: st.name,
-                media,
-                profile,
-            });
-        }
+        let state_dir = s.account.state_dir.as_deref();
+        let stations = start_stations(s.stations, state_dir, &tx).await?;
         listen_for_signals(&tx, s.reload_on_hup);
         let client = net::http_client().map_err(|e| {
             eprintln!("error: HTTP client: {e}");
             exit::USAGE
         })?;
-        let a = &s.account;
-        let saved = a
-            .state_dir
-            .as_deref()
-            .and_then(|d| SavedSession::load(d, &a.homeserver, &a.user));
-        let (credentials, password) = login_credentials(&a.auth, saved.as_ref());
         let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
-        let mut config = AgentConfig::new(a.homeserver.clone(), a.user.clone(), credentials, addrs);
-        config.policy = s.policy;
-        config.stun_servers = net::resolve_stun(&n.stun);
-        config.relay_only = n.relay_only;
-        config.turn = n.turn.as_ref().map(net::static_turn);
-        config.h264_profile = stations.first().and_then(|s| s.profile);
-        config.device_id = saved.map(|s| s.device_id.as_str().into());
-        let password_fallback = password.map(|pw| {
-            let mut c = config.clone();
-            c.credentials = Credentials::Password(pw);
-            c
-        });
-        let agent =
-            Agent::new(config, net::seed(), Instant::now(), net::unix_ms()).map_err(|e| {
-                eprintln!("error: {e}");
-                exit::USAGE
-            })?;
+        let profile = stations.first().and_then(|s| s.profile);
+        let (agent, password_fallback) = new_agent(&s.account, n, s.policy, addrs, profile)?;
         let driver = Driver {
             agent,
             lines: s.lines,
@@ -425,25 +380,7 @@ impl<C: Send + 'static> Driver<C> {
                 info!(%device_id, "logged in as {user_id}");
                 self.save_login(user_id, device_id, access_token);
             }
-            AgentEvent::LoginFailed { message } => {
-                if let Some(config) = self.password_fallback.take() {
-                    warn!("saved access token refused ({message}); logging in with the password");
-                    match Agent::new(config, net::seed(), now, net::unix_ms()) {
-                        Ok(a) => self.agent = a,
-                        Err(e) => {
-                            error!("{e}");
-                            self.finish(exit::USAGE);
-                        }
-                    }
-                    return false;
-                }
-                error!("login refused: {message}");
-                self.lines.say(&format!("error: login refused: {message}"));
-                self.lines.emit(
-                    json!({"event": "error", "kind": "login_refused", "message": message}),
-                );
-                self.finish(exit::LOGIN_REFUSED);
-            }
+            AgentEvent::LoginFailed { message } => return self.on_login_failed(message, now),
             AgentEvent::HomeserverReachable(r) => {
                 self.reachable = *r;
                 self.unreachable_since = if *r {
@@ -473,22 +410,6 @@ impl<C: Send + 'static> Driver<C> {
                         .push((d.id, Err(DialError::Room(message.clone()))));
                 }
             }
-            AgentEvent::CallReplaced { old, new } => {
-                // Glare: the peer's call takes over our call's station.
-                if let Some(i) = self.call_station.remove(old) {
-                    self.call_station.insert(new.clone(), i);
-                }
-            }
-            AgentEvent::CallStateChanged { call_id, state } => self.on_state(call_id, *state, now),
-            AgentEvent::Media(f) => {
-                match f.kind {
-                    MediaKind::Video => self.counters.video_frames_received += 1,
-                    MediaKind::Audio => self.counters.audio_frames_received += 1,
-                }
-                if let Some(s) = self.station_mut(&f.call_id) {
-                    s.media.remote_frame(f, now);
-                }
-            }
             AgentEvent::ReflexiveAddress { local, mapped } => self.lines.emit(
                 json!({"event": "stun", "local": local.to_string(), "mapped": mapped.to_string()}),
             ),
@@ -505,6 +426,51 @@ impl<C: Send + 'static> Driver<C> {
             AgentEvent::RelayLost { relay } => self
                 .lines
                 .emit(json!({"event": "relay_lost", "relay": relay.to_string()})),
+            _ => self.on_call_event(e, now),
+        }
+        true
+    }
+
+    /// A refused saved token falls back to the password (the policy does not see it).
+    fn on_login_failed(&mut self, message: &str, now: Instant) -> bool {
+        if let Some(config) = self.password_fallback.take() {
+            warn!("saved access token refused ({message}); logging in with the password");
+            match Agent::new(config, net::seed(), now, net::unix_ms()) {
+                Ok(a) => self.agent = a,
+                Err(e) => {
+                    error!("{e}");
+                    self.finish(exit::USAGE);
+                }
+            }
+            return false;
+        }
+        error!("login refused: {message}");
+        self.lines.say(&format!("error: login refused: {message}"));
+        self.lines
+            .emit(json!({"event": "error", "kind": "login_refused", "message": message}));
+        self.finish(exit::LOGIN_REFUSED);
+        true
+    }
+
+    /// The shared part of a call's event: its lines, its station's media.
+    fn on_call_event(&mut self, e: &AgentEvent, now: Instant) {
+        match e {
+            AgentEvent::CallReplaced { old, new } => {
+                // Glare: the peer's call takes over our call's station.
+                if let Some(i) = self.call_station.remove(old) {
+                    self.call_station.insert(new.clone(), i);
+                }
+            }
+            AgentEvent::CallStateChanged { call_id, state } => self.on_state(call_id, *state, now),
+            AgentEvent::Media(f) => {
+                match f.kind {
+                    MediaKind::Video => self.counters.video_frames_received += 1,
+                    MediaKind::Audio => self.counters.audio_frames_received += 1,
+                }
+                if let Some(s) = self.station_mut(&f.call_id) {
+                    s.media.remote_frame(f, now);
+                }
+            }
             AgentEvent::KeyframeRequested { call_id } => self.on_keyframe_request(call_id, now),
             AgentEvent::CallEnded {
                 call_id,
@@ -524,14 +490,15 @@ impl<C: Send + 'static> Driver<C> {
                 self.lines
                     .say(&format!("call {call_id} ended: {reason} ({by})"));
                 self.media_started.remove(call_id);
-                let recorded = self.station_mut(call_id).and_then(|s| s.media.end_call(call_id));
+                let recorded = self
+                    .station_mut(call_id)
+                    .and_then(|s| s.media.end_call(call_id));
                 if let Some(line) = recorded {
                     self.emit_for(station, line);
                 }
             }
             other => debug!(?other, "event"),
         }
-        true
     }
 
     fn station_mut(&mut self, call_id: &str) -> Option<&mut Station> {
@@ -786,6 +753,71 @@ impl<C: Send + 'static> Driver<C> {
             }
         }
     }
+}
+
+/// Starts every station's media; its camera events reach `tx`.
+async fn start_stations<C: Send + 'static>(
+    setups: Vec<StationSetup>,
+    state_dir: Option<&std::path::Path>,
+    tx: &Sender<Msg<C>>,
+) -> Result<Vec<Station>, u8> {
+    let mut stations = Vec::new();
+    for (i, st) in setups.into_iter().enumerate() {
+        let sdp = state_dir
+            .map_or_else(std::env::temp_dir, ToOwned::to_owned)
+            .join(match &st.name {
+                Some(name) => format!("forward-{name}.sdp"),
+                None => "forward.sdp".to_owned(),
+            });
+        let password = st.rtsp_password.as_ref().map(Secret::expose);
+        let started = start_media(&st.media, st.video, password, sdp, tx, move |ev| {
+            Msg::Camera(i, ev)
+        });
+        let (media, profile) = started.await.inspect_err(|_| {
+            if let Some(name) = &st.name {
+                eprintln!("error: station {name:?} cannot start");
+            }
+        })?;
+        stations.push(Station {
+            name: st.name,
+            media,
+            profile,
+        });
+    }
+    Ok(stations)
+}
+
+/// The agent, logging in with the saved session if there is one; with it, the config to
+/// fall back to when the saved token is refused and a password is known.
+fn new_agent(
+    a: &Account,
+    n: &NetworkConfig,
+    policy: CallPolicy,
+    addrs: Vec<SocketAddr>,
+    h264_profile: Option<ProfileLevelId>,
+) -> Result<(Agent, Option<AgentConfig>), u8> {
+    let saved = a
+        .state_dir
+        .as_deref()
+        .and_then(|d| SavedSession::load(d, &a.homeserver, &a.user));
+    let (credentials, password) = login_credentials(&a.auth, saved.as_ref());
+    let mut config = AgentConfig::new(a.homeserver.clone(), a.user.clone(), credentials, addrs);
+    config.policy = policy;
+    config.stun_servers = net::resolve_stun(&n.stun);
+    config.relay_only = n.relay_only;
+    config.turn = n.turn.as_ref().map(net::static_turn);
+    config.h264_profile = h264_profile;
+    config.device_id = saved.map(|s| s.device_id.as_str().into());
+    let fallback = password.map(|pw| {
+        let mut c = config.clone();
+        c.credentials = Credentials::Password(pw);
+        c
+    });
+    let agent = Agent::new(config, net::seed(), Instant::now(), net::unix_ms()).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::USAGE
+    })?;
+    Ok((agent, fallback))
 }
 
 /// SIGTERM and SIGINT stop the run (hang up, flush, exit); SIGHUP reloads where asked.

@@ -194,116 +194,16 @@ impl ServeConfig {
             ));
         }
         let user = user_id(&m.user, "matrix.user", &at)?;
-        let read_secret = |f: &Spanned<PathBuf>, key: &str| -> Result<Secret, ConfigError> {
-            let p = f.get_ref();
-            let s = std::fs::read_to_string(p).map_err(|e| {
-                at(
-                    Some(f.span()),
-                    key,
-                    &format!("cannot read {}: {e}", p.display()),
-                )
-            })?;
-            let s = s.trim();
-            if s.is_empty() {
-                return Err(at(
-                    Some(f.span()),
-                    key,
-                    &format!("{} is empty", p.display()),
-                ));
-            }
-            Ok(Secret::new(s))
-        };
-        let auth = match (&m.password_file, &m.access_token_file) {
-            (Some(_), Some(t)) => {
-                return Err(at(
-                    Some(t.span()),
-                    "matrix.access_token_file",
-                    "give either password_file or access_token_file, not both",
-                ))
-            }
-            (Some(p), None) => Auth::Password(read_secret(p, "matrix.password_file")?),
-            (None, Some(t)) => Auth::AccessToken(read_secret(t, "matrix.access_token_file")?),
-            (None, None) => match (env("CALL_ASSIST_PASSWORD"), env("CALL_ASSIST_ACCESS_TOKEN")) {
-                (Some(p), _) if !p.is_empty() => Auth::Password(Secret::new(p)),
-                (_, Some(t)) if !t.is_empty() => Auth::AccessToken(Secret::new(t)),
-                _ => {
-                    return Err(at(
-                        None,
-                        "matrix",
-                        "no secret: set password_file or access_token_file, or \
-                         CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN in the environment",
-                    ))
-                }
-            },
-        };
+        let env: &dyn Fn(&str) -> Option<String> = &env;
+        let auth = auth(m, &at, env)?;
         let state_dir = m.state_dir.clone().or_else(|| {
             env("XDG_STATE_HOME")
                 .map(PathBuf::from)
                 .or_else(|| env("HOME").map(|h| Path::new(&h).join(".local/state")))
                 .map(|p| p.join("call-assist"))
         });
-
-        let listen = match &file.api.listen {
-            None => DEFAULT_API_LISTEN,
-            Some(l) => l.get_ref().parse().map_err(|_| {
-                at(
-                    Some(l.span()),
-                    "api.listen",
-                    &format!("{:?} is not IP:PORT (e.g. 127.0.0.1:8765)", l.get_ref()),
-                )
-            })?,
-        };
-        let token = match &file.api.token_file {
-            Some(f) => Some(read_secret(f, "api.token_file")?),
-            None => env("CALL_ASSIST_API_TOKEN")
-                .filter(|t| !t.is_empty())
-                .map(Secret::new),
-        };
-        if token.is_none() && !listen.ip().is_loopback() {
-            return Err(at(
-                file.api.listen.as_ref().map(Spanned::span),
-                "api.listen",
-                &format!(
-                    "{listen} is reachable from other hosts, so a bearer token is required: \
-                     set api.token_file or CALL_ASSIST_API_TOKEN"
-                ),
-            ));
-        }
-
-        let n = &file.network;
-        let turn_password = match &n.turn_password_file {
-            Some(f) => Some(
-                read_secret(f, "network.turn_password_file")?
-                    .expose()
-                    .to_owned(),
-            ),
-            None => env("CALL_ASSIST_TURN_PASSWORD"),
-        };
-        let turn = crate::live::config::turn_options(
-            (!n.turn.is_empty()).then(|| n.turn.clone()),
-            n.turn_user.clone(),
-            turn_password,
-        )
-        .map_err(|e| {
-            let msg =
-                e.0.replace("--turn-user", "network.turn_user")
-                    .replace("--turn", "network.turn")
-                    .replace(
-                        "the TURN password in CALL_ASSIST_TURN_PASSWORD",
-                        "network.turn_password_file or CALL_ASSIST_TURN_PASSWORD",
-                    );
-            at(None, "network.turn", &msg)
-        })?;
-        let network = NetworkConfig {
-            allow_loopback: n.allow_loopback,
-            interfaces: n.interfaces.clone(),
-            exclude_interfaces: n.exclude_interfaces.clone(),
-            port: n.port,
-            stun: n.stun.clone(),
-            turn,
-            relay_only: n.relay_only,
-        };
-
+        let api = api(&file.api, &at, env)?;
+        let network = network(&file.network, &at, env)?;
         if file.station.is_empty() {
             return Err(at(
                 None,
@@ -321,7 +221,7 @@ impl ServeConfig {
             user,
             auth,
             state_dir,
-            api: ApiConfig { listen, token },
+            api,
             network,
             stations,
         })
@@ -391,6 +291,120 @@ impl ServeConfig {
 }
 
 type At<'a> = dyn Fn(Option<Range<usize>>, &str, &str) -> ConfigError + 'a;
+
+type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+/// A secret from the file `f` names (trimmed, not empty).
+fn read_secret(f: &Spanned<PathBuf>, key: &str, at: &At<'_>) -> Result<Secret, ConfigError> {
+    let p = f.get_ref();
+    let s = std::fs::read_to_string(p).map_err(|e| {
+        at(
+            Some(f.span()),
+            key,
+            &format!("cannot read {}: {e}", p.display()),
+        )
+    })?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(at(
+            Some(f.span()),
+            key,
+            &format!("{} is empty", p.display()),
+        ));
+    }
+    Ok(Secret::new(s))
+}
+
+fn auth(m: &MatrixSection, at: &At<'_>, env: &Env<'_>) -> Result<Auth, ConfigError> {
+    Ok(match (&m.password_file, &m.access_token_file) {
+        (Some(_), Some(t)) => {
+            return Err(at(
+                Some(t.span()),
+                "matrix.access_token_file",
+                "give either password_file or access_token_file, not both",
+            ))
+        }
+        (Some(p), None) => Auth::Password(read_secret(p, "matrix.password_file", at)?),
+        (None, Some(t)) => Auth::AccessToken(read_secret(t, "matrix.access_token_file", at)?),
+        (None, None) => match (env("CALL_ASSIST_PASSWORD"), env("CALL_ASSIST_ACCESS_TOKEN")) {
+            (Some(p), _) if !p.is_empty() => Auth::Password(Secret::new(p)),
+            (_, Some(t)) if !t.is_empty() => Auth::AccessToken(Secret::new(t)),
+            _ => {
+                return Err(at(
+                    None,
+                    "matrix",
+                    "no secret: set password_file or access_token_file, or \
+                     CALL_ASSIST_PASSWORD or CALL_ASSIST_ACCESS_TOKEN in the environment",
+                ))
+            }
+        },
+    })
+}
+
+fn api(a: &ApiSection, at: &At<'_>, env: &Env<'_>) -> Result<ApiConfig, ConfigError> {
+    let listen = match &a.listen {
+        None => DEFAULT_API_LISTEN,
+        Some(l) => l.get_ref().parse().map_err(|_| {
+            at(
+                Some(l.span()),
+                "api.listen",
+                &format!("{:?} is not IP:PORT (e.g. 127.0.0.1:8765)", l.get_ref()),
+            )
+        })?,
+    };
+    let token = match &a.token_file {
+        Some(f) => Some(read_secret(f, "api.token_file", at)?),
+        None => env("CALL_ASSIST_API_TOKEN")
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+    };
+    if token.is_none() && !listen.ip().is_loopback() {
+        return Err(at(
+            a.listen.as_ref().map(Spanned::span),
+            "api.listen",
+            &format!(
+                "{listen} is reachable from other hosts, so a bearer token is required: \
+                 set api.token_file or CALL_ASSIST_API_TOKEN"
+            ),
+        ));
+    }
+    Ok(ApiConfig { listen, token })
+}
+
+fn network(n: &NetworkSection, at: &At<'_>, env: &Env<'_>) -> Result<NetworkConfig, ConfigError> {
+    let turn_password = match &n.turn_password_file {
+        Some(f) => Some(
+            read_secret(f, "network.turn_password_file", at)?
+                .expose()
+                .to_owned(),
+        ),
+        None => env("CALL_ASSIST_TURN_PASSWORD"),
+    };
+    let turn = crate::live::config::turn_options(
+        (!n.turn.is_empty()).then(|| n.turn.clone()),
+        n.turn_user.clone(),
+        turn_password,
+    )
+    .map_err(|e| {
+        let msg =
+            e.0.replace("--turn-user", "network.turn_user")
+                .replace("--turn", "network.turn")
+                .replace(
+                    "the TURN password in CALL_ASSIST_TURN_PASSWORD",
+                    "network.turn_password_file or CALL_ASSIST_TURN_PASSWORD",
+                );
+        at(None, "network.turn", &msg)
+    })?;
+    Ok(NetworkConfig {
+        allow_loopback: n.allow_loopback,
+        interfaces: n.interfaces.clone(),
+        exclude_interfaces: n.exclude_interfaces.clone(),
+        port: n.port,
+        stun: n.stun.clone(),
+        turn,
+        relay_only: n.relay_only,
+    })
+}
 
 fn user_id(s: &Spanned<String>, key: &str, at: &At<'_>) -> Result<OwnedUserId, ConfigError> {
     OwnedUserId::try_from(s.get_ref().as_str()).map_err(|e| {
