@@ -419,12 +419,12 @@ fn user_id(s: &Spanned<String>, key: &str, at: &At<'_>) -> Result<OwnedUserId, C
     })
 }
 
-fn station(
+/// A station's name: short, plain and unique.
+fn station_name(
     s: &StationSection,
     at: &At<'_>,
-    env: &dyn Fn(&str) -> Option<String>,
     earlier: &[StationConfig],
-) -> Result<StationConfig, ConfigError> {
+) -> Result<String, ConfigError> {
     let name = s.name.get_ref().clone();
     let name_ok = !name.is_empty()
         && name.len() <= 64
@@ -445,7 +445,15 @@ fn station(
             &format!("two stations are named {name:?}"),
         ));
     }
-    let key = |k: &str| format!("station {name:?} {k}");
+    Ok(name)
+}
+
+/// A station's video and audio sources, checked (files must exist).
+fn sources(
+    s: &StationSection,
+    key: &dyn Fn(&str) -> String,
+    at: &At<'_>,
+) -> Result<(String, Option<String>), ConfigError> {
     let video = s
         .video
         .as_ref()
@@ -491,6 +499,45 @@ fn station(
             ));
         }
     }
+    Ok((video, audio))
+}
+
+/// Whom a station answers (each caller by one station only) and whom it may call.
+fn people(
+    s: &StationSection,
+    key: &dyn Fn(&str) -> String,
+    at: &At<'_>,
+    earlier: &[StationConfig],
+) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>), ConfigError> {
+    let mut answer = Vec::new();
+    for u in &s.answer {
+        let id = user_id(u, &key("answer"), at)?;
+        if let Some(other) = earlier.iter().find(|e| e.answer.contains(&id)) {
+            return Err(at(
+                Some(u.span()),
+                &key("answer"),
+                &format!("{id} is already answered by station {:?}", other.name),
+            ));
+        }
+        answer.push(id);
+    }
+    let may_call: Vec<OwnedUserId> = s
+        .may_call
+        .iter()
+        .map(|u| user_id(u, &key("may_call"), at))
+        .collect::<Result<_, _>>()?;
+    Ok((answer, may_call))
+}
+
+fn station(
+    s: &StationSection,
+    at: &At<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    earlier: &[StationConfig],
+) -> Result<StationConfig, ConfigError> {
+    let name = station_name(s, at, earlier)?;
+    let key = |k: &str| format!("station {name:?} {k}");
+    let (video, audio) = sources(s, &key, at)?;
     let video_fps = match &s.video_fps {
         Some(f) if !(1..=240).contains(f.get_ref()) => {
             return Err(at(Some(f.span()), &key("video_fps"), "must be 1..240"))
@@ -543,23 +590,7 @@ fn station(
             })?,
         ),
     };
-    let mut answer = Vec::new();
-    for u in &s.answer {
-        let id = user_id(u, &key("answer"), at)?;
-        if let Some(other) = earlier.iter().find(|e| e.answer.contains(&id)) {
-            return Err(at(
-                Some(u.span()),
-                &key("answer"),
-                &format!("{id} is already answered by station {:?}", other.name),
-            ));
-        }
-        answer.push(id);
-    }
-    let may_call = s
-        .may_call
-        .iter()
-        .map(|u| user_id(u, &key("may_call"), at))
-        .collect::<Result<_, _>>()?;
+    let (answer, may_call) = people(s, &key, at, earlier)?;
     Ok(StationConfig {
         name,
         media: MediaOptions {
