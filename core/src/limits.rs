@@ -1,4 +1,6 @@
-//! Every capacity and timeout of the core, in one place.
+//! Every capacity and timeout of the core, in one place: the agent's at the top level, the
+//! TURN client's in [`turn`], the STUN client's in [`stun`], the H.264 depacketizer's in
+//! [`h264`] (protocol constants such as channel numbers or NAL types stay with their code).
 //!
 //! Each queue says what happens when it is full. Durations are what the spec or
 //! matrix-js-sdk (Element Web) use where they say something, otherwise chosen so a
@@ -87,3 +89,57 @@ pub const ENDED_CALL_MEMORY: Duration = Duration::from_secs(120);
 /// default codec set leaves both free.
 pub const H264_SOURCE_PT: u8 = 100;
 pub const H264_SOURCE_RTX_PT: u8 = 101;
+
+/// The TURN client (`turn/mod.rs`).
+pub mod turn {
+    use std::time::Duration;
+
+    /// Lifetime (seconds) asked for in Allocate and Refresh; the server may grant less, and the
+    /// allocation is refreshed before whatever it granted runs out.
+    pub const REQUESTED_LIFETIME: u32 = 600;
+    /// Refresh the allocation this long before it expires (or at half its life if shorter).
+    pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+    /// Permissions last 300 s (RFC 8656 §9); channel binds are refreshed at this age.
+    pub const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
+    /// First retransmission timeout of a request; it doubles with each send.
+    pub const FIRST_RTO: Duration = Duration::from_millis(500);
+    /// Sends of one request (500 ms doubling: about 15 s in all). When they run out, a lost
+    /// Allocate or Refresh fails the allocation (retried after [`RETRY_FAILED`]); a lost
+    /// ChannelBind or CreatePermission only costs that peer its relay.
+    pub const MAX_SENDS: u32 = 6;
+    /// A failed allocation is tried again after this.
+    pub const RETRY_FAILED: Duration = Duration::from_secs(30);
+    /// Peers (channels) per allocation; ICE never needs more than the remote candidates.
+    /// When full, datagrams to a new peer are dropped (logged).
+    pub const MAX_CHANNELS: usize = 64;
+    /// Datagrams waiting for their channel bind, per allocation; when full the oldest is dropped.
+    pub const MAX_QUEUED: usize = 32;
+    /// Allocations the client keeps (servers × local sockets); more are not made (logged).
+    pub const MAX_ALLOCATIONS: usize = 8;
+}
+
+/// The STUN binding client (`stun.rs`).
+pub mod stun {
+    use std::time::Duration;
+
+    /// Retransmissions after the first request; after the last one the probe gives up
+    /// (no server-reflexive address from that server and socket).
+    pub const RETRIES: u32 = 3;
+    /// First retransmission timeout; it doubles with each retransmission.
+    pub const FIRST_RTO: Duration = Duration::from_millis(500);
+    /// Most STUN servers × local addresses probed (more are ignored, logged).
+    pub const MAX_PROBES: usize = 16;
+}
+
+/// The RTP to H.264 depacketizer (`h264/depacketize.rs`).
+pub mod h264 {
+    /// Largest access unit put together (a 4K IDR is well below); a larger one is dropped with
+    /// `DepacketizeError::TooLarge`, and as after any bad packet nothing is handed out until
+    /// the next keyframe.
+    pub const MAX_ACCESS_UNIT: usize = 4 << 20;
+    /// Largest SPS or PPS kept; a larger one is ignored (the one kept before stays).
+    pub const MAX_PARAMETER_SET: usize = 256;
+    /// Finished access units waiting for `pop`. When full (the caller is not popping), a new
+    /// keyframe replaces them all; any other access unit is dropped (counted as broken).
+    pub const MAX_FINISHED_ACCESS_UNITS: usize = 2;
+}

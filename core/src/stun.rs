@@ -5,19 +5,14 @@
 //! 2 s; answers are matched by transaction id and source, anything else is not ours.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, info};
 
+use crate::limits::stun::{FIRST_RTO, MAX_PROBES, RETRIES};
 use crate::rng::Rng;
 use crate::turn::msg::{self, Builder, Class, Message};
 use crate::types::Transmit;
-
-/// Retransmissions after the first request.
-const RETRIES: u32 = 3;
-const FIRST_RTO: Duration = Duration::from_millis(500);
-/// Most STUN servers × local addresses probed (more are ignored, logged).
-const MAX_PROBES: usize = 16;
 
 #[derive(Debug)]
 struct Probe {

@@ -17,16 +17,14 @@
 //!   out until the next keyframe: the frames in between refer to pictures a decoder no longer
 //!   has. The same holds at the start, so the first access unit out is always a keyframe.
 //! - Memory is bounded: an access unit larger than [`MAX_ACCESS_UNIT`] is dropped, and at most
-//!   two finished access units wait for `pop`.
+//!   [`MAX_FINISHED_ACCESS_UNITS`] (two) finished access units wait for `pop`.
 
 use std::collections::VecDeque;
 
 use super::{nal_type, START_CODE};
 
-/// Largest access unit put together (a 4K IDR is well below); larger ones are dropped.
-pub const MAX_ACCESS_UNIT: usize = 4 << 20;
-/// Largest SPS or PPS kept.
-const MAX_PARAMETER_SET: usize = 256;
+pub use crate::limits::h264::MAX_ACCESS_UNIT;
+use crate::limits::h264::{MAX_FINISHED_ACCESS_UNITS, MAX_PARAMETER_SET};
 
 /// NAL unit types of RFC 6184's aggregation and fragmentation packets.
 const STAP_A: u8 = 24;
@@ -146,7 +144,7 @@ impl Depacketizer {
             fragment: None,
             next_seq: None,
             waiting_keyframe: true,
-            out: VecDeque::with_capacity(2),
+            out: VecDeque::with_capacity(MAX_FINISHED_ACCESS_UNITS),
             stats: DepacketizerStats::default(),
         }
     }
@@ -360,7 +358,7 @@ impl Depacketizer {
             with_sets.extend_from_slice(&au);
             au = with_sets;
         }
-        if self.out.len() >= 2 {
+        if self.out.len() >= MAX_FINISHED_ACCESS_UNITS {
             // The caller is not popping. Frames waiting form a clean chain; this one is
             // dropped (and what refers to it), unless it is a keyframe, which starts anew.
             if keyframe {

@@ -29,23 +29,12 @@ use msg::{Builder, Class, Message};
 
 pub use uri::{TurnUri, UriError, UriScheme, UriTransport};
 
-/// Lifetime asked for in Allocate and Refresh.
-const REQUESTED_LIFETIME: u32 = 600;
-/// Refresh the allocation this long before it expires (or at half its life if shorter).
-const REFRESH_MARGIN: Duration = Duration::from_secs(60);
-/// Permissions last 300 s (RFC 8656 §9); channel binds are refreshed at this age.
-const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
-const FIRST_RTO: Duration = Duration::from_millis(500);
-/// Sends of one request (500 ms doubling: about 15 s in all).
-const MAX_SENDS: u32 = 6;
-/// A failed allocation is tried again after this.
-const RETRY_FAILED: Duration = Duration::from_secs(30);
-/// Peers (channels) per allocation; ICE never needs more than the remote candidates.
-const MAX_CHANNELS: usize = 64;
-/// Datagrams waiting for their channel bind, per allocation; older ones are dropped.
-const MAX_QUEUED: usize = 32;
-/// Allocations the client keeps (servers × local sockets).
-const MAX_ALLOCATIONS: usize = 8;
+use crate::limits::turn::{
+    FIRST_RTO, MAX_ALLOCATIONS, MAX_CHANNELS, MAX_QUEUED, MAX_SENDS, PERMISSION_REFRESH,
+    REFRESH_MARGIN, REQUESTED_LIFETIME, RETRY_FAILED,
+};
+
+/// First TURN channel number (RFC 8656 §12).
 const FIRST_CHANNEL: u16 = 0x4000;
 
 /// TURN credentials (long-term: username and password).

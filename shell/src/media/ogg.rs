@@ -2,7 +2,10 @@
 //! each with its duration read from its TOC byte (RFC 6716 §3.1), so a file plays at its real
 //! rate whatever frame size the encoder chose. Panic-free on any input.
 
+use std::io::Cursor;
 use std::time::Duration;
+
+use ogg::reading::PacketReader;
 
 /// RTP clock of Opus (always 48 kHz, RFC 7587).
 pub const OPUS_CLOCK_RATE: u64 = 48_000;
@@ -35,41 +38,16 @@ impl std::fmt::Display for OggError {
 
 impl std::error::Error for OggError {}
 
-/// The packets of the first logical stream, in order. Truncated pages end the list.
+/// The packets of the first logical stream, in order. A truncated page, or one whose CRC does
+/// not match, ends the list. `data` is the whole file, so memory stays within its size.
 fn packets(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut reader = PacketReader::new(Cursor::new(data));
     let mut out = Vec::new();
-    let mut partial: Vec<u8> = Vec::new();
-    let mut serial = None;
-    let mut at = 0usize;
-    while let Some(header) = data.get(at..at + 27) {
-        if header.get(..4) != Some(b"OggS") {
-            break;
-        }
-        let page_serial = header.get(14..18).map(|b| b.to_vec());
-        let nsegs = usize::from(header.get(26).copied().unwrap_or(0));
-        let Some(lacing) = data.get(at + 27..at + 27 + nsegs) else {
-            break;
-        };
-        let body_len: usize = lacing.iter().map(|&l| usize::from(l)).sum();
-        let body_at = at + 27 + nsegs;
-        let Some(body) = data.get(body_at..body_at + body_len) else {
-            break;
-        };
-        at = body_at + body_len;
-        if serial.is_none() {
-            serial = page_serial.clone();
-        }
-        if page_serial != serial {
-            continue; // another multiplexed stream
-        }
-        let mut pos = 0usize;
-        for &l in lacing {
-            let l = usize::from(l);
-            partial.extend_from_slice(body.get(pos..pos + l).unwrap_or_default());
-            pos += l;
-            if l < 255 {
-                out.push(std::mem::take(&mut partial));
-            }
+    let mut first_serial = None;
+    while let Ok(Some(packet)) = reader.read_packet() {
+        let serial = packet.stream_serial();
+        if *first_serial.get_or_insert(serial) == serial {
+            out.push(packet.data);
         }
     }
     out
@@ -166,38 +144,36 @@ impl LoopingOpus {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use ogg::writing::{PacketWriteEndInfo, PacketWriter};
 
-    fn page(serial: u32, seq: u32, packets: &[&[u8]]) -> Vec<u8> {
-        let mut lacing = Vec::new();
-        let mut body = Vec::new();
-        for p in packets {
-            let mut n = p.len();
-            while n >= 255 {
-                lacing.push(255);
-                n -= 255;
+    /// An Ogg file of `pages`, each a (stream serial, packets) page, as the ogg crate writes it.
+    fn ogg_file(pages: &[(u32, &[&[u8]])]) -> Vec<u8> {
+        let mut w = PacketWriter::new(Vec::new());
+        for (serial, packets) in pages {
+            for (i, p) in packets.iter().enumerate() {
+                let end = if i + 1 == packets.len() {
+                    PacketWriteEndInfo::EndPage
+                } else {
+                    PacketWriteEndInfo::NormalPacket
+                };
+                w.write_packet(p.to_vec(), *serial, end, 0).unwrap();
             }
-            lacing.push(n as u8);
-            body.extend_from_slice(p);
         }
-        let mut out = b"OggS\0\0".to_vec();
-        out.extend_from_slice(&0u64.to_le_bytes());
-        out.extend_from_slice(&serial.to_le_bytes());
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes()); // CRC: not checked by the reader
-        out.push(lacing.len() as u8);
-        out.extend_from_slice(&lacing);
-        out.extend_from_slice(&body);
-        out
+        w.into_inner()
     }
 
     /// A small Ogg Opus file: head, tags, then `n` 20 ms packets (config 9: SILK WB 20 ms).
     pub fn sample_file(n: usize) -> Vec<u8> {
-        let mut f = page(1, 0, &[b"OpusHead\x01\x01\x38\x01\x80\xbb\0\0\0\0\0"]);
-        f.extend(page(1, 1, &[b"OpusTags\0\0\0\0\0\0\0\0"]));
         let audio: Vec<Vec<u8>> = (0..n).map(|i| vec![9 << 3, i as u8, 0xaa]).collect();
+        let mut pages: Vec<(u32, &[&[u8]])> = vec![
+            (1, &[b"OpusHead\x01\x01\x38\x01\x80\xbb\0\0\0\0\0"]),
+            (1, &[b"OpusTags\0\0\0\0\0\0\0\0"]),
+        ];
         let refs: Vec<&[u8]> = audio.iter().map(|v| v.as_slice()).collect();
-        f.extend(page(1, 2, &refs));
-        f
+        if !refs.is_empty() {
+            pages.push((1, &refs));
+        }
+        ogg_file(&pages)
     }
 
     #[test]
@@ -217,14 +193,53 @@ pub(crate) mod tests {
     #[test]
     fn long_packets_span_segments() {
         let big = vec![1u8 << 3; 600];
-        let mut f = page(7, 0, &[b"OpusHead\x01\x01"]);
-        f.extend(page(7, 1, &[b"OpusTags"]));
-        f.extend(page(8, 0, &[b"other stream"]));
-        f.extend(page(7, 2, &[&big]));
+        let f = ogg_file(&[
+            (7, &[b"OpusHead\x01\x01"]),
+            (7, &[b"OpusTags"]),
+            (8, &[b"other stream"]),
+            (7, &[&big]),
+        ]);
         let p = opus_packets(&f).unwrap();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].data.len(), 600);
         assert_eq!(p[0].samples, 960);
+    }
+
+    /// A file from another muxer: one second of a tone encoded by ffmpeg (libopus, 20 ms
+    /// frames) reads as its packets, about 48 000 samples. Skipped without ffmpeg.
+    #[test]
+    fn ffmpeg_ogg_opus_file_lasts_one_second() {
+        let path = std::env::temp_dir().join(format!("call-assist-ogg-{}.ogg", std::process::id()));
+        let status = std::process::Command::new("ffmpeg")
+            .args([
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=frequency=440:duration=1",
+            ])
+            .args(["-c:a", "libopus", "-b:a", "32k"])
+            .arg(&path)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => {
+                eprintln!("ffmpeg with libopus not runnable ({other:?}); skipping");
+                return;
+            }
+        }
+        let data = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let packets = opus_packets(&data).unwrap();
+        let samples: u32 = packets.iter().map(|p| p.samples).sum();
+        // The encoder's pre-skip (312 samples) rounds up to one more 20 ms frame.
+        assert!(
+            (48_000..=48_000 + 2 * 960).contains(&samples),
+            "{} packets, {samples} samples",
+            packets.len()
+        );
     }
 
     #[test]
@@ -242,12 +257,19 @@ pub(crate) mod tests {
         assert_eq!(opus_packets(b"").unwrap_err(), OggError::NotOgg);
         assert_eq!(opus_packets(b"RIFF....").unwrap_err(), OggError::NotOgg);
         assert_eq!(
-            opus_packets(&page(1, 0, &[b"\x01vorbis"])).unwrap_err(),
+            opus_packets(&ogg_file(&[(1, &[b"\x01vorbis"])])).unwrap_err(),
             OggError::NotOpus
         );
         assert_eq!(
             opus_packets(&sample_file(0)).unwrap_err(),
             OggError::NoAudioPackets
+        );
+        let mut corrupt = sample_file(3);
+        *corrupt.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            opus_packets(&corrupt).unwrap_err(),
+            OggError::NoAudioPackets,
+            "a page whose CRC does not match is not read"
         );
         let mut rng = fastrand::Rng::with_seed(3);
         let f = sample_file(20);

@@ -3,6 +3,8 @@
 //! SPS or a VP8 keyframe header. All parsers return `None` on malformed input.
 
 use call_assist_core::h264::nal_type;
+use h264_reader::nal::sps::SeqParameterSet;
+use h264_reader::rbsp::{self, BitRead, BitReaderError, Numeric, Primitive};
 
 /// Picture size in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,166 +79,59 @@ pub fn vp8_keyframe_dimensions(frame: &[u8]) -> Option<Dimensions> {
     (width > 0 && height > 0).then_some(Dimensions { width, height })
 }
 
-/// Reads bits MSB first from an RBSP (emulation prevention bytes already removed).
-struct BitReader<'a> {
-    data: &'a [u8],
-    bit: usize,
-}
-
-impl BitReader<'_> {
-    fn bit(&mut self) -> Option<u32> {
-        let byte = self.data.get(self.bit / 8)?;
-        let v = (byte >> (7 - (self.bit % 8))) & 1;
-        self.bit += 1;
-        Some(u32::from(v))
-    }
-
-    fn bits(&mut self, n: u32) -> Option<u32> {
-        (0..n).try_fold(0u32, |acc, _| Some(acc << 1 | self.bit()?))
-    }
-
-    /// Exp-Golomb ue(v); longer than 31 leading zeros is malformed for every SPS field.
-    fn ue(&mut self) -> Option<u32> {
-        let mut zeros = 0;
-        while self.bit()? == 0 {
-            zeros += 1;
-            if zeros > 31 {
-                return None;
-            }
-        }
-        let rest = self.bits(zeros)?;
-        Some(((1u64 << zeros) - 1 + u64::from(rest)).min(u64::from(u32::MAX)) as u32)
-    }
-
-    fn se(&mut self) -> Option<i64> {
-        let k = i64::from(self.ue()?);
-        Some(if k % 2 == 1 { (k + 1) / 2 } else { -(k / 2) })
-    }
-}
-
-/// The RBSP of a NAL unit payload: drops the 03 of every `00 00 03`.
-fn unescape(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len());
-    let mut zeros = 0;
-    for &b in payload {
-        if zeros >= 2 && b == 3 {
-            zeros = 0;
-            continue;
-        }
-        zeros = if b == 0 { zeros + 1 } else { 0 };
-        out.push(b);
-    }
-    out
-}
-
-/// Skips a scaling_list() of `size` entries (H.264 7.3.2.1.1.1).
-fn skip_scaling_list(r: &mut BitReader<'_>, size: usize) -> Option<()> {
-    let mut last = 8i64;
-    let mut next = 8i64;
-    for _ in 0..size {
-        if next != 0 {
-            next = (last + r.se()? + 256).rem_euclid(256);
-        }
-        if next != 0 {
-            last = next;
-        }
-    }
-    Some(())
-}
-
-/// Cropped picture size from an SPS NAL unit (header byte included), H.264 7.3.2.1.1.
+/// Cropped picture size from an SPS NAL unit (header byte included), H.264 7.3.2.1.1, as
+/// h264-reader reads it (retina's RTSP client already parses cameras' SPSs with it).
 pub fn h264_sps_dimensions(sps: &[u8]) -> Option<Dimensions> {
-    let (&header, payload) = sps.split_first()?;
+    let (&header, _) = sps.split_first()?;
     if header & 0x1f != nal_type::SPS {
         return None;
     }
-    let rbsp = unescape(payload);
-    let mut r = BitReader {
-        data: &rbsp,
-        bit: 0,
-    };
-    let profile_idc = r.bits(8)?;
-    r.bits(16)?; // constraint flags, level_idc
-    r.ue()?; // seq_parameter_set_id
-    let mut chroma_format_idc = 1;
-    let mut separate_colour_plane = 0;
-    if matches!(
-        profile_idc,
-        100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
-    ) {
-        chroma_format_idc = r.ue()?;
-        if chroma_format_idc == 3 {
-            separate_colour_plane = r.bit()?;
-        }
-        r.ue()?; // bit_depth_luma_minus8
-        r.ue()?; // bit_depth_chroma_minus8
-        r.bit()?; // qpprime_y_zero_transform_bypass_flag
-        if r.bit()? == 1 {
-            let lists = if chroma_format_idc == 3 { 12 } else { 8 };
-            for i in 0..lists {
-                if r.bit()? == 1 {
-                    skip_scaling_list(&mut r, if i < 6 { 16 } else { 64 })?;
-                }
-            }
-        }
-    }
-    r.ue()?; // log2_max_frame_num_minus4
-    match r.ue()? {
-        0 => {
-            r.ue()?; // log2_max_pic_order_cnt_lsb_minus4
-        }
-        1 => {
-            r.bit()?;
-            r.se()?;
-            r.se()?;
-            let cycle = r.ue()?;
-            if cycle > 255 {
-                return None;
-            }
-            for _ in 0..cycle {
-                r.se()?;
-            }
-        }
-        _ => {}
-    }
-    r.ue()?; // max_num_ref_frames
-    r.bit()?; // gaps_in_frame_num_value_allowed_flag
-    let width_mbs = u64::from(r.ue()?) + 1;
-    let height_map_units = u64::from(r.ue()?) + 1;
-    let frame_mbs_only = u64::from(r.bit()?);
-    if frame_mbs_only == 0 {
-        r.bit()?; // mb_adaptive_frame_field_flag
-    }
-    r.bit()?; // direct_8x8_inference_flag
-    let (mut crop_x, mut crop_y) = (0u64, 0u64);
-    if r.bit()? == 1 {
-        let left = u64::from(r.ue()?);
-        let right = u64::from(r.ue()?);
-        let top = u64::from(r.ue()?);
-        let bottom = u64::from(r.ue()?);
-        // Crop units (Table 6-1 and equations 7-19..7-22).
-        let chroma_array_type = if separate_colour_plane == 1 {
-            0
-        } else {
-            chroma_format_idc
-        };
-        let (unit_x, unit_y) = match chroma_array_type {
-            0 => (1, 2 - frame_mbs_only),
-            1 => (2, 2 * (2 - frame_mbs_only)),
-            2 => (2, 2 - frame_mbs_only),
-            _ => (1, 2 - frame_mbs_only),
-        };
-        crop_x = (left + right) * unit_x;
-        crop_y = (top + bottom) * unit_y;
-    }
-    let width = (width_mbs * 16).checked_sub(crop_x)?;
-    let height = ((2 - frame_mbs_only) * height_map_units * 16).checked_sub(crop_y)?;
-    let dims = Dimensions {
-        width: u32::try_from(width).ok()?,
-        height: u32::try_from(height).ok()?,
-    };
+    let rbsp = rbsp::decode_nal(sps).ok()?;
+    let reader = TrailingDataOk(rbsp::BitReader::new(&*rbsp));
+    let (width, height) = SeqParameterSet::from_bits(reader)
+        .ok()?
+        .pixel_dimensions()
+        .ok()?;
+    let dims = Dimensions { width, height };
     (dims.width > 0 && dims.height > 0 && dims.width <= 16_384 && dims.height <= 16_384)
         .then_some(dims)
+}
+
+/// An RBSP reader that accepts data after the SPS's last field, as retina does: some cameras
+/// send it, and the picture size is read long before it.
+struct TrailingDataOk<R>(R);
+
+impl<R: BitRead> BitRead for TrailingDataOk<R> {
+    fn read_ue(&mut self, name: &'static str) -> Result<u32, BitReaderError> {
+        self.0.read_ue(name)
+    }
+    fn read_se(&mut self, name: &'static str) -> Result<i32, BitReaderError> {
+        self.0.read_se(name)
+    }
+    fn read_bool(&mut self, name: &'static str) -> Result<bool, BitReaderError> {
+        self.0.read_bool(name)
+    }
+    fn read<U: Numeric>(&mut self, bits: u32, name: &'static str) -> Result<U, BitReaderError> {
+        self.0.read(bits, name)
+    }
+    fn read_to<V: Primitive>(&mut self, name: &'static str) -> Result<V, BitReaderError> {
+        self.0.read_to(name)
+    }
+    fn skip(&mut self, bits: u32, name: &'static str) -> Result<(), BitReaderError> {
+        self.0.skip(bits, name)
+    }
+    fn has_more_rbsp_data(&mut self, name: &'static str) -> Result<bool, BitReaderError> {
+        self.0.has_more_rbsp_data(name)
+    }
+    fn finish_rbsp(self) -> Result<(), BitReaderError> {
+        match self.0.finish_rbsp() {
+            Err(BitReaderError::RemainingData) => Ok(()),
+            other => other,
+        }
+    }
+    fn finish_sei_payload(self) -> Result<(), BitReaderError> {
+        self.0.finish_sei_payload()
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +164,33 @@ mod tests {
         );
     }
 
+    /// Cameras' 1080p SPSs: 1088 coded lines (68 macroblock rows) with 8 cropped at the bottom,
+    /// once Baseline and once High profile (chroma format and scaling-list flags, then a VUI).
+    #[test]
+    fn cropped_1080p_sps_says_1920x1080() {
+        let baseline = [
+            0x67, 0x42, 0xc0, 0x28, 0xd9, 0x00, 0x78, 0x02, 0x27, 0xe5, 0x84, 0x00, 0x00, 0x03,
+            0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0xf0, 0x3c, 0x60, 0xc9, 0x20,
+        ];
+        let high = [
+            0x67, 0x64, 0x00, 0x28, 0xac, 0xd9, 0x40, 0x78, 0x02, 0x27, 0xe5, 0x84, 0x00, 0x00,
+            0x03, 0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0xf0, 0x3c, 0x60, 0xc6, 0x58,
+        ];
+        let full_hd = Some(Dimensions {
+            width: 1920,
+            height: 1080,
+        });
+        assert_eq!(h264_sps_dimensions(&baseline), full_hd);
+        assert_eq!(h264_sps_dimensions(&high), full_hd);
+        let mut trailing = high.to_vec();
+        trailing.extend_from_slice(&[0x80, 0x00]);
+        assert_eq!(
+            h264_sps_dimensions(&trailing),
+            full_hd,
+            "data after the SPS is ignored"
+        );
+    }
+
     #[test]
     fn avcc_layout() {
         let (sps, pps) = testclip_sps_pps();
@@ -297,6 +219,11 @@ mod tests {
         let (sps, _) = testclip_sps_pps();
         for cut in 0..sps.len() {
             let _ = h264_sps_dimensions(&sps[..cut]);
+        }
+        for bit in 8..sps.len() * 8 {
+            let mut flipped = sps.clone();
+            flipped[bit / 8] ^= 0x80 >> (bit % 8);
+            let _ = h264_sps_dimensions(&flipped);
         }
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..2_000 {

@@ -13,6 +13,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use call_assist_core::h264::{nal_type, nal_unit_type, split_nalus};
 use call_assist_core::{Codec, MediaFrame, MediaKind};
 
@@ -252,8 +253,8 @@ impl RtpForwarder {
                     }
                     sdp.push_str(&format!(
                         ";sprop-parameter-sets={},{}",
-                        base64(sps),
-                        base64(pps)
+                        BASE64_STANDARD.encode(sps),
+                        BASE64_STANDARD.encode(pps)
                     ));
                 }
                 sdp.push_str("\r\n");
@@ -369,22 +370,6 @@ pub fn packetize_vp8(frame: &[u8], max_payload: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Standard base64 with padding (RFC 4648 §4), for sprop-parameter-sets.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let sextet = |v: u32| char::from(ALPHABET.get((v & 63) as usize).copied().unwrap_or(b'A'));
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let n = b(0) << 16 | b(1) << 8 | b(2);
-        out.push(sextet(n >> 18));
-        out.push(sextet(n >> 12));
-        out.push(if chunk.len() > 1 { sextet(n >> 6) } else { '=' });
-        out.push(if chunk.len() > 2 { sextet(n) } else { '=' });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,20 +468,6 @@ mod tests {
             .collect();
         assert_eq!(joined, frame);
         assert!(packetize_vp8(&[], MAX_RTP_PAYLOAD).is_empty());
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (plain, coded) in cases {
-            assert_eq!(base64(plain.as_bytes()), coded);
-        }
     }
 
     /// Two sockets on 127.0.0.1 at an even port P and at P + 2.
@@ -605,6 +576,23 @@ mod tests {
         assert!(sdp.contains(
             "a=fmtp:96 packetization-mode=1;profile-level-id=42c01e;sprop-parameter-sets="
         ));
+        let sprop = sdp.split("sprop-parameter-sets=").nth(1).unwrap();
+        let sprop: Vec<Vec<u8>> = sprop
+            .lines()
+            .next()
+            .unwrap()
+            .split(',')
+            .map(|b| BASE64_STANDARD.decode(b).unwrap())
+            .collect();
+        let first = &h264_clip(0)[0].data;
+        let param_sets: Vec<Vec<u8>> = split_nalus(first)
+            .filter(|n| matches!(nal_unit_type(n), Some(7 | 8)))
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert_eq!(
+            sprop, param_sets,
+            "sprop-parameter-sets carries the SPS and PPS"
+        );
         assert!(!sdp.contains("m=audio"));
         let v1 = fwd.sdp_version();
         fwd.forward(&h264_clip(0)[1]).unwrap();
