@@ -27,3 +27,12 @@ pub fn init_logs(json: bool) {
         .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .init();
 }
+
+/// Writes a line to stdout; `false` once stdout is closed (a consumer that exited, `| head`).
+/// `println!` would panic there: a closed pipe must end `demo` quietly and never take a
+/// daemon's calls down.
+pub fn stdout_line(line: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use call_assist::demo::{self, DemoOptions};
-use call_assist::init_logs;
 use call_assist::live::{self, config::CallArgs, config::CommonArgs, config::ListenArgs};
 use call_assist::serve;
 use call_assist::sweep;
+use call_assist::{init_logs, stdout_line};
 use clap::{Args, Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
@@ -135,27 +135,29 @@ fn run_demo(a: DemoArgs) -> ExitCode {
         duration: Duration::from_secs(a.duration_s),
     };
     init_logs(a.json);
+    // After stdout closes (`demo | head -1`) the rest is dropped quietly.
+    let mut open = true;
     let report = demo::run(&opts, |line| {
-        if !a.json {
-            println!("{line}");
+        if !a.json && open {
+            open = stdout_line(line);
         }
     });
     if a.json {
         match serde_json::to_string(&report) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => _ = stdout_line(&s),
             Err(e) => {
                 eprintln!("error: cannot encode report: {e}");
                 return ExitCode::FAILURE;
             }
         }
-    } else {
-        println!(
+    } else if open {
+        stdout_line(&format!(
             "connected: {}, setup: {} ms, hangup: {}, trace {}",
             report.connected,
             report.setup_ms.map_or("-".into(), |m| m.to_string()),
             report.hangup_reason.as_deref().unwrap_or("-"),
             report.trace_hash
-        );
+        ));
     }
     if report.connected {
         ExitCode::SUCCESS
@@ -166,18 +168,20 @@ fn run_demo(a: DemoArgs) -> ExitCode {
 
 fn run_sweep(a: SweepArgs) -> ExitCode {
     init_logs(true);
-    if !a.json {
-        println!(
+    let mut open = a.json
+        || stdout_line(&format!(
             "{:<22} {:>5} {:>10} {:>12} {:>6} {:>7} {:>8} {:>8}",
             "profile", "runs", "connected", "ended+reason", "stuck", "panics", "p50 ms", "p95 ms"
-        );
-    }
+        ));
     let reports = sweep::sweep(a.seeds, a.first_seed, |r| {
+        if !open {
+            return;
+        }
         if a.json {
-            println!("{}", serde_json::to_string(r).unwrap_or_default());
+            open = stdout_line(&serde_json::to_string(r).unwrap_or_default());
         } else {
             let ms = |m: Option<u64>| m.map_or("-".to_owned(), |m| m.to_string());
-            println!(
+            open = stdout_line(&format!(
                 "{:<22} {:>5} {:>9.1}% {:>11.1}% {:>6} {:>7} {:>8} {:>8}",
                 r.profile,
                 r.runs,
@@ -187,7 +191,7 @@ fn run_sweep(a: SweepArgs) -> ExitCode {
                 r.panics,
                 ms(r.setup_p50_ms),
                 ms(r.setup_p95_ms)
-            );
+            ));
         }
     });
     if reports.iter().any(|r| r.stuck > 0 || r.panics > 0) {

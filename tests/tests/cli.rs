@@ -73,11 +73,17 @@ fn usage_errors_exit_2_and_say_why() {
             &[
                 "listen",
                 "--homeserver",
-                "http://127.0.0.1:9",
+                "http://h",
                 "--user",
                 "@a:b",
+                "--allow-anyone",
             ][..],
             "CALL_ASSIST_PASSWORD",
+        ),
+        // Who may call is a decision, never a default.
+        (
+            &["listen", "--homeserver", "http://h", "--user", "@a:b"][..],
+            "--allow-anyone",
         ),
     ] {
         let (code, _, err) = run(args);
@@ -102,6 +108,7 @@ fn logs_into_a_pipe_have_no_colour_codes() {
             "--allow-loopback",
             "--interface",
             "lo",
+            "--allow-anyone",
             "--state-dir",
         ])
         .arg(std::env::temp_dir().join(format!("ca-cli-{}", std::process::id())))
@@ -118,4 +125,55 @@ fn logs_into_a_pipe_have_no_colour_codes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("receiving media on"), "no log line: {err}");
     assert!(!err.contains('\x1b'), "colour codes in a pipe: {err:?}");
+}
+
+/// Runs `args` with stdout closed from the start; (exit code, stderr).
+fn with_stdout_closed(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut child = Command::new(agent_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start call-assist");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_stdout_ends_demo_quietly_and_does_not_stop_a_listener() {
+    let (code, err) = with_stdout_closed(&["demo", "--duration-s", "1"], &[]);
+    assert_eq!(code, 0, "demo | head: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, err) = with_stdout_closed(&["sweep", "--seeds", "1"], &[]);
+    assert_ne!(code, 101, "sweep | head: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A listener whose JSON lines go nowhere keeps running until its own end: here the
+    // homeserver stays unreachable, which is exit 4 after 10 s, not a panic at the first line.
+    let state = std::env::temp_dir().join(format!("ca-cli-closed-{}", std::process::id()));
+    let state = state.to_string_lossy().into_owned();
+    let (code, err) = with_stdout_closed(
+        &[
+            "listen",
+            "--homeserver",
+            "http://127.0.0.1:9",
+            "--user",
+            "@a:b",
+            "--json",
+            "--allow-loopback",
+            "--interface",
+            "lo",
+            "--allow-anyone",
+            "--state-dir",
+            &state,
+        ],
+        &[("CALL_ASSIST_PASSWORD", "pw")],
+    );
+    assert_eq!(code, 4, "listen --json | closed: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("stdout is closed"), "{err}");
 }

@@ -779,7 +779,7 @@ fn homeserver_turn_uri_with_a_host_name_is_probed_for_stun() {
         &bob.id,
         &bob.password,
         "listen",
-        &[],
+        &["--allow-anyone"],
     );
     let learned = listener.wait_event("stun", Duration::from_secs(20));
     assert_eq!(

@@ -61,11 +61,31 @@ fn de<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, SignalError> {
     serde_json::from_value(v).map_err(|e| SignalError::Malformed(e.to_string()))
 }
 
+/// The description must be of the kind the event carries (an invite's offer is an `offer`).
+fn expect_type(d: &ruma::events::call::SessionDescription, kind: &str) -> Result<(), SignalError> {
+    if d.session_type == kind {
+        Ok(())
+    } else {
+        Err(SignalError::Malformed(format!(
+            "description type {:?} where {kind:?} belongs",
+            d.session_type
+        )))
+    }
+}
+
 pub(crate) fn parse(event_type: &str, content: &serde_json::Value) -> Result<Signal, SignalError> {
     let c = repaired(content)?;
     Ok(match event_type {
-        "m.call.invite" => Signal::Invite(de(c)?),
-        "m.call.answer" => Signal::Answer(de(c)?),
+        "m.call.invite" => {
+            let inv: CallInviteEventContent = de(c)?;
+            expect_type(&inv.offer, "offer")?;
+            Signal::Invite(inv)
+        }
+        "m.call.answer" => {
+            let ans: CallAnswerEventContent = de(c)?;
+            expect_type(&ans.answer, "answer")?;
+            Signal::Answer(ans)
+        }
         "m.call.candidates" => Signal::Candidates(de(c)?),
         "m.call.select_answer" => Signal::SelectAnswer(de(c)?),
         "m.call.reject" => Signal::Reject(de(c)?),
@@ -155,6 +175,24 @@ mod tests {
             ),
             Err(SignalError::Malformed(_))
         ));
+        for (ty, content) in [
+            (
+                "m.call.invite",
+                json!({"call_id": "c", "party_id": "p", "version": "1",
+                "lifetime": 60000, "offer": {"type": "answer", "sdp": "v=0"}}),
+            ),
+            (
+                "m.call.answer",
+                json!({"call_id": "c", "party_id": "p", "version": "1",
+                "answer": {"type": "offer", "sdp": "v=0"}}),
+            ),
+        ] {
+            let e = parse(ty, &content).unwrap_err();
+            assert!(
+                matches!(&e, SignalError::Malformed(m) if m.contains("belongs")),
+                "{ty}: {e}"
+            );
+        }
         assert!(matches!(
             parse("m.call.sdp_stream_metadata_changed", &json!({})),
             Err(SignalError::Unhandled(_))

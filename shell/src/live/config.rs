@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub user: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub allow: Option<Vec<String>>,
+    /// `listen` answers any Matrix user (instead of an `allow` list).
+    pub allow_anyone: Option<bool>,
     pub allow_loopback: Option<bool>,
     pub interfaces: Option<Vec<String>>,
     pub exclude_interfaces: Option<Vec<String>>,
@@ -160,9 +162,12 @@ pub struct CallArgs {
 /// `listen`: answer calls from allowed users.
 #[derive(Debug, Default, Args)]
 pub struct ListenArgs {
-    /// Answer calls from this user (repeatable); without it, anyone
+    /// Answer calls from this user (repeatable); one of --allow and --allow-anyone is required
     #[arg(long, value_name = "@peer:server")]
     pub allow: Vec<String>,
+    /// Answer calls from any Matrix user (the camera goes to whoever calls)
+    #[arg(long, conflicts_with = "allow")]
+    pub allow_anyone: bool,
     /// Exit after this many calls
     #[arg(long, value_name = "N")]
     pub max_calls: Option<u32>,
@@ -269,6 +274,28 @@ pub(crate) fn parse_video(s: &str) -> Result<VideoChoice, ConfigError> {
             "--video-codec must be auto, h264 or vp8, got {other:?}"
         ))),
     }
+}
+
+/// Who may call a listener: a decision, never a default (it sends its camera to the caller).
+fn listen_allow(a: &ListenArgs, file: &FileConfig) -> Result<Vec<OwnedUserId>, ConfigError> {
+    let allow: Vec<OwnedUserId> = list(a.allow.clone(), file.allow.clone())
+        .iter()
+        .map(|u| user_id(u, "--allow"))
+        .collect::<Result<_, _>>()?;
+    let anyone = a.allow_anyone || (a.allow.is_empty() && file.allow_anyone == Some(true));
+    if allow.is_empty() && !anyone {
+        return Err(ConfigError(
+            "listen answers only the users given with --allow @user:server (or `allow = [...]` \
+             in --config); to answer any Matrix user, say --allow-anyone"
+                .into(),
+        ));
+    }
+    if anyone && !allow.is_empty() {
+        return Err(ConfigError(
+            "give either an allow list or allow_anyone, not both".into(),
+        ));
+    }
+    Ok(allow)
 }
 
 /// A list flag given replaces the file's list.
@@ -424,10 +451,7 @@ fn mode(command: &LiveCommand, file: &FileConfig) -> Result<Mode, ConfigError> {
             }
         }
         LiveCommand::Listen(a) => Mode::Listen {
-            allow: list(a.allow.clone(), file.allow.clone())
-                .iter()
-                .map(|u| user_id(u, "--allow"))
-                .collect::<Result<_, _>>()?,
+            allow: listen_allow(a, file)?,
             max_calls: a.max_calls.or(file.max_calls),
             hangup_after: a.duration_s.or(file.duration_s).map(Duration::from_secs),
         },
@@ -564,6 +588,30 @@ mod tests {
             .unwrap_err();
             assert!(e.0.contains(needle), "{flags}: {e}");
         }
+    }
+
+    #[test]
+    fn listen_needs_an_allow_list_or_allow_anyone() {
+        let pw = || env(&[("CALL_ASSIST_PASSWORD", "x")]);
+        let base = "--homeserver http://h --user @a:h";
+        let e = parse("listen", base, pw()).unwrap_err();
+        assert!(e.0.contains("--allow-anyone"), "{e}");
+        let o = parse("listen", &format!("{base} --allow-anyone"), pw()).unwrap();
+        assert!(matches!(o.mode, Mode::Listen { ref allow, .. } if allow.is_empty()));
+        assert!(matches!(
+            super::super::call_policy(&o.mode),
+            call_assist_core::CallPolicy::Anyone
+        ));
+        let o = parse("listen", &format!("{base} --allow @b:h"), pw()).unwrap();
+        assert!(
+            matches!(super::super::call_policy(&o.mode), call_assist_core::CallPolicy::Allow(ref a) if a.len() == 1)
+        );
+        assert!(parse(
+            "listen",
+            &format!("{base} --allow @b:h --allow-anyone"),
+            pw()
+        )
+        .is_err());
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub(crate) enum Style {
 pub(crate) struct Lines {
     style: Style,
     subscribers: Vec<Sender<String>>,
+    /// Stdout was closed: the run goes on, its lines go only to subscribers.
+    stdout_closed: bool,
 }
 
 impl Lines {
@@ -58,12 +60,13 @@ impl Lines {
         Lines {
             style,
             subscribers: Vec::new(),
+            stdout_closed: false,
         }
     }
 
     pub fn emit(&mut self, v: Value) {
         match self.style {
-            Style::Json => println!("{v}"),
+            Style::Json => self.print(&v.to_string()),
             Style::Text => {}
             Style::Log => {
                 // User and room ids only at debug level (house rule), the rest at info.
@@ -95,9 +98,16 @@ impl Lines {
     }
 
     /// A human line (text style only).
-    pub fn say(&self, line: &str) {
+    pub fn say(&mut self, line: &str) {
         if self.style == Style::Text {
-            println!("{line}");
+            self.print(line);
+        }
+    }
+
+    fn print(&mut self, line: &str) {
+        if !self.stdout_closed && !crate::stdout_line(line) {
+            self.stdout_closed = true;
+            warn!("stdout is closed: no more event lines there (the run goes on)");
         }
     }
 
@@ -114,7 +124,7 @@ impl Lines {
 }
 
 /// Whose invites ring.
-fn call_policy(mode: &Mode) -> CallPolicy {
+pub(crate) fn call_policy(mode: &Mode) -> CallPolicy {
     match mode {
         Mode::Listen { allow, .. } if !allow.is_empty() => CallPolicy::Allow(allow.clone()),
         Mode::Listen { .. } => CallPolicy::Anyone,

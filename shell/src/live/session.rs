@@ -49,20 +49,52 @@ impl SavedSession {
         (s.homeserver == homeserver && s.user_id == user.as_str()).then_some(s)
     }
 
-    /// Writes the session, readable by the owner only.
+    /// Writes the session, readable by the owner only from its first byte, in a state dir
+    /// only the owner may enter.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
         let path = Self::path(dir);
         let tmp = dir.join("session.json.tmp");
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = private_file().open(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
         std::fs::rename(tmp, path)
     }
+}
+
+/// Creates `dir` with mode 0700; an existing dir is left as it is (it may be shared on
+/// purpose), with a warning when others may enter it.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        b.mode(0o700);
+        b.create(dir)?;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "state dir {} is open to other users (mode {:o}); chmod 700 it",
+                dir.display(),
+                mode & 0o777
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    b.create(dir)
+}
+
+/// Options that create a new file readable by the owner only (mode 0600 from the start).
+pub(crate) fn private_file() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
 }
 
 /// What to log in with: a saved access token first, with the password (if any) kept as the
@@ -95,6 +127,14 @@ mod tests {
             device_id: "DEV".into(),
             access_token: "tok".into(),
         };
+        s.save(&dir).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&dir), 0o700, "state dir");
+            assert_eq!(mode(&dir.join("session.json")), 0o600, "session file");
+        }
         s.save(&dir).unwrap();
         assert_eq!(SavedSession::load(&dir, "http://h", &user), Some(s));
         assert_eq!(SavedSession::load(&dir, "http://other", &user), None);

@@ -206,7 +206,7 @@ pub(crate) mod tests {
     }
 
     /// A file from another muxer: one second of a tone encoded by ffmpeg (libopus, 20 ms
-    /// frames) reads as its packets, about 48 000 samples. Skipped without ffmpeg.
+    /// frames) reads as its packets, about 48 000 samples. Fails without ffmpeg (CI installs it).
     #[test]
     fn ffmpeg_ogg_opus_file_lasts_one_second() {
         let path = std::env::temp_dir().join(format!("call-assist-ogg-{}.ogg", std::process::id()));
@@ -225,10 +225,7 @@ pub(crate) mod tests {
             .status();
         match status {
             Ok(s) if s.success() => {}
-            other => {
-                eprintln!("ffmpeg with libopus not runnable ({other:?}); skipping");
-                return;
-            }
+            other => panic!("ffmpeg with libopus is needed for this test: {other:?}"),
         }
         let data = std::fs::read(&path).unwrap();
         let _ = std::fs::remove_file(&path);

@@ -914,7 +914,7 @@ mod tests {
         assert_eq!(summary.skipped_frames, 0);
         assert_eq!(summary.duration_ms, 4_000);
 
-        let Some(probe) = ffprobe(&path) else { return };
+        let probe = ffprobe(&path);
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "h264");
         assert_eq!(
@@ -936,7 +936,7 @@ mod tests {
         let summary = record(&dir, &frames).finish().unwrap();
         assert_eq!((summary.video_frames, summary.audio_frames), (60, 200));
         let path = summary.path.unwrap();
-        let Some(probe) = ffprobe(&path) else { return };
+        let probe = ffprobe(&path);
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "vp8");
         assert_eq!(
@@ -995,9 +995,7 @@ mod tests {
         }
         let summary = rec.finish().unwrap();
         assert_eq!((summary.video_codec, summary.audio_frames), (None, 150));
-        let Some(probe) = ffprobe(&summary.path.unwrap()) else {
-            return;
-        };
+        let probe = ffprobe(&summary.path.unwrap());
         assert!(stream(&probe, "video").is_none());
         assert_eq!(stream(&probe, "audio").unwrap()["codec_name"], "pcm_alaw");
         assert_close(num(&probe["format"]["duration"]), 3.0, 0.1, "duration");
@@ -1014,7 +1012,7 @@ mod tests {
         drop(rec);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..4], &[0x1A, 0x45, 0xDF, 0xA3]);
-        let Some(probe) = ffprobe(&path) else { return };
+        let probe = ffprobe(&path);
         let v = stream(&probe, "video").expect("video stream");
         assert_eq!(v["codec_name"], "h264");
         assert_eq!(num(&v["nb_read_frames"]), 45.0);
@@ -1031,9 +1029,7 @@ mod tests {
         let summary = record(&dir, &frames).finish().unwrap();
         assert_eq!(summary.video_frames, 45);
         assert_eq!(summary.skipped_frames, 10);
-        let Some(probe) = ffprobe(&summary.path.unwrap()) else {
-            return;
-        };
+        let probe = ffprobe(&summary.path.unwrap());
         assert_eq!(
             num(&stream(&probe, "video").unwrap()["nb_read_frames"]),
             45.0
