@@ -582,7 +582,7 @@ mod tests {
         ] {
             let e = parse(
                 "listen",
-                &format!("{base} {flags}"),
+                &format!("{base} --allow-anyone {flags}"),
                 env(&[("CALL_ASSIST_PASSWORD", "pw")]),
             )
             .unwrap_err();
