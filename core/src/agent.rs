@@ -54,6 +54,8 @@ pub struct Agent {
     matrix: MatrixClient,
     calls: BTreeMap<CallId, Call>,
     orphans: BTreeMap<CallId, Orphans>,
+    /// Calls the /sync batch being processed answers, rejects or hangs up.
+    batch_settled: std::collections::BTreeSet<CallId>,
     events: VecDeque<AgentEvent>,
     dropped_media_events: u64,
     stun: StunClient,
@@ -144,6 +146,7 @@ impl Agent {
             matrix,
             calls: BTreeMap::new(),
             orphans: BTreeMap::new(),
+            batch_settled: std::collections::BTreeSet::new(),
             events: VecDeque::new(),
             dropped_media_events: 0,
             turn_servers: None,
@@ -378,7 +381,24 @@ impl Agent {
     /// Moves matrix events into the calls and call actions into the outbox / event queue.
     fn process(&mut self) {
         self.process_turn();
-        while let Some(ev) = self.matrix.poll_event() {
+        loop {
+            // A whole /sync batch at once: the spec's call event liveness looks at all of it
+            // before ringing (an invite it already answers or ends is not rung).
+            let batch: Vec<MatrixEvent> = std::iter::from_fn(|| self.matrix.poll_event()).collect();
+            if batch.is_empty() {
+                break;
+            }
+            self.batch_settled = settled_calls(&batch);
+            for ev in batch {
+                self.on_matrix_event(ev);
+            }
+            self.batch_settled.clear();
+        }
+        self.drain_call_actions();
+    }
+
+    fn on_matrix_event(&mut self, ev: MatrixEvent) {
+        {
             match ev {
                 MatrixEvent::LoggedIn {
                     user_id,
@@ -464,7 +484,6 @@ impl Agent {
                 }
             }
         }
-        self.drain_call_actions();
     }
 
     /// TURN allocations that came or went: relay candidates for the calls.
@@ -634,6 +653,30 @@ impl Agent {
         self.drain_call_actions();
     }
 
+    /// An invite we cannot take is answered at once, so the caller's client shows busy:
+    /// `m.call.reject` (version 1), or a hangup with `user_busy` for version 0 peers.
+    fn reject_busy(&mut self, ev: &RoomEvent, call_id: &str, peer_v0: bool) {
+        let (event_type, content) = if peer_v0 {
+            (
+                "m.call.hangup",
+                serde_json::json!({"call_id": call_id, "version": "0", "reason": HangupReason::UserBusy.as_str()}),
+            )
+        } else {
+            (
+                "m.call.reject",
+                serde_json::json!({"call_id": call_id, "party_id": self.party_id, "version": "1"}),
+            )
+        };
+        let txn = format!("ca{}", self.rng.id(16));
+        if self
+            .matrix
+            .send_event(ev.room_id.clone(), event_type, content, txn)
+            .is_err()
+        {
+            warn!(%call_id, "the busy answer could not be queued");
+        }
+    }
+
     fn keep_orphans(&mut self, call_id: &str, lines: impl Iterator<Item = String>, now: Instant) {
         if !self.orphans.contains_key(call_id) && self.orphans.len() >= limits::MAX_ORPHAN_CALLS {
             let oldest = self
@@ -666,6 +709,10 @@ impl Agent {
         let call_id = inv.call_id.to_string();
         if self.calls.contains_key(&call_id) {
             debug!(%call_id, "invite for a known call ignored (replay)");
+            return;
+        }
+        if self.batch_settled.contains(&call_id) {
+            info!(%call_id, "invite already answered, rejected or hung up in the same sync: not rung");
             return;
         }
         let lifetime = Duration::from_millis(u64::from(inv.lifetime));
@@ -718,13 +765,34 @@ impl Agent {
                 return;
             }
         }
+        // A caller who retries gets through: their earlier unconnected invite in this room
+        // gives way to the new one.
+        for c in self.calls.values_mut() {
+            let unconnected = matches!(c.state, CallState::Ringing | CallState::Connecting);
+            if c.direction == CallDirection::Inbound
+                && unconnected
+                && c.peer == ev.sender
+                && c.room_id == ev.room_id
+            {
+                info!(call_id = %c.id, new = %call_id, "the caller's new invite replaces this unconnected call");
+                c.hangup(HangupReason::UserHangup, now);
+            }
+        }
+        self.drain_call_actions();
+        let from_peer = self
+            .calls
+            .values()
+            .filter(|c| c.direction == CallDirection::Inbound && c.peer == ev.sender)
+            .filter(|c| matches!(c.state, CallState::Ringing | CallState::Connecting))
+            .count();
         let live = self
             .calls
             .values()
             .filter(|c| c.state != CallState::Ended)
             .count();
-        if live >= limits::MAX_CALLS {
-            warn!(%call_id, "too many calls; invite not rung");
+        if live >= limits::MAX_CALLS || from_peer >= limits::MAX_UNCONNECTED_PER_PEER {
+            warn!(%call_id, live, from_peer, "busy: invite answered with a rejection");
+            self.reject_busy(ev, &call_id, inv.party_id.is_none());
             return;
         }
         let call = Call::inbound(
@@ -1011,4 +1079,22 @@ fn push_event(events: &mut VecDeque<AgentEvent>, dropped_media: &mut u64, e: Age
         }
     }
     events.push_back(e);
+}
+
+/// Call ids that a batch of events answers, rejects or hangs up (by anyone).
+fn settled_calls(batch: &[MatrixEvent]) -> std::collections::BTreeSet<CallId> {
+    batch
+        .iter()
+        .filter_map(|ev| match ev {
+            MatrixEvent::Timeline(e)
+                if matches!(
+                    e.event_type.as_str(),
+                    "m.call.answer" | "m.call.reject" | "m.call.hangup"
+                ) =>
+            {
+                e.content.get("call_id")?.as_str().map(str::to_owned)
+            }
+            _ => None,
+        })
+        .collect()
 }

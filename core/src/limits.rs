@@ -8,11 +8,16 @@
 
 use std::time::Duration;
 
-/// Calls one agent tracks at once (ringing + active + ended-not-yet-collected).
-/// When full, further invites are not rung (logged) and `place_call` returns `ApiError::TooManyCalls`.
-/// A hub is measured with 10 calls at once (README "Performance": about 0.4 MB each); ended
-/// calls count here for `ENDED_CALL_MEMORY`, so the limit leaves room above that.
+/// Live calls (ringing, connecting, connected) one agent has at once; ended calls are kept
+/// for `ENDED_CALL_MEMORY` but do not count. When full, further invites are answered busy
+/// (`m.call.reject`, or a `user_busy` hangup for version 0) and `place_call` returns
+/// `ApiError::TooManyCalls`. A hub is measured with 10 calls at once (README "Performance":
+/// about 0.4 MB each).
 pub const MAX_CALLS: usize = 16;
+
+/// Unconnected (ringing or connecting) calls one peer may hold at once. Their next invite is
+/// answered busy, so a burst of invites from one peer cannot fill the hub.
+pub const MAX_UNCONNECTED_PER_PEER: usize = 2;
 
 /// Agent events waiting for the driver. The driver drains after every input, so this only
 /// fills if it does not; then remote media frames are dropped first (counted), never call events.

@@ -270,3 +270,106 @@ fn candidates_arriving_before_their_invite_are_kept() {
     assert!(rang);
     assert_eq!(checks, 0, "without candidates bob has nobody to check");
 }
+
+impl BobAndCarol {
+    /// Carol sends several events at once: they reach Bob in one /sync batch.
+    fn carol_sends_together(&mut self, room: &OwnedRoomId, events: Vec<(&str, Value)>) {
+        let unix = self.world.unix_ms();
+        let n = events.len();
+        let ids = self.world.hs.inject_batch(room, &self.carol, events, unix);
+        assert_eq!(ids.len(), n);
+        self.world.run_for(Duration::from_secs(2));
+    }
+
+    /// What Bob sent in `room` for `call_id`: the event types.
+    fn bob_sent(&self, room: &OwnedRoomId, call_id: &str) -> Vec<String> {
+        self.world
+            .hs
+            .room_events(room)
+            .iter()
+            .filter(|e| e["sender"] == self.bob_id.as_str() && e["content"]["call_id"] == call_id)
+            .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+#[test]
+fn invite_hung_up_in_the_same_sync_is_not_rung() {
+    let mut s = BobAndCarol::new(31);
+    let room = s.room.clone();
+    let hangup = json!({"call_id": "gone", "party_id": CAROL_PARTY, "version": "1",
+        "reason": "user_hangup"});
+    let invite = s.invite("gone");
+    s.carol_sends_together(
+        &room,
+        vec![("m.call.invite", invite), ("m.call.hangup", hangup)],
+    );
+    assert!(
+        !s.rang("gone"),
+        "an invite its own sync batch hangs up rang"
+    );
+    // Positive control: the same batch without the hangup rings.
+    let invite = s.invite("live");
+    s.carol_sends_together(&room, vec![("m.call.invite", invite)]);
+    assert!(s.rang("live"));
+}
+
+#[test]
+fn a_retried_invite_replaces_the_unconnected_one() {
+    let mut s = BobAndCarol::new(32);
+    let room = s.room.clone();
+    let first = s.invite("first");
+    s.carol_sends(&room, "m.call.invite", first, Duration::ZERO);
+    assert!(s.rang("first"));
+    let second = s.invite("second");
+    s.carol_sends(&room, "m.call.invite", second, Duration::ZERO);
+    assert!(s.rang("second"), "the retry did not ring");
+    let bob = &s.world.agents[s.bob];
+    assert!(
+        bob.reached("first", CallState::Ended),
+        "the first call still rings"
+    );
+    assert!(bob.reached("second", CallState::Ringing));
+    assert_eq!(s.bob_sent(&room, "first"), ["m.call.reject"]);
+}
+
+#[test]
+fn invites_beyond_a_peers_unconnected_limit_are_answered_busy() {
+    let mut s = BobAndCarol::new(33);
+    let (carol, bob_id) = (s.carol.clone(), s.bob_id.clone());
+    let mut rooms = Vec::new();
+    for _ in 0..3 {
+        let unix = s.world.unix_ms();
+        rooms.push(s.world.hs.create_room(&[&carol, &bob_id], false, unix));
+    }
+    s.world.run_for(Duration::from_secs(1));
+    for (i, room) in rooms.iter().enumerate() {
+        let invite = s.invite(&format!("burst{i}"));
+        s.carol_sends(room, "m.call.invite", invite, Duration::ZERO);
+    }
+    assert!(s.rang("burst0") && s.rang("burst1"));
+    assert!(
+        !s.rang("burst2"),
+        "a third unconnected call from one peer rang"
+    );
+    assert_eq!(
+        s.bob_sent(&rooms[2], "burst2"),
+        ["m.call.reject"],
+        "the busy invite was not answered"
+    );
+    // A version 0 invite has no reject: it gets a user_busy hangup.
+    let v0 = json!({"call_id": "old-client", "version": 0, "lifetime": 60000,
+        "offer": {"type": "offer", "sdp": s.offer_sdp}});
+    let room = rooms[2].clone();
+    s.carol_sends(&room, "m.call.invite", v0, Duration::ZERO);
+    let hangup: Vec<Value> = s
+        .world
+        .hs
+        .room_events(&room)
+        .into_iter()
+        .filter(|e| e["sender"] == s.bob_id.as_str() && e["content"]["call_id"] == "old-client")
+        .collect();
+    assert_eq!(hangup.len(), 1, "{hangup:?}");
+    assert_eq!(hangup[0]["type"], "m.call.hangup");
+    assert_eq!(hangup[0]["content"]["reason"], "user_busy");
+}

@@ -361,6 +361,25 @@ impl SimHomeserver {
         id.unwrap_or_default()
     }
 
+    /// Appends several events before any waiting /sync is answered, so they reach the
+    /// members in one sync batch. Returns their ids (empty for an unknown room).
+    pub fn inject_batch(
+        &mut self,
+        room: &RoomId,
+        sender: &UserId,
+        events: Vec<(&str, Value)>,
+        unix_ms: u64,
+    ) -> Vec<String> {
+        let ids = events
+            .into_iter()
+            .filter_map(|(event_type, content)| {
+                self.append(room, StoredEvent::new(sender, event_type, None, content, unix_ms))
+            })
+            .collect();
+        self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
+        ids
+    }
+
     pub fn set_turn_server(
         &mut self,
         uris: Vec<String>,

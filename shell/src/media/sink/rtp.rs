@@ -636,7 +636,10 @@ mod tests {
             .arg("-version")
             .stdout(Stdio::null())
             .status();
-        assert!(found.is_ok(), "ffmpeg is needed for this test (apt install ffmpeg): {found:?}");
+        assert!(
+            found.is_ok(),
+            "ffmpeg is needed for this test (apt install ffmpeg): {found:?}"
+        );
         let dir = temp_dir("rtp");
         let (video_rx, audio_rx) = port_pair();
         let dest = video_rx.local_addr().unwrap();
