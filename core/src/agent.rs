@@ -56,6 +56,7 @@ pub struct Agent {
     orphans: BTreeMap<CallId, Orphans>,
     /// Calls the /sync batch being processed answers, rejects or hangs up.
     batch_settled: std::collections::BTreeSet<CallId>,
+    panics_caught: u64,
     events: VecDeque<AgentEvent>,
     dropped_media_events: u64,
     stun: StunClient,
@@ -147,6 +148,7 @@ impl Agent {
             calls: BTreeMap::new(),
             orphans: BTreeMap::new(),
             batch_settled: std::collections::BTreeSet::new(),
+            panics_caught: 0,
             events: VecDeque::new(),
             dropped_media_events: 0,
             turn_servers: None,
@@ -267,6 +269,11 @@ impl Agent {
     /// Room events waiting for the homeserver.
     pub fn outbox_len(&self) -> usize {
         self.matrix.outbox_len()
+    }
+
+    /// Panics of str0m caught on a peer's SDP (each cost one call or invite).
+    pub fn panics_caught(&self) -> u64 {
+        self.panics_caught
     }
 
     /// Remote media events dropped because the driver did not drain.
@@ -545,6 +552,9 @@ impl Agent {
             while let Some(action) = call.poll_action() {
                 match action {
                     CallAction::Event(e) => {
+                        if matches!(e, AgentEvent::PanicCaught { .. }) {
+                            self.panics_caught += 1;
+                        }
                         push_event(&mut self.events, &mut self.dropped_media_events, e)
                     }
                     CallAction::Send {
@@ -653,13 +663,19 @@ impl Agent {
         self.drain_call_actions();
     }
 
-    /// An invite we cannot take is answered at once, so the caller's client shows busy:
-    /// `m.call.reject` (version 1), or a hangup with `user_busy` for version 0 peers.
-    fn reject_busy(&mut self, ev: &RoomEvent, call_id: &str, peer_v0: bool) {
+    /// An invite we cannot take is answered at once, so the caller's client shows it:
+    /// `m.call.reject` (version 1), or a hangup with `reason` for version 0 peers.
+    fn refuse_invite(
+        &mut self,
+        ev: &RoomEvent,
+        call_id: &str,
+        peer_v0: bool,
+        reason: HangupReason,
+    ) {
         let (event_type, content) = if peer_v0 {
             (
                 "m.call.hangup",
-                serde_json::json!({"call_id": call_id, "version": "0", "reason": HangupReason::UserBusy.as_str()}),
+                serde_json::json!({"call_id": call_id, "version": "0", "reason": reason.as_str()}),
             )
         } else {
             (
@@ -673,7 +689,7 @@ impl Agent {
             .send_event(ev.room_id.clone(), event_type, content, txn)
             .is_err()
         {
-            warn!(%call_id, "the busy answer could not be queued");
+            warn!(%call_id, "the refusal could not be queued");
         }
     }
 
@@ -792,7 +808,7 @@ impl Agent {
             .count();
         if live >= limits::MAX_CALLS || from_peer >= limits::MAX_UNCONNECTED_PER_PEER {
             warn!(%call_id, live, from_peer, "busy: invite answered with a rejection");
-            self.reject_busy(ev, &call_id, inv.party_id.is_none());
+            self.refuse_invite(ev, &call_id, inv.party_id.is_none(), HangupReason::UserBusy);
             return;
         }
         let call = Call::inbound(
@@ -809,7 +825,21 @@ impl Agent {
         let mut call = match call {
             Ok(c) => c,
             Err(e) => {
-                warn!(%call_id, "invite dropped: {e}");
+                // Never left ringing into silence: the caller hears at once that it failed.
+                warn!(%call_id, "invite refused: {e}");
+                if matches!(e, crate::call::InviteRefused::Panicked) {
+                    self.panics_caught += 1;
+                    self.push_event(AgentEvent::PanicCaught {
+                        call_id: Some(call_id.clone()),
+                        during: "invite",
+                    });
+                }
+                self.refuse_invite(
+                    ev,
+                    &call_id,
+                    inv.party_id.is_none(),
+                    HangupReason::UnknownError,
+                );
                 return;
             }
         };

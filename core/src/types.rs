@@ -422,6 +422,13 @@ pub enum AgentEvent {
         reason: HangupReason,
         by: Party,
     },
+    /// str0m panicked on a peer's SDP; the panic was caught and cost only this call (or
+    /// invite, `call_id` of the invite). Counted in `Agent::panics_caught`.
+    PanicCaught {
+        call_id: Option<CallId>,
+        /// What str0m was doing: `invite`, `answer`, `negotiate_offer`, `negotiate_answer`.
+        during: &'static str,
+    },
 }
 
 /// The caller misused the API.

@@ -427,9 +427,9 @@ impl Call {
         our_party: String,
         setup: &CallSetup,
         now: Instant,
-    ) -> Result<Self, String> {
-        let offer =
-            SdpOffer::from_sdp_string(offer_sdp).map_err(|e| format!("bad offer SDP: {e}"))?;
+    ) -> Result<Self, InviteRefused> {
+        let offer = SdpOffer::from_sdp_string(offer_sdp)
+            .map_err(|e| InviteRefused::Sdp(format!("bad offer SDP: {e}")))?;
         let mut call = Call::new(
             id,
             room_id,
@@ -444,8 +444,10 @@ impl Call {
         call.remote_video = invite_has_video(offer_sdp);
         (call.audio_mid, call.video_mid) = sdp_mids(offer_sdp);
         let rtc = &mut call.rtc;
-        let answer = remote_sdp(|| rtc.sdp_api().accept_offer(offer))
-            .map_err(|e| format!("offer refused: {e}"))?;
+        let answer = remote_sdp(|| rtc.sdp_api().accept_offer(offer)).map_err(|e| match e {
+            SdpRefused::Panicked => InviteRefused::Panicked,
+            e => InviteRefused::Sdp(format!("offer refused: {e}")),
+        })?;
         call.prepared_answer = Some(answer.to_sdp_string());
         call.timers.set(Timer::Lifetime, now + remaining);
         Ok(call)
@@ -681,6 +683,19 @@ impl Call {
         });
     }
 
+    /// str0m panicked on this call's `Rtc`: its state may be half-changed, so it is dropped
+    /// for a fresh one that never saw the peer (the hangup still goes out), and the panic
+    /// becomes an event.
+    fn poison(&mut self, during: &'static str, now: Instant) {
+        self.rtc = RtcConfig::new().build(now);
+        self.pending_offer = None;
+        self.event(AgentEvent::PanicCaught {
+            call_id: Some(self.id.clone()),
+            during,
+        });
+        self.hangup(HangupReason::UnknownError, now);
+    }
+
     pub fn is_forgettable(&self, now: Instant) -> bool {
         self.state == CallState::Ended && self.timers.get(Timer::Forget).is_none_or(|t| now >= t)
     }
@@ -746,10 +761,18 @@ impl Call {
             return;
         };
         let rtc = &mut self.rtc;
-        if let Err(e) = remote_sdp(|| rtc.sdp_api().accept_answer(pending, answer)) {
-            warn!(call_id = %self.id, "answer refused: {e}");
-            self.hangup(HangupReason::UnknownError, now);
-            return;
+        match remote_sdp(|| rtc.sdp_api().accept_answer(pending, answer)) {
+            Ok(()) => {}
+            Err(e @ SdpRefused::Panicked) => {
+                warn!(call_id = %self.id, "answer refused: {e}; ending the call");
+                self.poison("answer", now);
+                return;
+            }
+            Err(e) => {
+                warn!(call_id = %self.id, "answer refused: {e}");
+                self.hangup(HangupReason::UnknownError, now);
+                return;
+            }
         }
         self.peer_v0 = party.is_none();
         self.remote_video = invite_has_video(sdp);
@@ -898,7 +921,7 @@ impl Call {
                     }
                     Err(e @ SdpRefused::Panicked) => {
                         warn!(call_id = %self.id, "negotiate offer refused: {e}; ending the call");
-                        self.hangup(HangupReason::UnknownError, now);
+                        self.poison("negotiate_offer", now);
                     }
                     Err(e) => warn!(call_id = %self.id, "negotiate offer refused: {e}"),
                 }
@@ -923,7 +946,7 @@ impl Call {
                     }),
                     Err(e @ SdpRefused::Panicked) => {
                         warn!(call_id = %self.id, "negotiate answer refused: {e}; ending the call");
-                        self.hangup(HangupReason::UnknownError, now);
+                        self.poison("negotiate_answer", now);
                     }
                     Err(e) => warn!(call_id = %self.id, "negotiate answer refused: {e}"),
                 }
@@ -1206,6 +1229,24 @@ impl Call {
     }
 }
 
+/// Why an invite could not become a call.
+#[derive(Debug)]
+pub(crate) enum InviteRefused {
+    /// Its offer is unusable (unparsable, or str0m said no).
+    Sdp(String),
+    /// str0m panicked on its offer.
+    Panicked,
+}
+
+impl std::fmt::Display for InviteRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InviteRefused::Sdp(e) => f.write_str(e),
+            InviteRefused::Panicked => f.write_str("str0m panicked on the offer"),
+        }
+    }
+}
+
 /// Why str0m did not take a peer's SDP.
 #[derive(Debug)]
 enum SdpRefused {
@@ -1229,6 +1270,13 @@ impl std::fmt::Display for SdpRefused {
 /// of the process with it, so it is caught here and costs only this call (release builds
 /// unwind, see the workspace's `[profile.release]`).
 fn remote_sdp<T>(f: impl FnOnce() -> Result<T, str0m::RtcError>) -> Result<T, SdpRefused> {
+    #[cfg(test)]
+    let f = || {
+        if tests::PANIC_NEXT_SDP.with(|p| p.replace(false)) {
+            panic!("injected: str0m panics on this SDP");
+        }
+        f()
+    };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(SdpRefused::Rtc),
         Err(_) => Err(SdpRefused::Panicked),
@@ -1239,6 +1287,80 @@ fn remote_sdp<T>(f: impl FnOnce() -> Result<T, str0m::RtcError>) -> Result<T, Sd
 #[allow(clippy::disallowed_methods)] // a real Instant as the tests' time base
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// The next SDP handed to str0m panics (a stand-in for a str0m bug).
+        pub(super) static PANIC_NEXT_SDP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn setup() -> CallSetup {
+        CallSetup {
+            crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
+            local_addrs: vec!["127.0.0.1:5000".parse().unwrap()],
+            reflexive: Vec::new(),
+            relays: Vec::new(),
+            gathering: false,
+            relay_only: false,
+            video: true,
+            h264_profile: None,
+            audio: true,
+            lifetime: Duration::from_secs(60),
+        }
+    }
+
+    fn inbound(now: Instant) -> Result<Call, InviteRefused> {
+        Call::inbound(
+            "c1".into(),
+            OwnedRoomId::try_from("!r:h").unwrap(),
+            OwnedUserId::try_from("@p:h").unwrap(),
+            Some("theirs".into()),
+            &offer(None),
+            Duration::from_secs(30),
+            "ours".into(),
+            &setup(),
+            now,
+        )
+    }
+
+    #[test]
+    fn a_panic_on_an_invite_refuses_it_as_a_panic() {
+        let now = Instant::now();
+        assert!(inbound(now).is_ok());
+        PANIC_NEXT_SDP.with(|p| p.set(true));
+        assert!(matches!(inbound(now), Err(InviteRefused::Panicked)));
+    }
+
+    #[test]
+    fn a_panic_mid_call_drops_the_rtc_ends_the_call_and_is_an_event() {
+        let now = Instant::now();
+        let mut call = inbound(now).unwrap();
+        call.answer(&setup(), now).unwrap();
+        while call.poll_action().is_some() {}
+        PANIC_NEXT_SDP.with(|p| p.set(true));
+        call.on_negotiate(Some("theirs"), "offer", &offer(None), now);
+        let actions: Vec<CallAction> = std::iter::from_fn(|| call.poll_action()).collect();
+        let panic = actions.iter().any(|a| {
+            matches!(
+                a,
+                CallAction::Event(AgentEvent::PanicCaught {
+                    during: "negotiate_offer",
+                    ..
+                })
+            )
+        });
+        assert!(panic, "{actions:?}");
+        let hangup = actions.iter().any(|a| {
+            matches!(a, CallAction::Send { event_type: "m.call.hangup", content, .. }
+                if content["reason"] == "unknown_error")
+        });
+        assert!(hangup, "{actions:?}");
+        assert_eq!(call.state, CallState::Ended);
+        // The fresh Rtc has no media: the old one is gone.
+        assert!(call
+            .rtc
+            .media(call.video_mid.unwrap_or(Mid::from("0")))
+            .is_none());
+    }
 
     #[test]
     fn a_panic_in_str0m_on_remote_sdp_costs_only_that_sdp() {

@@ -179,5 +179,6 @@ fn stats<C>(d: &mut Driver<C>) {
         "audio_frames_received": c.audio_frames_received,
         "camera_up": camera_up,
         "camera_frames": camera_frames,
+        "panics_caught": d.agent.panics_caught(),
     }));
 }

@@ -472,6 +472,14 @@ impl<C: Send + 'static> Driver<C> {
                 }
             }
             AgentEvent::KeyframeRequested { call_id } => self.on_keyframe_request(call_id, now),
+            AgentEvent::PanicCaught { call_id, during } => {
+                error!(
+                    call_id = call_id.as_deref(),
+                    during, "str0m panicked on the peer's SDP; only this call ended"
+                );
+                self.lines
+                    .emit(json!({"event": "panic", "call_id": call_id, "during": during}));
+            }
             AgentEvent::CallEnded {
                 call_id,
                 reason,

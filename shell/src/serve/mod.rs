@@ -307,6 +307,7 @@ impl Serve {
                 "homeserver_reachable": d.reachable,
                 "user": self.config.user.as_str(),
                 "active_calls": active,
+                "panics_caught": d.agent.panics_caught(),
                 "stations": stations,
             }),
         )

@@ -373,7 +373,10 @@ impl SimHomeserver {
         let ids = events
             .into_iter()
             .filter_map(|(event_type, content)| {
-                self.append(room, StoredEvent::new(sender, event_type, None, content, unix_ms))
+                self.append(
+                    room,
+                    StoredEvent::new(sender, event_type, None, content, unix_ms),
+                )
             })
             .collect();
         self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
