@@ -41,6 +41,8 @@ pub struct CallInfo {
     /// `prflx`), once connected.
     pub local_candidate: Option<String>,
     pub remote_candidate: Option<String>,
+    /// Remote candidates taken (at most `limits::MAX_REMOTE_CANDIDATES`).
+    pub remote_candidates: usize,
 }
 
 /// A Matrix calling agent. See the crate docs for the loop.
@@ -183,6 +185,7 @@ impl Agent {
                 keyframes_requested: c.stats.keyframes_requested,
                 local_candidate: pair.as_ref().map(|p| p.0.clone()),
                 remote_candidate: pair.map(|p| p.1),
+                remote_candidates: c.remote_candidate_count(),
             }
         })
     }

@@ -242,9 +242,7 @@ pub fn sweep(
     first_seed: u64,
     mut progress: impl FnMut(&ProfileReport),
 ) -> Vec<ProfileReport> {
-    // Panics are counted, not printed mid-table.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    quiet_panics_on_this_thread(true);
     let mut out = Vec::new();
     for p in profiles() {
         let mut setups = Vec::new();
@@ -274,6 +272,26 @@ pub fn sweep(
         progress(&report);
         out.push(report);
     }
-    std::panic::set_hook(hook);
+    quiet_panics_on_this_thread(false);
     out
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Panics of the sweep's runs are counted, not printed mid-table. Only this thread is quieted:
+/// a panic on another thread (a test running beside the sweep) keeps its message, because the
+/// process-wide hook is wrapped once rather than swapped while others run.
+fn quiet_panics_on_this_thread(quiet: bool) {
+    static WRAP: std::sync::Once = std::sync::Once::new();
+    WRAP.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(quiet));
 }

@@ -936,10 +936,38 @@ impl Coturn {
             .stderr(Stdio::null())
             .spawn()
             .expect("coturn's turnserver must be installed (apt-get install coturn; .ci/run does)");
-        // It answers within a few hundred ms of starting.
-        thread::sleep(Duration::from_millis(700));
+        wait_for_stun(args);
         Coturn(child)
     }
+}
+
+/// Waits until the STUN server of coturn's `args` (`--listening-ip`, `--listening-port`)
+/// answers a binding request: started is not the same as listening.
+fn wait_for_stun(args: &[String]) {
+    let arg = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(name).map(str::to_owned))
+    };
+    let ip = arg("--listening-ip=").unwrap_or_else(|| "127.0.0.1".into());
+    let port = arg("--listening-port=").unwrap_or_else(|| "3478".into());
+    let server: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("coturn address");
+    let sock = std::net::UdpSocket::bind((server.ip(), 0)).expect("probe socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    // A STUN binding request: type 0x0001, length 0, the magic cookie, a transaction id.
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    request.extend_from_slice(b"ca-readyprob");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(&request, server);
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
+                return;
+            }
+        }
+    }
+    panic!("coturn did not answer STUN on {server} within 10 s");
 }
 
 /// `ffprobe -count_frames -show_streams` of a media file, as JSON (Debian package `ffmpeg`).

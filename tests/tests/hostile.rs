@@ -70,7 +70,7 @@ fn peer_whose_dtls_fingerprint_does_not_match_its_sdp_never_exchanges_media() {
 
 #[test]
 fn invite_in_a_public_room_is_not_rung() {
-    let (mut world, caller, callee, _one_to_one) = world(22);
+    let (mut world, caller, callee, one_to_one) = world(22);
     let users = [
         world.agents[caller].user_id.clone(),
         world.agents[callee].user_id.clone(),
@@ -87,6 +87,13 @@ fn invite_in_a_public_room_is_not_rung() {
         "rang in a public room"
     );
     assert!(!world.agents[caller].reached(&call_id, CallState::Connected));
+    // Positive control: the same agents, the same call in their 1:1 room, rings.
+    let call_id = world.place_call(caller, &one_to_one);
+    world.run_for(Duration::from_secs(5));
+    assert!(
+        world.agents[callee].incoming_calls().contains(&call_id),
+        "the control call in the 1:1 room did not ring"
+    );
 }
 
 #[test]
@@ -160,6 +167,12 @@ fn a_flood_of_candidates_is_cut_off_and_the_call_goes_on() {
         "the flood ended the call"
     );
     assert!(world.agents[caller].agent.outbox_len() < 4, "outbox grew");
+    // The cap it claims: of ~2000 valid candidates, exactly the limit was taken.
+    let taken = world.agents[caller]
+        .agent
+        .call_info(&call_id)
+        .map(|i| i.remote_candidates);
+    assert_eq!(taken, Some(call_assist_core::limits::MAX_REMOTE_CANDIDATES));
     // The flood reached the agent (2000 candidates) and nothing answered it in kind.
     let sent_candidates = world
         .hs

@@ -824,6 +824,10 @@ impl Call {
         }
     }
 
+    pub fn remote_candidate_count(&self) -> usize {
+        self.remote_candidates
+    }
+
     pub fn add_remote_candidate(&mut self, line: &str) {
         let line = line.trim();
         if line.is_empty() {
