@@ -184,3 +184,76 @@ pub fn h264(data: &[u8]) {
     let s = d.stats();
     assert!(s.keyframes <= s.frames);
 }
+
+/// A peer's SDP on a real str0m `Rtc`: taken as an invite's offer and answered, then as a
+/// renegotiation offer of that call, then as the answer to a call we placed. str0m's panics
+/// are caught by the call (they cost only that call); here a caught panic is a finding.
+#[allow(clippy::disallowed_methods, clippy::panic)] // a harness: any Instant; a panic is a finding
+pub fn negotiate(data: &[u8]) {
+    use crate::call::{Call, CallAction, CallSetup};
+    use crate::types::AgentEvent;
+    let Ok(sdp) = std::str::from_utf8(data) else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    let setup = CallSetup {
+        crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
+        local_addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 5000))],
+        reflexive: Vec::new(),
+        relays: Vec::new(),
+        gathering: false,
+        relay_only: false,
+        video: true,
+        h264_profile: None,
+        audio: true,
+        lifetime: std::time::Duration::from_secs(60),
+    };
+    let (Ok(room), Ok(peer)) = (
+        ruma::OwnedRoomId::try_from("!fuzz:example.org"),
+        ruma::OwnedUserId::try_from("@peer:example.org"),
+    ) else {
+        return;
+    };
+    let no_panic = |call: &mut Call| {
+        while let Some(a) = call.poll_action() {
+            if let CallAction::Event(AgentEvent::PanicCaught { during, .. }) = a {
+                panic!("str0m panicked on a peer's SDP ({during})");
+            }
+        }
+    };
+    let remaining = std::time::Duration::from_secs(30);
+    let inbound = Call::inbound(
+        "in".into(),
+        room.clone(),
+        peer.clone(),
+        Some("theirs".into()),
+        sdp,
+        remaining,
+        "ours".into(),
+        &setup,
+        now,
+    );
+    match inbound {
+        Err(crate::call::InviteRefused::Panicked) => panic!("str0m panicked on an offer"),
+        Err(_) => {}
+        Ok(mut call) => {
+            let _ = call.answer(&setup, now);
+            no_panic(&mut call);
+            call.on_negotiate(Some("theirs"), "offer", sdp, now);
+            no_panic(&mut call);
+        }
+    }
+    if let Ok(mut call) = Call::outbound(
+        "out".into(),
+        room,
+        peer.clone(),
+        Some(peer),
+        "ours".into(),
+        &setup,
+        now,
+    ) {
+        no_panic(&mut call);
+        call.on_answer(Some("theirs".into()), sdp, now);
+        no_panic(&mut call);
+    }
+}

@@ -197,3 +197,73 @@ pub fn run_bytes(data: &[u8]) -> ScenarioReport {
     }
     report
 }
+
+/// A connected call in the simulator: (world, caller, callee, call id).
+type Connected = (World, usize, usize, String);
+
+fn connected_world() -> Option<Connected> {
+    let mut world = World::new(WorldConfig::default());
+    let caller = world.add_agent("caller", "alice", CallPolicy::Anyone);
+    let callee = world.add_agent("callee", "bob", CallPolicy::Anyone);
+    world.agent(callee).auto_answer = true;
+    let room = world.create_room(&[caller, callee]);
+    if !world.run_until_synced() {
+        return None;
+    }
+    let call_id = world.place_call(caller, &room);
+    let up = world.run_until(Duration::from_secs(10), |w| {
+        w.agents[caller].reached(&call_id, CallState::Connected)
+    });
+    up.then_some((world, caller, callee, call_id))
+}
+
+/// The `datagrams` fuzz target: arbitrary datagrams (STUN, DTLS, SRTP/SRTCP, TURN or
+/// garbage) into a connected call, from the peer's address or another one. The connected
+/// world is built once per thread and kept (building one costs far more than an input); a
+/// new one replaces it when its call ended. Invariants as in [`run_bytes`]: no panic, every
+/// queue within its limit.
+///
+/// Input: records of `[flags, len, len bytes]`; flags bit 0 picks the agent, bit 1 a stranger's
+/// source address instead of the peer's.
+pub fn datagrams(data: &[u8]) {
+    thread_local! {
+        static WORLD: std::cell::RefCell<Option<Connected>> = const { std::cell::RefCell::new(None) };
+    }
+    WORLD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ended = slot
+            .as_ref()
+            .is_none_or(|(w, caller, _, call)| w.agents[*caller].ended_reason(call).is_some());
+        if ended {
+            *slot = connected_world();
+        }
+        let Some((world, caller, callee, _)) = slot.as_mut() else {
+            panic!("the simulator could not connect a call");
+        };
+        let mut rest = data;
+        while let [flags, len, tail @ ..] = rest {
+            let n = usize::from(*len).min(tail.len());
+            let (contents, next) = tail.split_at(n);
+            rest = next;
+            let (to, from) = if flags & 1 == 0 {
+                (*caller, *callee)
+            } else {
+                (*callee, *caller)
+            };
+            let source = if flags & 2 == 0 {
+                world.agents[from].addr
+            } else {
+                std::net::SocketAddr::from(([203, 0, 113, 9], 40000))
+            };
+            let d = super::net::Datagram {
+                source,
+                destination: world.agents[to].addr,
+                contents: contents.to_vec(),
+            };
+            let now = world.now();
+            world.net.send(now, d);
+        }
+        world.run_for(Duration::from_millis(30));
+        check_bounds(world);
+    });
+}
