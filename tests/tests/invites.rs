@@ -373,3 +373,14 @@ fn invites_beyond_a_peers_unconnected_limit_are_answered_busy() {
     assert_eq!(hangup[0]["type"], "m.call.hangup");
     assert_eq!(hangup[0]["content"]["reason"], "user_busy");
 }
+
+#[test]
+fn an_invite_with_an_unusable_offer_is_rejected_not_left_ringing() {
+    let mut s = BobAndCarol::new(34);
+    let room = s.room.clone();
+    let mut invite = s.invite("garbage");
+    invite["offer"]["sdp"] = json!("v=0\r\nthis is not an offer\r\n");
+    s.carol_sends(&room, "m.call.invite", invite, Duration::ZERO);
+    assert!(!s.rang("garbage"));
+    assert_eq!(s.bob_sent(&room, "garbage"), ["m.call.reject"]);
+}
