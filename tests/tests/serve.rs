@@ -253,12 +253,28 @@ fn api_places_lists_and_hangs_up_a_call() {
     callee.wait_event("ready", READY);
 
     let rec = live.dir.join("recordings");
+    // Two webhooks: a receiver that answers, and one that accepts and never answers.
+    let (good, received) = webhook_receiver();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let secret = "s3cret-webhook-id";
+    let good_url = write(
+        &live.dir.join("good-webhook"),
+        &format!("http://{good}/api/webhook/{secret}"),
+    );
+    let dead_url = write(
+        &live.dir.join("dead-webhook"),
+        &format!("http://{}/api/webhook/{secret}", dead.local_addr().unwrap()),
+    );
     let stations = format!(
         "[[station]]\nname = \"door\"\nvideo = \"testclip\"\naudio = \"tone\"\n\
          record = \"{}\"\nmay_call = [\"{}\"]\n\n\
-         [[station]]\nname = \"garden\"\nvideo = \"none\"\n",
+         [[station]]\nname = \"garden\"\nvideo = \"none\"\n\n\
+         [[webhook]]\nurl_file = \"{}\"\n\n\
+         [[webhook]]\nurl_file = \"{}\"\nevents = [\"state\", \"ended\"]\n",
         rec.display(),
-        alice.id
+        alice.id,
+        good_url.display(),
+        dead_url.display(),
     );
     let (mut hub, port) = start_hub(&live, &hub_user, &stations);
 
@@ -373,8 +389,93 @@ fn api_places_lists_and_hangs_up_a_call() {
         "no recording at {path:?}: {recorded}"
     );
 
+    // The answering receiver got the call's events in order, while the dead one held its
+    // queue: the call above connected and ended all the same.
+    let deadline = Instant::now() + EXIT;
+    let kinds = loop {
+        let kinds: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["call_id"] == id.as_str())
+            .map(|v| match v["event"].as_str() {
+                Some("state") => v["state"].as_str().unwrap_or("?").to_owned(),
+                other => other.unwrap_or("?").to_owned(),
+            })
+            .collect();
+        if kinds.iter().any(|k| k == "ended") || Instant::now() > deadline {
+            break kinds;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let at = |k: &str| kinds.iter().position(|x| x == k);
+    assert!(
+        at("invite_sent") < at("connected")
+            && at("connected") < at("ended")
+            && at("invite_sent").is_some(),
+        "webhook events out of order or missing: {kinds:?}"
+    );
+    let (_, health) = http(port, "GET", "/health", None, None);
+    let hooks = health["webhooks"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hooks.len(), 2, "{health}");
+    assert!(hooks[0]["delivered"].as_u64() >= Some(3), "{health}");
+    assert_eq!(hooks[1]["delivered"], 0, "{health}");
+    assert!(!health.to_string().contains(secret), "{health}");
+    drop(dead);
+
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    assert!(
+        !hub.report().contains(secret),
+        "a webhook id reached the hub's output"
+    );
+}
+
+/// A local HTTP server that takes webhook POSTs (one request per connection or kept alive)
+/// and keeps their JSON bodies in arrival order.
+fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = received.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let store = store.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        store.lock().unwrap().push(v);
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (addr, received)
 }
 
 #[test]

@@ -14,6 +14,8 @@ pub(crate) mod net;
 pub mod session;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::Value;
 use smol::channel::{Receiver, Sender, TrySendError};
@@ -47,10 +49,18 @@ pub(crate) enum Style {
     Log,
 }
 
+/// A consumer of some kinds of lines that may fall behind (a webhook).
+struct Sink {
+    kinds: Vec<String>,
+    tx: Sender<String>,
+    dropped: Arc<AtomicU64>,
+}
+
 /// The event lines of a run: to stdout or the log, and to every event-stream subscriber.
 pub(crate) struct Lines {
     style: Style,
     subscribers: Vec<Sender<String>>,
+    sinks: Vec<Sink>,
     /// Stdout was closed: the run goes on, its lines go only to subscribers.
     stdout_closed: bool,
 }
@@ -60,6 +70,7 @@ impl Lines {
         Lines {
             style,
             subscribers: Vec::new(),
+            sinks: Vec::new(),
             stdout_closed: false,
         }
     }
@@ -80,10 +91,23 @@ impl Lines {
                 info!("{brief}");
             }
         }
-        if self.subscribers.is_empty() {
+        if self.subscribers.is_empty() && self.sinks.is_empty() {
             return;
         }
         let line = v.to_string();
+        let kind = v["event"].as_str().unwrap_or_default();
+        for sink in self
+            .sinks
+            .iter()
+            .filter(|s| s.kinds.iter().any(|k| k == kind))
+        {
+            if sink.tx.try_send(line.clone()).is_err() {
+                // Full: the receiver is slow or dead; the loop never waits for it.
+                if sink.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!("a webhook's queue is full: events dropped (counted in /health)");
+                }
+            }
+        }
         self.subscribers.retain(|s| match s.try_send(line.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
@@ -109,6 +133,12 @@ impl Lines {
             self.stdout_closed = true;
             warn!("stdout is closed: no more event lines there (the run goes on)");
         }
+    }
+
+    /// Lines of these kinds (`"event"`) also go to `tx`; when it is full they are dropped and
+    /// counted in `dropped`.
+    pub fn add_sink(&mut self, kinds: Vec<String>, tx: Sender<String>, dropped: Arc<AtomicU64>) {
+        self.sinks.push(Sink { kinds, tx, dropped });
     }
 
     /// A new event stream of at most `max` at once, each `queue` events deep.

@@ -11,6 +11,8 @@ use call_assist_core::{OwnedUserId, Secret};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use super::webhook::WebhookConfig;
+use super::webhook::{DEFAULT_EVENTS, KNOWN_EVENTS};
 pub use crate::live::config::NetworkConfig;
 use crate::live::config::{Auth, MediaOptions, DEFAULT_FILE_FPS};
 use crate::media::pump::VideoChoice;
@@ -38,6 +40,16 @@ struct FileConfig {
     network: NetworkSection,
     #[serde(default)]
     station: Vec<StationSection>,
+    #[serde(default)]
+    webhook: Vec<WebhookSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookSection {
+    /// A file holding the URL: a Home Assistant webhook id is a secret.
+    url_file: Spanned<PathBuf>,
+    events: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +163,7 @@ pub struct ServeConfig {
     pub api: ApiConfig,
     pub network: NetworkConfig,
     pub stations: Vec<StationConfig>,
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 impl ServeConfig {
@@ -215,6 +228,11 @@ impl ServeConfig {
         for s in &file.station {
             stations.push(station(s, &at, &env, &stations)?);
         }
+        let webhooks = file
+            .webhook
+            .iter()
+            .map(|w| webhook(w, &at))
+            .collect::<Result<_, _>>()?;
         Ok(ServeConfig {
             path: path.to_owned(),
             homeserver,
@@ -224,6 +242,7 @@ impl ServeConfig {
             api,
             network,
             stations,
+            webhooks,
         })
     }
 
@@ -271,6 +290,9 @@ impl ServeConfig {
         if self.network != new.network {
             keys.push("network".to_owned());
         }
+        if self.webhooks != new.webhooks {
+            keys.push("webhook".to_owned());
+        }
         let names = |c: &ServeConfig| {
             c.stations
                 .iter()
@@ -291,6 +313,38 @@ impl ServeConfig {
 }
 
 type At<'a> = dyn Fn(Option<Range<usize>>, &str, &str) -> ConfigError + 'a;
+
+fn webhook(w: &WebhookSection, at: &At<'_>) -> Result<WebhookConfig, ConfigError> {
+    let url = read_secret(&w.url_file, "webhook.url_file", at)?;
+    let ok = url::Url::parse(url.expose())
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+    if !ok {
+        return Err(at(
+            Some(w.url_file.span()),
+            "webhook.url_file",
+            &format!(
+                "{} does not hold an http:// or https:// URL",
+                w.url_file.get_ref().display()
+            ),
+        ));
+    }
+    let events = match &w.events {
+        None => DEFAULT_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+        Some(list) => {
+            for e in list {
+                if !KNOWN_EVENTS.contains(&e.get_ref().as_str()) {
+                    return Err(at(
+                        Some(e.span()),
+                        "webhook.events",
+                        &format!("{:?}: use some of {}", e.get_ref(), KNOWN_EVENTS.join(", ")),
+                    ));
+                }
+            }
+            list.iter().map(|e| e.get_ref().clone()).collect()
+        }
+    };
+    Ok(WebhookConfig { url, events })
+}
 
 type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
 

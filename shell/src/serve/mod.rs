@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod webhook;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
@@ -75,6 +76,7 @@ impl CallRecord {
 /// The `serve` policy: stations, call records, the API's requests.
 struct Serve {
     config: ServeConfig,
+    webhooks: Vec<webhook::Webhook>,
     calls: BTreeMap<String, CallRecord>,
     ended_order: VecDeque<String>,
     /// `POST /calls` to a user without a direct room: who waits for the answer.
@@ -309,6 +311,7 @@ impl Serve {
                 "active_calls": active,
                 "panics_caught": d.agent.panics_caught(),
                 "stations": stations,
+                "webhooks": self.webhooks.iter().map(webhook::Webhook::health).collect::<Vec<_>>(),
             }),
         )
     }
@@ -537,6 +540,21 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
         Ok(d) => d,
         Err(code) => return code,
     };
+    let mut webhooks = Vec::new();
+    for w in &config.webhooks {
+        match webhook::start(w) {
+            Ok(w) => {
+                info!(webhook = %w.shown, events = ?w.events, "webhook");
+                hub.lines
+                    .add_sink(w.events.clone(), w.tx.clone(), w.dropped.clone());
+                webhooks.push(w);
+            }
+            Err(e) => {
+                eprintln!("error: webhook HTTP client: {e}");
+                return exit::USAGE;
+            }
+        }
+    }
     let token = config.api.token.clone();
     smol::spawn(api::serve(listener, token, hub.sender(), Msg::Command)).detach();
     let names: Vec<&str> = config.stations.iter().map(|s| s.name.as_str()).collect();
@@ -549,6 +567,7 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
     );
     let mut serve = Serve {
         config,
+        webhooks,
         calls: BTreeMap::new(),
         ended_order: VecDeque::new(),
         dials: BTreeMap::new(),
