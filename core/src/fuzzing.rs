@@ -196,18 +196,7 @@ pub fn negotiate(data: &[u8]) {
         return;
     };
     let now = std::time::Instant::now();
-    let setup = CallSetup {
-        crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
-        local_addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 5000))],
-        reflexive: Vec::new(),
-        relays: Vec::new(),
-        gathering: false,
-        relay_only: false,
-        video: true,
-        h264_profile: None,
-        audio: true,
-        lifetime: std::time::Duration::from_secs(60),
-    };
+    let setup = CallSetup::loopback();
     let (Ok(room), Ok(peer)) = (
         ruma::OwnedRoomId::try_from("!fuzz:example.org"),
         ruma::OwnedUserId::try_from("@peer:example.org"),

@@ -112,6 +112,25 @@ pub(crate) struct CallSetup {
     pub lifetime: Duration,
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+impl CallSetup {
+    /// Audio and video on one loopback address, seeded DTLS: for tests and fuzzing.
+    pub(crate) fn loopback() -> Self {
+        CallSetup {
+            crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
+            local_addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 5000))],
+            reflexive: Vec::new(),
+            relays: Vec::new(),
+            gathering: false,
+            relay_only: false,
+            video: true,
+            h264_profile: None,
+            audio: true,
+            lifetime: Duration::from_secs(60),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct CallStats {
     pub frames_sent: u64,
@@ -1298,18 +1317,7 @@ mod tests {
     }
 
     fn setup() -> CallSetup {
-        CallSetup {
-            crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
-            local_addrs: vec!["127.0.0.1:5000".parse().unwrap()],
-            reflexive: Vec::new(),
-            relays: Vec::new(),
-            gathering: false,
-            relay_only: false,
-            video: true,
-            h264_profile: None,
-            audio: true,
-            lifetime: Duration::from_secs(60),
-        }
+        CallSetup::loopback()
     }
 
     fn inbound(now: Instant) -> Result<Call, InviteRefused> {
@@ -1375,16 +1383,9 @@ mod tests {
 
     fn offer(profile: Option<ProfileLevelId>) -> String {
         let setup = CallSetup {
-            crypto: crate::dtls::SeededDtlsProvider::crypto_provider(1),
-            local_addrs: vec!["127.0.0.1:5000".parse().unwrap()],
-            reflexive: Vec::new(),
-            relays: Vec::new(),
-            gathering: false,
-            relay_only: false,
-            video: true,
             h264_profile: profile,
             audio: false,
-            lifetime: Duration::from_secs(60),
+            ..CallSetup::loopback()
         };
         let mut rtc = rtc_config(&setup).build(Instant::now());
         let mut api = rtc.sdp_api();

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use super::webhook::WebhookConfig;
-use super::webhook::{DEFAULT_EVENTS, KNOWN_EVENTS};
+use super::webhook::{DEFAULT_EVENTS, MORE_EVENTS};
 pub use crate::live::config::NetworkConfig;
 use crate::live::config::{Auth, MediaOptions, DEFAULT_FILE_FPS};
 use crate::media::pump::VideoChoice;
@@ -331,12 +331,14 @@ fn webhook(w: &WebhookSection, at: &At<'_>) -> Result<WebhookConfig, ConfigError
     let events = match &w.events {
         None => DEFAULT_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
         Some(list) => {
+            let known = || DEFAULT_EVENTS.iter().chain(MORE_EVENTS);
             for e in list {
-                if !KNOWN_EVENTS.contains(&e.get_ref().as_str()) {
+                if !known().any(|k| k == e.get_ref()) {
+                    let all: Vec<&str> = known().copied().collect();
                     return Err(at(
                         Some(e.span()),
                         "webhook.events",
-                        &format!("{:?}: use some of {}", e.get_ref(), KNOWN_EVENTS.join(", ")),
+                        &format!("{:?}: use some of {}", e.get_ref(), all.join(", ")),
                     ));
                 }
             }
@@ -847,6 +849,33 @@ answer = ["@you:localhost"]
         )
         .unwrap();
         assert_eq!(c.api.token.as_ref().map(Secret::expose), Some("t"));
+    }
+
+    #[test]
+    fn webhooks_take_their_url_from_a_file_and_name_bad_events() {
+        let dir = std::env::temp_dir().join(format!("ca-webhook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = dir.join("url");
+        std::fs::write(&url, "http://127.0.0.1:8123/api/webhook/secret-id\n").unwrap();
+        let hook = |extra: &str| format!("{GOOD}\n[[webhook]]\nurl_file = {url:?}\n{extra}");
+        let c = parse(&hook("")).unwrap();
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(
+            c.webhooks[0].url.expose(),
+            "http://127.0.0.1:8123/api/webhook/secret-id"
+        );
+        assert_eq!(c.webhooks[0].events, DEFAULT_EVENTS);
+        let c = parse(&hook("events = [\"ended\", \"panic\"]")).unwrap();
+        assert_eq!(c.webhooks[0].events, ["ended", "panic"]);
+        let e = err(&hook("events = [\"endd\"]"));
+        assert!(e.contains("webhook.events") && e.contains("endd"), "{e}");
+        std::fs::write(&url, "not a url").unwrap();
+        let e = err(&hook(""));
+        assert!(
+            e.contains("webhook.url_file") && !e.contains("secret-id"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -36,15 +36,8 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "homeserver",
 ];
 
-/// Every event kind a webhook may ask for.
-pub const KNOWN_EVENTS: &[&str] = &[
-    "incoming",
-    "state",
-    "ended",
-    "dtmf",
-    "door",
-    "camera",
-    "homeserver",
+/// Event kinds a webhook may ask for besides the default ones.
+pub const MORE_EVENTS: &[&str] = &[
     "ready",
     "recording",
     "recorded",
