@@ -241,7 +241,7 @@ fn invite_with_garbage_sdp_is_not_rung_and_a_later_call_works() {
         scene.world.agents[scene.bob].incoming_calls().is_empty(),
         "an invite with garbage SDP rang"
     );
-    assert!(logs.contains("invite dropped"), "no warning in:\n{logs}");
+    assert!(logs.contains("invite refused"), "no warning in:\n{logs}");
 
     let call_id = scene.connected_call();
     assert_eq!(
