@@ -27,8 +27,9 @@ use tracing::{debug, error, info, warn};
 
 use super::config::{MediaOptions, NetworkConfig};
 use super::net::{self, Sockets};
-use super::session::{login_credentials, Account, SavedSession};
+use super::session::{login_credentials, Account, Auth, SavedSession};
 use super::{exit, Lines};
+use crate::e2ee::{self, E2ee};
 use crate::media::live::{start_media, LiveMedia};
 use crate::media::pump::VideoChoice;
 use crate::media::rtsp::CameraEvent;
@@ -168,7 +169,8 @@ pub(crate) struct Driver<C> {
     pub reachable: bool,
     sockets: Sockets,
     tx: Sender<Msg<C>>,
-    client: reqwest::Client,
+    /// Every homeserver request of the core passes through it (end-to-end encryption).
+    e2ee: E2ee,
     account: Account,
     config_turn: bool,
     /// The agent's config with the password, for when the saved access token is refused.
@@ -218,6 +220,11 @@ impl<C: Send + 'static> Driver<C> {
         let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
         let profile = stations.first().and_then(|s| s.profile);
         let (agent, password_fallback) = new_agent(&s.account, n, s.policy, addrs, profile)?;
+        let e2ee = E2ee::new(
+            client,
+            s.account.homeserver.clone(),
+            s.account.state_dir.clone(),
+        );
         let driver = Driver {
             agent,
             lines: s.lines,
@@ -227,7 +234,7 @@ impl<C: Send + 'static> Driver<C> {
             reachable: false,
             sockets,
             tx,
-            client,
+            e2ee,
             config_turn: n.turn.is_some(),
             account: s.account,
             password_fallback,
@@ -361,9 +368,9 @@ impl<C: Send + 'static> Driver<C> {
 
     fn send_http(&self, id: HttpId, request: http::Request<Vec<u8>>) {
         let tx = self.tx.clone();
-        let client = self.client.clone();
+        let e2ee = self.e2ee.clone();
         smol::spawn(async move {
-            let response = async_compat::Compat::new(net::run_http(client, request)).await;
+            let response = async_compat::Compat::new(e2ee.run(request)).await;
             let _ = tx.send(Msg::Http { id, response }).await;
         })
         .detach();
@@ -379,6 +386,8 @@ impl<C: Send + 'static> Driver<C> {
             } => {
                 info!(%device_id, "logged in as {user_id}");
                 self.save_login(user_id, device_id, access_token);
+                self.e2ee
+                    .start(user_id.as_str(), device_id.as_str(), access_token);
             }
             AgentEvent::LoginFailed { message } => return self.on_login_failed(message, now),
             AgentEvent::HomeserverReachable(r) => {
@@ -799,7 +808,8 @@ fn new_agent(
     let saved = a
         .state_dir
         .as_deref()
-        .and_then(|d| SavedSession::load(d, &a.homeserver, &a.user));
+        .and_then(|d| Some((d, SavedSession::load(d, &a.homeserver, &a.user)?)))
+        .and_then(|(d, s)| keep_session_with_keys(d, s, &a.auth));
     let (credentials, password) = login_credentials(&a.auth, saved.as_ref());
     let mut config = AgentConfig::new(a.homeserver.clone(), a.user.clone(), credentials, addrs);
     config.policy = policy;
@@ -818,6 +828,34 @@ fn new_agent(
         exit::USAGE
     })?;
     Ok((agent, fallback))
+}
+
+/// A saved session whose crypto store is gone must not be reused: that device's keys are
+/// lost, and peers would see its identity change. With a password, log in as a new device.
+fn keep_session_with_keys(
+    dir: &std::path::Path,
+    s: SavedSession,
+    auth: &Auth,
+) -> Option<SavedSession> {
+    if !e2ee::crypto_store_lost(dir) {
+        return Some(s);
+    }
+    match auth {
+        Auth::Password(_) => {
+            warn!(
+                old_device = %s.device_id,
+                "the crypto store is missing: logging in as a new device (the old one is not reused)"
+            );
+            None
+        }
+        Auth::AccessToken(_) => {
+            warn!(
+                device = %s.device_id,
+                "the crypto store is missing and an access token binds this device; its new keys may not be trusted by peers (log in with a password to get a new device)"
+            );
+            Some(s)
+        }
+    }
 }
 
 /// SIGTERM and SIGINT stop the run (hang up, flush, exit); SIGHUP reloads where asked.
