@@ -5,7 +5,11 @@
 //
 //   node peer.mjs --homeserver URL --user @u:server --password PW (--call ROOM_ID | --answer)
 //                 [--duration-s 5] [--max-wait-s 60] [--voice] [--require audio,video]
-//                 [--allow-non-loopback] [--verbose]
+//                 [--e2ee] [--allow-non-loopback] [--verbose]
+//
+// --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
+// in-memory store), so calls work in encrypted rooms; the result counts events that stayed
+// undecryptable (`decryption_failures`).
 //
 // Run it inside a network namespace that has only `lo` (tests/e2e/loopback-only.sh); it
 // refuses to start when any other interface has an address (see README.md, "Loopback").
@@ -30,7 +34,7 @@ const { RTCAudioSink, RTCVideoSink } = wrtc.nonstandard;
 const USAGE =
     "usage: node peer.mjs --homeserver URL --user @u:server --password PW " +
     "(--call ROOM_ID | --answer) [--duration-s N] [--max-wait-s N] [--voice] " +
-    "[--require audio,video] [--allow-non-loopback] [--verbose]";
+    "[--require audio,video] [--e2ee] [--allow-non-loopback] [--verbose]";
 
 let args;
 try {
@@ -44,6 +48,7 @@ try {
             "duration-s": { type: "string", default: "5" },
             "max-wait-s": { type: "string", default: "60" },
             voice: { type: "boolean", default: false },
+            e2ee: { type: "boolean", default: false },
             require: { type: "string", default: "" },
             "allow-non-loopback": { type: "boolean", default: false },
             verbose: { type: "boolean", default: false },
@@ -125,6 +130,8 @@ const result = {
     rtp: null,
     selected_pair: null,
     dropped_non_loopback_candidates: 0,
+    e2ee: args.e2ee,
+    decryption_failures: 0,
     error: null,
 };
 const mark = (name) => {
@@ -226,6 +233,8 @@ function describeFeeds(call) {
 
 let client;
 let activeCall = null;
+// Events whose last decryption attempt failed (a later success removes them).
+const undecryptable = new Set();
 let finished = false;
 let statsTimer = null;
 let endTimer = null;
@@ -255,6 +264,7 @@ async function finish(error) {
         result.hangup_party ??= activeCall.hangupParty ?? null;
     }
     result.dropped_non_loopback_candidates = stats.droppedCandidates;
+    result.decryption_failures = undecryptable.size;
     result.timings_ms.total = Date.now() - T0;
     for (const s of sinks.values()) s.stop();
     stopSyntheticMedia();
@@ -363,6 +373,19 @@ async function main() {
     });
     if (!client.callEventHandler) throw new Error("matrix-js-sdk says calls are unsupported (globals missing?)");
     guardCallEvents(client);
+    if (args.e2ee) {
+        await client.initRustCrypto({ useIndexedDB: false });
+        mark("crypto_ready");
+        progress(`Rust crypto ready (device ${login.device_id})`);
+        client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
+            if (ev.isDecryptionFailure()) {
+                undecryptable.add(ev.getId());
+                progress(`cannot decrypt ${ev.getId()} from ${ev.getSender()}: ${ev.decryptionFailureReason ?? "?"}`);
+            } else {
+                undecryptable.delete(ev.getId());
+            }
+        });
+    }
 
     // Sinks for remote tracks as soon as they appear (both roles).
     client.on(CallEvent.PeerConnectionCreated, (pc) => {
