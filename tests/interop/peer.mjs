@@ -9,7 +9,8 @@
 //
 // --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
 // in-memory store), so calls work in encrypted rooms; the result counts events that stayed
-// undecryptable (`decryption_failures`).
+// undecryptable (`decryption_failures`; those sent before this device existed apart, as
+// `historical_undecryptable`).
 //
 // Run it inside a network namespace that has only `lo` (tests/e2e/loopback-only.sh); it
 // refuses to start when any other interface has an address (see README.md, "Loopback").
@@ -132,6 +133,7 @@ const result = {
     dropped_non_loopback_candidates: 0,
     e2ee: args.e2ee,
     decryption_failures: 0,
+    historical_undecryptable: 0,
     error: null,
 };
 const mark = (name) => {
@@ -235,6 +237,8 @@ let client;
 let activeCall = null;
 // Events whose last decryption attempt failed (a later success removes them).
 const undecryptable = new Set();
+// Events from before this device logged in that it cannot decrypt (no key backup).
+const historical = new Set();
 let finished = false;
 let statsTimer = null;
 let endTimer = null;
@@ -265,6 +269,7 @@ async function finish(error) {
     }
     result.dropped_non_loopback_candidates = stats.droppedCandidates;
     result.decryption_failures = undecryptable.size;
+    result.historical_undecryptable = historical.size;
     result.timings_ms.total = Date.now() - T0;
     for (const s of sinks.values()) s.stop();
     stopSyntheticMedia();
@@ -379,10 +384,17 @@ async function main() {
         progress(`Rust crypto ready (device ${login.device_id})`);
         client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
             if (ev.isDecryptionFailure()) {
-                undecryptable.add(ev.getId());
+                // Sent before this (in-memory, brand new) device existed: no one owes it
+                // those keys. Counted apart; everything newer must decrypt.
+                if (String(ev.decryptionFailureReason ?? "").startsWith("HISTORICAL_MESSAGE")) {
+                    historical.add(ev.getId());
+                } else {
+                    undecryptable.add(ev.getId());
+                }
                 progress(`cannot decrypt ${ev.getId()} from ${ev.getSender()}: ${ev.decryptionFailureReason ?? "?"}`);
             } else {
                 undecryptable.delete(ev.getId());
+                historical.delete(ev.getId());
             }
         });
     }

@@ -120,6 +120,8 @@ struct Layer {
     io: Option<Io>,
     rooms: BTreeMap<OwnedRoomId, RoomCrypto>,
     undecrypted: VecDeque<Undecrypted>,
+    /// Rooms where a call invite just arrived: their key is shared before the core answers.
+    warm: Vec<OwnedRoomId>,
 }
 
 /// What the core asked for, as far as the layer cares.
@@ -146,6 +148,17 @@ impl E2ee {
     /// After a login: opens the crypto store and makes the machine for this device, then
     /// uploads its keys and bootstraps cross-signing once. Sync answers and sends wait for it.
     pub fn start(&self, user: &str, device: &str, token: &Secret) {
+        // Taken now, so the sync answer that follows the login waits for the machine.
+        self.start_locked(self.layer.try_lock_arc(), user, device, token);
+    }
+
+    fn start_locked(
+        &self,
+        guard: Option<smol::lock::MutexGuardArc<Layer>>,
+        user: &str,
+        device: &str,
+        token: &Secret,
+    ) {
         let (Ok(user), Ok(device)) = (
             OwnedUserId::try_from(user),
             Ok::<_, ()>(OwnedDeviceId::from(device)),
@@ -158,8 +171,6 @@ impl E2ee {
             base_url: self.base_url.clone(),
             token: token.clone(),
         };
-        // Taken now, so the sync answer that follows the login waits for the machine.
-        let guard = self.layer.try_lock_arc();
         let layer = self.layer.clone();
         let dir = self.state_dir.clone();
         smol::spawn(async_compat::Compat::new(async move {
@@ -179,6 +190,11 @@ impl E2ee {
             match open_machine(&user, &device, dir.as_deref()).await {
                 Ok(machine) => {
                     info!(%device, ed25519 = %machine.identity_keys().ed25519, "e2ee: ready");
+                    // The core's first sync has no `since`, so it reports no device-list
+                    // changes: devices peers added while we were down are queried afresh.
+                    if let Err(e) = machine.mark_all_tracked_users_as_dirty().await {
+                        warn!("e2ee: cannot refresh device lists: {e}");
+                    }
                     if let Err(e) = io.flush(&machine).await {
                         warn!("e2ee: uploading keys failed: {e}");
                     }
@@ -192,6 +208,56 @@ impl E2ee {
             }
         }))
         .detach();
+    }
+
+    /// For a token login (no LoggedIn event): the same as [`E2ee::start`]; without a known
+    /// device the homeserver says which device the token belongs to.
+    pub fn start_with_token(&self, user: &str, device: Option<String>, token: Secret) {
+        if let Some(device) = device {
+            self.start(user, &device, &token);
+            return;
+        }
+        let io = Io {
+            client: self.client.clone(),
+            base_url: self.base_url.clone(),
+            token: token.clone(),
+        };
+        let this = self.clone();
+        let user = user.to_owned();
+        // Held until the device is known, so nothing encrypted slips past a missing machine.
+        let guard = self.layer.try_lock_arc();
+        smol::spawn(async_compat::Compat::new(async move {
+            let who = io
+                .call(ruma16::api::client::account::whoami::v3::Request::new())
+                .await;
+            match who {
+                Ok(who) => match who.device_id {
+                    Some(device) => this.start_locked(guard, &user, device.as_str(), &token),
+                    None => error!("e2ee: the access token names no device; encryption disabled"),
+                },
+                Err(e) => error!("e2ee: cannot ask who the token is ({e}); encryption disabled"),
+            }
+        }))
+        .detach();
+    }
+
+    /// Waits, at most `limit`, for the layer's work in flight: a key upload the homeserver
+    /// took must also reach the store before the process exits, or the next run's keys
+    /// disagree with the server's.
+    pub async fn settle(&self, limit: Duration) {
+        use futures_lite::FutureExt;
+        let settled = async {
+            drop(self.layer.lock().await);
+            true
+        }
+        .or(async {
+            smol::Timer::after(limit).await;
+            false
+        })
+        .await;
+        if !settled {
+            warn!("e2ee: crypto work still in flight at exit");
+        }
     }
 
     /// Runs one of the core's requests through the layer.
@@ -209,10 +275,11 @@ impl E2ee {
                 let (parts, body) = response.into_parts();
                 let mut layer = self.layer.lock_arc().await;
                 let body = layer.on_sync(body).await;
-                let follow_up = layer.io.clone().zip(layer.machine.is_some().then_some(()));
+                let warm = std::mem::take(&mut layer.warm);
+                let ready = layer.machine.is_some();
                 drop(layer);
-                if follow_up.is_some() {
-                    self.after_sync();
+                if ready {
+                    self.after_sync(warm);
                 }
                 Ok(http::Response::from_parts(parts, body))
             }
@@ -234,15 +301,29 @@ impl E2ee {
         }
     }
 
-    /// After a sync: the machine's queued requests (key uploads, key queries, to-device),
-    /// off the core's path.
-    fn after_sync(&self) {
+    /// After a sync, off the core's path: the machine's queued requests (key uploads, key
+    /// queries, to-device), then the room key shared where a call invite came in, so the
+    /// answer does not wait for those round trips (it waits for this lock instead).
+    fn after_sync(&self, warm: Vec<OwnedRoomId>) {
         let layer = self.layer.clone();
         smol::spawn(async_compat::Compat::new(async move {
             let layer = layer.lock_arc().await;
-            if let (Some(m), Some(io)) = (&layer.machine, &layer.io) {
-                if let Err(e) = io.flush(m).await {
-                    warn!("e2ee: key requests after sync failed: {e}");
+            let (Some(m), Some(io)) = (&layer.machine, &layer.io) else {
+                return;
+            };
+            if let Err(e) = io.flush(m).await {
+                warn!("e2ee: key requests after sync failed: {e}");
+            }
+            for room in warm {
+                let Some(info) = layer.rooms.get(&room) else {
+                    continue;
+                };
+                let Some(encryption) = &info.encryption else {
+                    continue;
+                };
+                match share_room_key(m, io, &room, &info.members, encryption).await {
+                    Ok(()) => debug!(%room, "e2ee: room key shared ahead of the answer"),
+                    Err(e) => warn!(%room, "e2ee: sharing the room key ahead failed: {e}"),
                 }
             }
         }))
@@ -290,6 +371,10 @@ impl Layer {
         };
         match self.decrypt(&slot.room, &envelope).await {
             Ok(plain) => {
+                let invite = plain.get("type").and_then(Value::as_str) == Some("m.call.invite");
+                if invite && !self.warm.contains(&slot.room) {
+                    self.warm.push(slot.room.clone());
+                }
                 if let Some(ev) = sync::event_at_mut(json, slot) {
                     *ev = plain;
                 }
@@ -355,6 +440,11 @@ impl Layer {
                         &mut plain,
                         u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
                     );
+                    if plain.get("type").and_then(Value::as_str) == Some("m.call.invite")
+                        && !self.warm.contains(&u.room)
+                    {
+                        self.warm.push(u.room.clone());
+                    }
                     late.entry(u.room).or_default().push(plain);
                 }
                 Err(_) if waited >= UNDECRYPTED_KEEP => {

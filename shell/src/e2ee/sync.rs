@@ -81,11 +81,13 @@ fn apply_state(info: &mut RoomCrypto, ev: &Value, new_users: &mut BTreeSet<Owned
     };
     let content = ev.get("content").cloned().unwrap_or(Value::Null);
     match ev.get("type").and_then(Value::as_str) {
-        Some("m.room.encryption") if state_key.is_empty() => {
-            // Encryption cannot be turned off in a room: the first content seen stays.
-            if info.encryption.is_none() && content.get("algorithm").is_some() {
-                info.encryption = Some(content);
-            }
+        // Encryption cannot be turned off in a room: the first content seen stays.
+        Some("m.room.encryption")
+            if state_key.is_empty()
+                && info.encryption.is_none()
+                && content.get("algorithm").is_some() =>
+        {
+            info.encryption = Some(content);
         }
         Some("m.room.member") => {
             let Ok(user) = OwnedUserId::try_from(state_key) else {

@@ -44,6 +44,8 @@ const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
 pub(crate) const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
 /// After a hangup on shutdown, how long to wait for the homeserver to take the events.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// On exit, how long to wait for the crypto layer's requests in flight (see `E2ee::settle`).
+const E2EE_SETTLE: Duration = Duration::from_secs(3);
 
 /// What reaches the loop. `C`: the mode's own commands (the API's requests for `serve`).
 pub(crate) enum Msg<C> {
@@ -219,12 +221,17 @@ impl<C: Send + 'static> Driver<C> {
         })?;
         let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
         let profile = stations.first().and_then(|s| s.profile);
-        let (agent, password_fallback) = new_agent(&s.account, n, s.policy, addrs, profile)?;
+        let (agent, password_fallback, token) = new_agent(&s.account, n, s.policy, addrs, profile)?;
         let e2ee = E2ee::new(
             client,
             s.account.homeserver.clone(),
             s.account.state_dir.clone(),
         );
+        // A token login emits no LoggedIn: the layer starts now (asking the homeserver for
+        // the device when no saved session names it).
+        if let Some((device, token)) = token {
+            e2ee.start_with_token(s.account.user.as_str(), device, token);
+        }
         let driver = Driver {
             agent,
             lines: s.lines,
@@ -743,6 +750,7 @@ impl<C: Send + 'static> Driver<C> {
             self.settle(p, now);
             let agent_at = self.drain(p, now);
             if let Some(code) = self.exit {
+                self.e2ee.settle(E2EE_SETTLE).await;
                 return code;
             }
             let mut deadline = self.next_deadline(agent_at);
@@ -796,15 +804,19 @@ async fn start_stations<C: Send + 'static>(
     Ok(stations)
 }
 
+/// A token login's device (when a saved session names it) and token, for the crypto layer.
+type TokenLogin = (Option<String>, Secret);
+
 /// The agent, logging in with the saved session if there is one; with it, the config to
-/// fall back to when the saved token is refused and a password is known.
+/// fall back to when the saved token is refused and a password is known, and the token login
+/// (if it is one) for the crypto layer.
 fn new_agent(
     a: &Account,
     n: &NetworkConfig,
     policy: CallPolicy,
     addrs: Vec<SocketAddr>,
     h264_profile: Option<ProfileLevelId>,
-) -> Result<(Agent, Option<AgentConfig>), u8> {
+) -> Result<(Agent, Option<AgentConfig>, Option<TokenLogin>), u8> {
     let saved = a
         .state_dir
         .as_deref()
@@ -817,6 +829,12 @@ fn new_agent(
     config.relay_only = n.relay_only;
     config.turn = n.turn.as_ref().map(net::static_turn);
     config.h264_profile = h264_profile;
+    let token = match &config.credentials {
+        Credentials::AccessToken(t) => {
+            Some((saved.as_ref().map(|s| s.device_id.clone()), t.clone()))
+        }
+        _ => None,
+    };
     config.device_id = saved.map(|s| s.device_id.as_str().into());
     let fallback = password.map(|pw| {
         let mut c = config.clone();
@@ -827,7 +845,7 @@ fn new_agent(
         eprintln!("error: {e}");
         exit::USAGE
     })?;
-    Ok((agent, fallback))
+    Ok((agent, fallback, token))
 }
 
 /// A saved session whose crypto store is gone must not be reused: that device's keys are
