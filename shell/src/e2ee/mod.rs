@@ -241,21 +241,24 @@ impl E2ee {
         .detach();
     }
 
-    /// Waits, at most `limit`, for the layer's work in flight: a key upload the homeserver
-    /// took must also reach the store before the process exits, or the next run's keys
-    /// disagree with the server's.
-    pub async fn settle(&self, limit: Duration) {
+    /// Before exit: waits, at most `limit`, for the layer's work in flight (a key upload the
+    /// homeserver took must also reach the store, or the next run's keys disagree with the
+    /// server's), then closes the machine. Its SQLite store must be dropped inside a tokio
+    /// context (deadpool hands the connections to `spawn_blocking`; outside one it panics).
+    pub async fn close(&self, limit: Duration) {
         use futures_lite::FutureExt;
-        let settled = async {
-            drop(self.layer.lock().await);
+        let layer = self.layer.clone();
+        let closed = async_compat::Compat::new(async move {
+            let machine = layer.lock().await.machine.take();
+            drop(machine);
             true
-        }
+        })
         .or(async {
             smol::Timer::after(limit).await;
             false
         })
         .await;
-        if !settled {
+        if !closed {
             warn!("e2ee: crypto work still in flight at exit");
         }
     }

@@ -44,8 +44,8 @@ const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
 pub(crate) const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
 /// After a hangup on shutdown, how long to wait for the homeserver to take the events.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
-/// On exit, how long to wait for the crypto layer's requests in flight (see `E2ee::settle`).
-const E2EE_SETTLE: Duration = Duration::from_secs(3);
+/// On exit, how long to wait for the crypto layer's requests in flight (see `E2ee::close`).
+const E2EE_CLOSE: Duration = Duration::from_secs(3);
 
 /// What reaches the loop. `C`: the mode's own commands (the API's requests for `serve`).
 pub(crate) enum Msg<C> {
@@ -750,7 +750,7 @@ impl<C: Send + 'static> Driver<C> {
             self.settle(p, now);
             let agent_at = self.drain(p, now);
             if let Some(code) = self.exit {
-                self.e2ee.settle(E2EE_SETTLE).await;
+                self.e2ee.close(E2EE_CLOSE).await;
                 return code;
             }
             let mut deadline = self.next_deadline(agent_at);
