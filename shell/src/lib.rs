@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod demo;
+pub(crate) mod e2ee;
 pub mod live;
 pub mod media;
 pub mod serve;

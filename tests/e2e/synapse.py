@@ -484,6 +484,15 @@ def cmd_create_room(args):
     }
     if args.name:
         content["name"] = args.name
+    if args.encrypted:
+        # As Element's "Start chat": Megolm from the first event on.
+        content["initial_state"] = [
+            {
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }
+        ]
     room_id = check(*http("POST", client_url(state, "/createRoom"), content, token), "createRoom")[
         "room_id"
     ]
@@ -570,6 +579,9 @@ def main():
         dest="direct",
         action="store_false",
         help="plain private room instead of a DM",
+    )
+    s.add_argument(
+        "--encrypted", action="store_true", help="with m.room.encryption (Megolm) in the initial state"
     )
     s.set_defaults(func=cmd_create_room)
 

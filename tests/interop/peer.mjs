@@ -5,7 +5,12 @@
 //
 //   node peer.mjs --homeserver URL --user @u:server --password PW (--call ROOM_ID | --answer)
 //                 [--duration-s 5] [--max-wait-s 60] [--voice] [--require audio,video]
-//                 [--allow-non-loopback] [--verbose]
+//                 [--e2ee] [--allow-non-loopback] [--verbose]
+//
+// --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
+// in-memory store), so calls work in encrypted rooms; the result counts events that stayed
+// undecryptable (`decryption_failures`; those sent before this device existed apart, as
+// `historical_undecryptable`).
 //
 // Run it inside a network namespace that has only `lo` (tests/e2e/loopback-only.sh); it
 // refuses to start when any other interface has an address (see README.md, "Loopback").
@@ -30,7 +35,7 @@ const { RTCAudioSink, RTCVideoSink } = wrtc.nonstandard;
 const USAGE =
     "usage: node peer.mjs --homeserver URL --user @u:server --password PW " +
     "(--call ROOM_ID | --answer) [--duration-s N] [--max-wait-s N] [--voice] " +
-    "[--require audio,video] [--allow-non-loopback] [--verbose]";
+    "[--require audio,video] [--e2ee] [--allow-non-loopback] [--verbose]";
 
 let args;
 try {
@@ -44,6 +49,7 @@ try {
             "duration-s": { type: "string", default: "5" },
             "max-wait-s": { type: "string", default: "60" },
             voice: { type: "boolean", default: false },
+            e2ee: { type: "boolean", default: false },
             require: { type: "string", default: "" },
             "allow-non-loopback": { type: "boolean", default: false },
             verbose: { type: "boolean", default: false },
@@ -125,6 +131,9 @@ const result = {
     rtp: null,
     selected_pair: null,
     dropped_non_loopback_candidates: 0,
+    e2ee: args.e2ee,
+    decryption_failures: 0,
+    historical_undecryptable: 0,
     error: null,
 };
 const mark = (name) => {
@@ -226,6 +235,10 @@ function describeFeeds(call) {
 
 let client;
 let activeCall = null;
+// Events whose last decryption attempt failed (a later success removes them).
+const undecryptable = new Set();
+// Events from before this device logged in that it cannot decrypt (no key backup).
+const historical = new Set();
 let finished = false;
 let statsTimer = null;
 let endTimer = null;
@@ -255,6 +268,8 @@ async function finish(error) {
         result.hangup_party ??= activeCall.hangupParty ?? null;
     }
     result.dropped_non_loopback_candidates = stats.droppedCandidates;
+    result.decryption_failures = undecryptable.size;
+    result.historical_undecryptable = historical.size;
     result.timings_ms.total = Date.now() - T0;
     for (const s of sinks.values()) s.stop();
     stopSyntheticMedia();
@@ -363,6 +378,26 @@ async function main() {
     });
     if (!client.callEventHandler) throw new Error("matrix-js-sdk says calls are unsupported (globals missing?)");
     guardCallEvents(client);
+    if (args.e2ee) {
+        await client.initRustCrypto({ useIndexedDB: false });
+        mark("crypto_ready");
+        progress(`Rust crypto ready (device ${login.device_id})`);
+        client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
+            if (ev.isDecryptionFailure()) {
+                // Sent before this (in-memory, brand new) device existed: no one owes it
+                // those keys. Counted apart; everything newer must decrypt.
+                if (String(ev.decryptionFailureReason ?? "").startsWith("HISTORICAL_MESSAGE")) {
+                    historical.add(ev.getId());
+                } else {
+                    undecryptable.add(ev.getId());
+                }
+                progress(`cannot decrypt ${ev.getId()} from ${ev.getSender()}: ${ev.decryptionFailureReason ?? "?"}`);
+            } else {
+                undecryptable.delete(ev.getId());
+                historical.delete(ev.getId());
+            }
+        });
+    }
 
     // Sinks for remote tracks as soon as they appear (both roles).
     client.on(CallEvent.PeerConnectionCreated, (pc) => {

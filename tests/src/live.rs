@@ -311,8 +311,18 @@ impl Synapse {
         self.create_room(user, &[invitee], true)
     }
 
+    /// An end-to-end encrypted DM (as Element's "Start chat": trusted_private_chat, is_direct,
+    /// `m.room.encryption` in the initial state) created by `user`, joined by `invitee`.
+    pub fn create_encrypted_dm(&self, user: &User, invitee: &User) -> String {
+        self.room_with(user, &[invitee], &["--encrypted"])
+    }
+
     /// A room created by `user` that each of `invitees` has joined (a DM when `direct`).
     pub fn create_room(&self, user: &User, invitees: &[&User], direct: bool) -> String {
+        self.room_with(user, invitees, if direct { &[] } else { &["--no-direct"] })
+    }
+
+    fn room_with(&self, user: &User, invitees: &[&User], extra: &[&str]) -> String {
         let mut args = vec![
             "create-room",
             "--user",
@@ -323,9 +333,7 @@ impl Synapse {
         for i in invitees {
             args.extend(["--invite", &i.id]);
         }
-        if !direct {
-            args.push("--no-direct");
-        }
+        args.extend(extra);
         synapse_py(&self.dir, &args).trim().to_owned()
     }
 

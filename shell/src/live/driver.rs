@@ -27,8 +27,9 @@ use tracing::{debug, error, info, warn};
 
 use super::config::{MediaOptions, NetworkConfig};
 use super::net::{self, Sockets};
-use super::session::{login_credentials, Account, SavedSession};
+use super::session::{login_credentials, Account, Auth, SavedSession};
 use super::{exit, Lines};
+use crate::e2ee::{self, E2ee};
 use crate::media::live::{start_media, LiveMedia};
 use crate::media::pump::VideoChoice;
 use crate::media::rtsp::CameraEvent;
@@ -43,6 +44,8 @@ const STARTUP_UNREACHABLE_GRACE: Duration = Duration::from_secs(10);
 pub(crate) const PEER_JOIN_WAIT: Duration = Duration::from_secs(60);
 /// After a hangup on shutdown, how long to wait for the homeserver to take the events.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// On exit, how long to wait for the crypto layer's requests in flight (see `E2ee::close`).
+const E2EE_CLOSE: Duration = Duration::from_secs(3);
 
 /// What reaches the loop. `C`: the mode's own commands (the API's requests for `serve`).
 pub(crate) enum Msg<C> {
@@ -168,7 +171,8 @@ pub(crate) struct Driver<C> {
     pub reachable: bool,
     sockets: Sockets,
     tx: Sender<Msg<C>>,
-    client: reqwest::Client,
+    /// Every homeserver request of the core passes through it (end-to-end encryption).
+    e2ee: E2ee,
     account: Account,
     config_turn: bool,
     /// The agent's config with the password, for when the saved access token is refused.
@@ -217,7 +221,17 @@ impl<C: Send + 'static> Driver<C> {
         })?;
         let addrs: Vec<SocketAddr> = sockets.keys().copied().collect();
         let profile = stations.first().and_then(|s| s.profile);
-        let (agent, password_fallback) = new_agent(&s.account, n, s.policy, addrs, profile)?;
+        let (agent, password_fallback, token) = new_agent(&s.account, n, s.policy, addrs, profile)?;
+        let e2ee = E2ee::new(
+            client,
+            s.account.homeserver.clone(),
+            s.account.state_dir.clone(),
+        );
+        // A token login emits no LoggedIn: the layer starts now (asking the homeserver for
+        // the device when no saved session names it).
+        if let Some((device, token)) = token {
+            e2ee.start_with_token(s.account.user.as_str(), device, token);
+        }
         let driver = Driver {
             agent,
             lines: s.lines,
@@ -227,7 +241,7 @@ impl<C: Send + 'static> Driver<C> {
             reachable: false,
             sockets,
             tx,
-            client,
+            e2ee,
             config_turn: n.turn.is_some(),
             account: s.account,
             password_fallback,
@@ -361,9 +375,9 @@ impl<C: Send + 'static> Driver<C> {
 
     fn send_http(&self, id: HttpId, request: http::Request<Vec<u8>>) {
         let tx = self.tx.clone();
-        let client = self.client.clone();
+        let e2ee = self.e2ee.clone();
         smol::spawn(async move {
-            let response = async_compat::Compat::new(net::run_http(client, request)).await;
+            let response = async_compat::Compat::new(e2ee.run(request)).await;
             let _ = tx.send(Msg::Http { id, response }).await;
         })
         .detach();
@@ -379,6 +393,8 @@ impl<C: Send + 'static> Driver<C> {
             } => {
                 info!(%device_id, "logged in as {user_id}");
                 self.save_login(user_id, device_id, access_token);
+                self.e2ee
+                    .start(user_id.as_str(), device_id.as_str(), access_token);
             }
             AgentEvent::LoginFailed { message } => return self.on_login_failed(message, now),
             AgentEvent::HomeserverReachable(r) => {
@@ -742,6 +758,7 @@ impl<C: Send + 'static> Driver<C> {
             self.settle(p, now);
             let agent_at = self.drain(p, now);
             if let Some(code) = self.exit {
+                self.e2ee.close(E2EE_CLOSE).await;
                 return code;
             }
             let mut deadline = self.next_deadline(agent_at);
@@ -795,19 +812,24 @@ async fn start_stations<C: Send + 'static>(
     Ok(stations)
 }
 
+/// A token login's device (when a saved session names it) and token, for the crypto layer.
+type TokenLogin = (Option<String>, Secret);
+
 /// The agent, logging in with the saved session if there is one; with it, the config to
-/// fall back to when the saved token is refused and a password is known.
+/// fall back to when the saved token is refused and a password is known, and the token login
+/// (if it is one) for the crypto layer.
 fn new_agent(
     a: &Account,
     n: &NetworkConfig,
     policy: CallPolicy,
     addrs: Vec<SocketAddr>,
     h264_profile: Option<ProfileLevelId>,
-) -> Result<(Agent, Option<AgentConfig>), u8> {
+) -> Result<(Agent, Option<AgentConfig>, Option<TokenLogin>), u8> {
     let saved = a
         .state_dir
         .as_deref()
-        .and_then(|d| SavedSession::load(d, &a.homeserver, &a.user));
+        .and_then(|d| Some((d, SavedSession::load(d, &a.homeserver, &a.user)?)))
+        .and_then(|(d, s)| keep_session_with_keys(d, s, &a.auth));
     let (credentials, password) = login_credentials(&a.auth, saved.as_ref());
     let mut config = AgentConfig::new(a.homeserver.clone(), a.user.clone(), credentials, addrs);
     config.policy = policy;
@@ -815,6 +837,12 @@ fn new_agent(
     config.relay_only = n.relay_only;
     config.turn = n.turn.as_ref().map(net::static_turn);
     config.h264_profile = h264_profile;
+    let token = match &config.credentials {
+        Credentials::AccessToken(t) => {
+            Some((saved.as_ref().map(|s| s.device_id.clone()), t.clone()))
+        }
+        _ => None,
+    };
     config.device_id = saved.map(|s| s.device_id.as_str().into());
     let fallback = password.map(|pw| {
         let mut c = config.clone();
@@ -825,7 +853,35 @@ fn new_agent(
         eprintln!("error: {e}");
         exit::USAGE
     })?;
-    Ok((agent, fallback))
+    Ok((agent, fallback, token))
+}
+
+/// A saved session whose crypto store is gone must not be reused: that device's keys are
+/// lost, and peers would see its identity change. With a password, log in as a new device.
+fn keep_session_with_keys(
+    dir: &std::path::Path,
+    s: SavedSession,
+    auth: &Auth,
+) -> Option<SavedSession> {
+    if !e2ee::crypto_store_lost(dir) {
+        return Some(s);
+    }
+    match auth {
+        Auth::Password(_) => {
+            warn!(
+                old_device = %s.device_id,
+                "the crypto store is missing: logging in as a new device (the old one is not reused)"
+            );
+            None
+        }
+        Auth::AccessToken(_) => {
+            warn!(
+                device = %s.device_id,
+                "the crypto store is missing and an access token binds this device; its new keys may not be trusted by peers (log in with a password to get a new device)"
+            );
+            Some(s)
+        }
+    }
 }
 
 /// SIGTERM and SIGINT stop the run (hang up, flush, exit); SIGHUP reloads where asked.

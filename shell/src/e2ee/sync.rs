@@ -1,0 +1,321 @@
+//! What the layer reads from and rewrites in a /sync answer, as JSON: which rooms are
+//! encrypted and who is in them, the encrypted timeline events, and the plaintext events that
+//! replace them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ruma16::{OwnedRoomId, OwnedUserId};
+use serde_json::{json, Map, Value};
+use tracing::warn;
+
+/// Rooms tracked; past this, new rooms are not (their sends fail closed if encrypted).
+pub(super) const MAX_ROOMS: usize = 1024;
+/// Members tracked per room; past this, key sharing misses the newest members.
+pub(super) const MAX_MEMBERS: usize = 256;
+
+#[derive(Debug, Default, Clone)]
+pub(super) struct RoomCrypto {
+    /// The content of the room's `m.room.encryption` state event, once seen.
+    pub encryption: Option<Value>,
+    /// Joined and invited members: who gets the room key.
+    pub members: BTreeSet<OwnedUserId>,
+}
+
+/// Where a timeline event sits in a sync answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub room: OwnedRoomId,
+    pub index: usize,
+}
+
+/// Updates `rooms` from the answer's state (joined rooms' state and timeline, invites'
+/// stripped state, left rooms). Returns users newly seen in a room, for device tracking.
+pub(super) fn track_rooms(
+    rooms: &mut BTreeMap<OwnedRoomId, RoomCrypto>,
+    body: &Value,
+) -> BTreeSet<OwnedUserId> {
+    let mut new_users = BTreeSet::new();
+    let sections = [
+        ("join", &["state", "timeline"][..]),
+        ("invite", &["invite_state"][..]),
+    ];
+    for (section, parts) in sections {
+        let Some(map) = body
+            .pointer(&format!("/rooms/{section}"))
+            .and_then(Value::as_object)
+        else {
+            continue;
+        };
+        for (room_id, room) in map {
+            let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str()) else {
+                continue;
+            };
+            if !rooms.contains_key(&room_id) && rooms.len() >= MAX_ROOMS {
+                warn!("e2ee: room limit reached; a new room is not tracked");
+                continue;
+            }
+            let info = rooms.entry(room_id).or_default();
+            for part in parts {
+                let events = room
+                    .pointer(&format!("/{part}/events"))
+                    .and_then(Value::as_array);
+                for ev in events.into_iter().flatten() {
+                    apply_state(info, ev, &mut new_users);
+                }
+            }
+        }
+    }
+    if let Some(left) = body.pointer("/rooms/leave").and_then(Value::as_object) {
+        for room_id in left.keys() {
+            if let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str()) {
+                rooms.remove(&room_id);
+            }
+        }
+    }
+    new_users
+}
+
+fn apply_state(info: &mut RoomCrypto, ev: &Value, new_users: &mut BTreeSet<OwnedUserId>) {
+    let Some(state_key) = ev.get("state_key").and_then(Value::as_str) else {
+        return;
+    };
+    let content = ev.get("content").cloned().unwrap_or(Value::Null);
+    match ev.get("type").and_then(Value::as_str) {
+        // Encryption cannot be turned off in a room: the first content seen stays.
+        Some("m.room.encryption")
+            if state_key.is_empty()
+                && info.encryption.is_none()
+                && content.get("algorithm").is_some() =>
+        {
+            info.encryption = Some(content);
+        }
+        Some("m.room.member") => {
+            let Ok(user) = OwnedUserId::try_from(state_key) else {
+                return;
+            };
+            let membership = content.get("membership").and_then(Value::as_str);
+            if matches!(membership, Some("join" | "invite")) {
+                if info.members.len() < MAX_MEMBERS && info.members.insert(user.clone()) {
+                    new_users.insert(user);
+                }
+            } else {
+                info.members.remove(&user);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The joined rooms' timeline events of type `m.room.encrypted`, in order.
+pub(super) fn encrypted_slots(body: &Value) -> Vec<Slot> {
+    let mut out = Vec::new();
+    for (room, events) in timelines(body) {
+        for (index, ev) in events.iter().enumerate() {
+            if ev.get("type").and_then(Value::as_str) == Some("m.room.encrypted") {
+                out.push(Slot {
+                    room: room.clone(),
+                    index,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Plaintext `m.call.*` events in encrypted rooms: nobody honest sends them, so they are
+/// dropped before the core sees them.
+pub(super) fn drop_plaintext_calls(
+    body: &mut Value,
+    rooms: &BTreeMap<OwnedRoomId, RoomCrypto>,
+) -> usize {
+    let mut dropped = 0;
+    let Some(join) = body
+        .pointer_mut("/rooms/join")
+        .and_then(Value::as_object_mut)
+    else {
+        return 0;
+    };
+    for (room_id, room) in join.iter_mut() {
+        let encrypted = OwnedRoomId::try_from(room_id.as_str())
+            .ok()
+            .and_then(|r| rooms.get(&r))
+            .is_some_and(|r| r.encryption.is_some());
+        if !encrypted {
+            continue;
+        }
+        if let Some(events) = room
+            .pointer_mut("/timeline/events")
+            .and_then(Value::as_array_mut)
+        {
+            let before = events.len();
+            events.retain(|ev| {
+                !ev.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.starts_with("m.call."))
+            });
+            dropped += before - events.len();
+        }
+    }
+    dropped
+}
+
+fn timelines(body: &Value) -> Vec<(OwnedRoomId, &Vec<Value>)> {
+    let Some(join) = body.pointer("/rooms/join").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    join.iter()
+        .filter_map(|(room_id, room)| {
+            let room_id = OwnedRoomId::try_from(room_id.as_str()).ok()?;
+            let events = room.pointer("/timeline/events")?.as_array()?;
+            Some((room_id, events))
+        })
+        .collect()
+}
+
+pub(super) fn event_at<'a>(body: &'a Value, slot: &Slot) -> Option<&'a Value> {
+    body.pointer(&format!(
+        "/rooms/join/{}/timeline/events/{}",
+        pointer_escape(slot.room.as_str()),
+        slot.index
+    ))
+}
+
+pub(super) fn event_at_mut<'a>(body: &'a mut Value, slot: &Slot) -> Option<&'a mut Value> {
+    body.pointer_mut(&format!(
+        "/rooms/join/{}/timeline/events/{}",
+        pointer_escape(slot.room.as_str()),
+        slot.index
+    ))
+}
+
+/// JSON pointer escaping (RFC 6901) of one path segment.
+fn pointer_escape(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// The plaintext event that takes the encrypted one's place: the decrypted type and content,
+/// the envelope's event id, timestamp and unsigned data, and the sender the crypto layer
+/// verified.
+pub(super) fn plaintext_event(envelope: &Value, decrypted: &Value, sender: &str) -> Value {
+    let mut ev = Map::new();
+    ev.insert(
+        "type".into(),
+        decrypted.get("type").cloned().unwrap_or(Value::Null),
+    );
+    ev.insert(
+        "content".into(),
+        decrypted
+            .get("content")
+            .cloned()
+            .unwrap_or_else(|| json!({})),
+    );
+    ev.insert("sender".into(), json!(sender));
+    for key in ["event_id", "origin_server_ts", "unsigned"] {
+        if let Some(v) = envelope.get(key) {
+            ev.insert(key.into(), v.clone());
+        }
+    }
+    Value::Object(ev)
+}
+
+/// Puts late-decrypted events at the front of their room's timeline in this answer (they
+/// are older than anything in it), creating the room's entry if the answer has none.
+pub(super) fn inject(body: &mut Value, room: &OwnedRoomId, events: Vec<Value>) {
+    if !body.is_object() {
+        return;
+    }
+    let rooms = &mut body["rooms"]["join"][room.as_str()]["timeline"]["events"];
+    if !rooms.is_array() {
+        *rooms = json!([]);
+    }
+    if let Some(list) = rooms.as_array_mut() {
+        let rest = std::mem::take(list);
+        list.extend(events);
+        list.extend(rest);
+    }
+}
+
+/// Adds `ms` to an event's `unsigned.age` (it waited that long in the layer).
+pub(super) fn age_by(ev: &mut Value, ms: u64) {
+    if let Some(age) = ev.pointer_mut("/unsigned/age") {
+        if let Some(a) = age.as_u64() {
+            *age = json!(a.saturating_add(ms));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room() -> OwnedRoomId {
+        OwnedRoomId::try_from("!r:h").unwrap()
+    }
+
+    fn sync_body() -> Value {
+        json!({"rooms": {"join": {"!r:h": {
+            "state": {"events": [
+                {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}},
+                {"type": "m.room.member", "state_key": "@a:h", "sender": "@a:h", "content": {"membership": "join"}}
+            ]},
+            "timeline": {"events": [
+                {"type": "m.room.member", "state_key": "@b:h", "sender": "@a:h", "content": {"membership": "invite"}},
+                {"type": "m.call.invite", "sender": "@b:h", "content": {}},
+                {"type": "m.room.encrypted", "sender": "@b:h", "event_id": "$e", "origin_server_ts": 5, "unsigned": {"age": 10}, "content": {}}
+            ]}
+        }}}})
+    }
+
+    #[test]
+    fn encryption_and_members_are_tracked() {
+        let mut rooms = BTreeMap::new();
+        let new = track_rooms(&mut rooms, &sync_body());
+        assert_eq!(new.len(), 2);
+        let r = rooms.get(&room()).unwrap();
+        assert!(r.encryption.is_some());
+        assert_eq!(r.members.len(), 2);
+        let leave = json!({"rooms": {"leave": {"!r:h": {}}}});
+        track_rooms(&mut rooms, &leave);
+        assert!(rooms.is_empty());
+    }
+
+    #[test]
+    fn plaintext_call_event_in_encrypted_room_is_dropped() {
+        let mut rooms = BTreeMap::new();
+        let mut body = sync_body();
+        track_rooms(&mut rooms, &body);
+        assert_eq!(drop_plaintext_calls(&mut body, &rooms), 1);
+        let slots = encrypted_slots(&body);
+        assert_eq!(
+            slots,
+            vec![Slot {
+                room: room(),
+                index: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn plaintext_replacement_keeps_envelope_fields_and_verified_sender() {
+        let body = sync_body();
+        let env = &body["rooms"]["join"]["!r:h"]["timeline"]["events"][2];
+        let dec = json!({"type": "m.call.invite", "content": {"call_id": "c"}, "sender": "@evil:h", "room_id": "!r:h"});
+        let ev = plaintext_event(env, &dec, "@b:h");
+        assert_eq!(ev["type"], "m.call.invite");
+        assert_eq!(ev["sender"], "@b:h");
+        assert_eq!(ev["event_id"], "$e");
+        assert_eq!(ev["unsigned"]["age"], 10);
+    }
+
+    #[test]
+    fn late_events_go_first_and_age() {
+        let mut body = json!({"next_batch": "x"});
+        let mut ev = json!({"type": "m.call.invite", "unsigned": {"age": 10}});
+        age_by(&mut ev, 5);
+        inject(&mut body, &room(), vec![ev]);
+        inject(&mut body, &room(), vec![json!({"type": "older"})]);
+        let events = &body["rooms"]["join"]["!r:h"]["timeline"]["events"];
+        assert_eq!(events[0]["type"], "older");
+        assert_eq!(events[1]["unsigned"]["age"], 15);
+    }
+}
