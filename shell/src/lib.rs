@@ -3,6 +3,10 @@
 
 pub mod bench;
 pub mod demo;
+#[cfg(feature = "e2ee")]
+pub(crate) mod e2ee;
+#[cfg(not(feature = "e2ee"))]
+#[path = "e2ee_off.rs"]
 pub(crate) mod e2ee;
 pub mod live;
 pub mod media;
