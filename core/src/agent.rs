@@ -261,12 +261,13 @@ impl Agent {
             .find_dm(self.matrix.user_id(), &peer.to_owned())
     }
 
-    /// Asks the homeserver for a new unencrypted direct room with `peer` invited; answered by
-    /// [`AgentEvent::RoomCreated`] (the call can be placed once the peer has joined:
-    /// see [`Agent::room_peer`]).
-    pub fn create_direct_room(&mut self, peer: &ruma::UserId, now: Instant) {
+    /// Asks the homeserver for a new direct room with `peer` invited, end-to-end encrypted
+    /// when `encrypted` (the core never encrypts: the shell's layer does, once the room's
+    /// `m.room.encryption` comes back in the sync); answered by [`AgentEvent::RoomCreated`]
+    /// (the call can be placed once the peer has joined: see [`Agent::room_peer`]).
+    pub fn create_direct_room(&mut self, peer: &ruma::UserId, encrypted: bool, now: Instant) {
         self.now = now;
-        self.matrix.create_dm(peer.to_owned());
+        self.matrix.create_dm(peer.to_owned(), encrypted);
     }
 
     /// Room events waiting for the homeserver.

@@ -135,6 +135,9 @@ pub enum HttpFailure {
     Timeout,
     /// Anything else the transport reported.
     Other(String),
+    /// The shell's end-to-end encryption could not encrypt a room event for its encrypted
+    /// room, so nothing was sent (never plaintext instead); retrying will not help.
+    Encryption(String),
 }
 
 /// Something for the agent to process.

@@ -10,6 +10,7 @@ pub(crate) mod e2ee;
 pub(crate) mod e2ee;
 pub mod live;
 pub mod media;
+pub(crate) mod room_crypto;
 pub mod serve;
 pub mod sim;
 pub mod sweep;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use call_assist_core::{AgentEvent, CallPolicy, CallState};
 use serde::Serialize;
 
+use crate::sim::crypto::CryptoFaults;
 use crate::sim::homeserver::Fault;
 use crate::sim::net::LinkProfile;
 use crate::sim::world::{World, WorldConfig};
@@ -23,6 +24,9 @@ pub struct Profile {
     pub clock_jump_ms: i64,
     /// The homeserver goes down this long mid-call.
     pub hs_outage: Option<Duration>,
+    /// The call is in an end-to-end encrypted room (the simulator's stand-in), with these
+    /// room-key faults.
+    pub encrypted: Option<CryptoFaults>,
 }
 
 fn link(latency_ms: u64, jitter_ms: u64, loss: f64) -> LinkProfile {
@@ -41,6 +45,7 @@ pub fn profiles() -> Vec<Profile> {
         hs_latency: Duration::from_millis(10),
         clock_jump_ms: 0,
         hs_outage: None,
+        encrypted: None,
     };
     let mut bursty = link(50, 10, 0.02);
     bursty.burst = Some((0.02, 0.25));
@@ -111,6 +116,27 @@ pub fn profiles() -> Vec<Profile> {
         Profile {
             name: "clock -1 h",
             clock_jump_ms: -3_600_000,
+            ..base.clone()
+        },
+        Profile {
+            name: "encrypted room",
+            encrypted: Some(CryptoFaults::default()),
+            ..base.clone()
+        },
+        Profile {
+            name: "encrypted, keys 2 s late",
+            encrypted: Some(CryptoFaults {
+                late_key: Some(Duration::from_secs(2)),
+                ..CryptoFaults::default()
+            }),
+            ..base.clone()
+        },
+        Profile {
+            name: "encrypted, no keys",
+            encrypted: Some(CryptoFaults {
+                missing_key: true,
+                ..CryptoFaults::default()
+            }),
             ..base
         },
     ]
@@ -152,7 +178,13 @@ fn run_inner(p: &Profile, seed: u64) -> RunResult {
     let caller = world.add_agent("caller", "alice", CallPolicy::Anyone);
     let callee = world.add_agent("callee", "bob", CallPolicy::Anyone);
     world.agent(callee).auto_answer = true;
-    let room = world.create_room(&[caller, callee]);
+    let room = match p.encrypted {
+        Some(faults) => {
+            world.crypto_faults = faults;
+            world.create_encrypted_room(&[caller, callee])
+        }
+        None => world.create_room(&[caller, callee]),
+    };
     world.run_until_synced();
     for (n, f) in &p.hs_faults {
         world.hs.fail_next(*n, *f);

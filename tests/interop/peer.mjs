@@ -5,12 +5,17 @@
 //
 //   node peer.mjs --homeserver URL --user @u:server --password PW (--call ROOM_ID | --answer)
 //                 [--duration-s 5] [--max-wait-s 60] [--voice] [--require audio,video]
-//                 [--e2ee] [--allow-non-loopback] [--verbose]
+//                 [--e2ee [--only-signed-devices]] [--join-invites] [--allow-non-loopback]
+//                 [--verbose]
 //
 // --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
 // in-memory store), so calls work in encrypted rooms; the result counts events that stayed
 // undecryptable (`decryption_failures`; those sent before this device existed apart, as
 // `historical_undecryptable`).
+// --only-signed-devices: Element's "exclude insecure devices" (OnlySignedDevicesIsolationMode):
+// room keys go only to cross-signed devices, and only their events decrypt.
+// --join-invites: joins every room it is invited to (a DM the other side creates); the
+// result then names the room (`room_id`) and whether it is encrypted (`room_encrypted`).
 //
 // Run it inside a network namespace that has only `lo` (tests/e2e/loopback-only.sh); it
 // refuses to start when any other interface has an address (see README.md, "Loopback").
@@ -35,7 +40,8 @@ const { RTCAudioSink, RTCVideoSink } = wrtc.nonstandard;
 const USAGE =
     "usage: node peer.mjs --homeserver URL --user @u:server --password PW " +
     "(--call ROOM_ID | --answer) [--duration-s N] [--max-wait-s N] [--voice] " +
-    "[--require audio,video] [--e2ee] [--allow-non-loopback] [--verbose]";
+    "[--require audio,video] [--e2ee [--only-signed-devices]] [--join-invites] " +
+    "[--allow-non-loopback] [--verbose]";
 
 let args;
 try {
@@ -50,6 +56,8 @@ try {
             "max-wait-s": { type: "string", default: "60" },
             voice: { type: "boolean", default: false },
             e2ee: { type: "boolean", default: false },
+            "only-signed-devices": { type: "boolean", default: false },
+            "join-invites": { type: "boolean", default: false },
             require: { type: "string", default: "" },
             "allow-non-loopback": { type: "boolean", default: false },
             verbose: { type: "boolean", default: false },
@@ -64,7 +72,10 @@ if (args.help) {
     console.error(USAGE);
     process.exit(0);
 }
-if (!args.homeserver || !args.user || !args.password || !!args.call === args.answer) {
+if (
+    !args.homeserver || !args.user || !args.password || !!args.call === args.answer ||
+    (args["only-signed-devices"] && !args.e2ee)
+) {
     console.error(USAGE);
     process.exit(2);
 }
@@ -132,6 +143,9 @@ const result = {
     selected_pair: null,
     dropped_non_loopback_candidates: 0,
     e2ee: args.e2ee,
+    only_signed_devices: args["only-signed-devices"],
+    room_id: null,
+    room_encrypted: null,
     decryption_failures: 0,
     historical_undecryptable: 0,
     error: null,
@@ -263,6 +277,8 @@ async function finish(error) {
     if (activeCall) {
         describeFeeds(activeCall);
         result.call_id = activeCall.callId;
+        result.room_id = activeCall.roomId;
+        result.room_encrypted = client?.isRoomEncrypted?.(activeCall.roomId) ?? null;
         result.state = activeCall.state;
         result.hangup_reason ??= activeCall.hangupReason ?? null;
         result.hangup_party ??= activeCall.hangupParty ?? null;
@@ -332,6 +348,7 @@ function watchCall(call) {
         }
         if (state === CallState.Connected && !result.connected) {
             result.connected = true;
+            mark("connected");
             progress(`connected; staying ${DURATION_MS / 1000} s`);
             statsTimer = setInterval(() => void snapshotStats(call.peerConn), 1000);
             endTimer = setTimeout(() => {
@@ -382,6 +399,11 @@ async function main() {
         await client.initRustCrypto({ useIndexedDB: false });
         mark("crypto_ready");
         progress(`Rust crypto ready (device ${login.device_id})`);
+        if (args["only-signed-devices"]) {
+            const { OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+            client.getCrypto().setDeviceIsolationMode(new OnlySignedDevicesIsolationMode());
+            progress("keys only to and from cross-signed devices");
+        }
         client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
             if (ev.isDecryptionFailure()) {
                 // Sent before this (in-memory, brand new) device existed: no one owes it
@@ -396,6 +418,14 @@ async function main() {
                 undecryptable.delete(ev.getId());
                 historical.delete(ev.getId());
             }
+        });
+    }
+
+    if (args["join-invites"]) {
+        client.on(sdk.RoomEvent.MyMembership, (room, membership) => {
+            if (membership !== "invite") return;
+            progress(`invited to ${room.roomId}; joining`);
+            client.joinRoom(room.roomId).catch((e) => progress(`join ${room.roomId} failed: ${e.message}`));
         });
     }
 

@@ -44,10 +44,23 @@ pub struct Scene {
 
 impl Scene {
     pub fn new(config: WorldConfig) -> Scene {
+        Self::build(config, false)
+    }
+
+    /// [`Scene::new`] in an end-to-end encrypted room (the simulator's encryption stand-in).
+    pub fn encrypted(config: WorldConfig) -> Scene {
+        Self::build(config, true)
+    }
+
+    fn build(config: WorldConfig, encrypted: bool) -> Scene {
         let mut world = World::new(config);
         let alice = world.add_agent("alice", "alice", CallPolicy::Anyone);
         let bob = world.add_agent("bob", "bob", CallPolicy::Anyone);
-        let room = world.create_room(&[alice, bob]);
+        let room = if encrypted {
+            world.create_encrypted_room(&[alice, bob])
+        } else {
+            world.create_room(&[alice, bob])
+        };
         assert!(world.run_until_synced(), "agents did not sync");
         Scene {
             world,

@@ -469,6 +469,19 @@ impl Live {
         self.agent(user, &user.password, "call", args)
     }
 
+    /// Prints the js peer's call setup figures (ms from placing its call to connected and to
+    /// the first decoded video frame), for the README's tables.
+    pub fn print_setup_figures(what: &str, peer: &Proc) {
+        let r = peer.last_json();
+        let t = &r["timings_ms"];
+        let since = |k: &str| -> Option<i64> { Some(t[k].as_i64()? - t["placing"].as_i64()?) };
+        println!(
+            "figure: {what}: placing->connected {:?} ms, placing->first video frame {:?} ms",
+            since("connected"),
+            since("first_video_frame")
+        );
+    }
+
     /// `call-assist <subcommand>` as `user`, logging in with `password`.
     pub fn agent(&self, user: &User, password: &str, subcommand: &str, args: &[&str]) -> Proc {
         agent(

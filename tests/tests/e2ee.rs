@@ -120,24 +120,38 @@ fn js_sdk_calls_agent_in_encrypted_dm() {
 
     assert_js_peer_ok(&peer);
     assert_agent_got_media(&bob);
+    Live::print_setup_figures("js-sdk calls the hub, encrypted DM", &peer);
     assert_calls_stored_encrypted(&live, &room, &bob_user.id);
     assert_calls_stored_encrypted(&live, &room, &alice.id);
 }
 
+/// The hub creates the DM itself (`call --to`, encrypted by default, as Element's "Start
+/// chat"), and the peer is in Element's "exclude insecure devices" mode: room keys go only to
+/// cross-signed devices and only their events decrypt, so the call works only because the
+/// hub cross-signed its device.
 #[test]
-fn agent_calls_js_sdk_in_encrypted_dm() {
-    if !in_loopback_namespace("agent_calls_js_sdk_in_encrypted_dm") {
+fn agent_calls_js_sdk_in_the_encrypted_dm_it_creates() {
+    if !in_loopback_namespace("agent_calls_js_sdk_in_the_encrypted_dm_it_creates") {
         return;
     }
-    let live = Live::start("agent_calls_js_sdk_in_encrypted_dm");
+    let live = Live::start("agent_calls_js_sdk_in_the_encrypted_dm_it_creates");
     let alice = live.user("alice");
     let bob_user = live.user("bob");
-    let room = live.hs.create_encrypted_dm(&alice, &bob_user);
 
-    let mut peer = live.js_peer(&bob_user, &["--e2ee", "--answer", "--max-wait-s", "60"]);
+    let mut peer = live.js_peer(
+        &bob_user,
+        &[
+            "--e2ee",
+            "--only-signed-devices",
+            "--join-invites",
+            "--answer",
+            "--max-wait-s",
+            "60",
+        ],
+    );
     peer.wait_stderr("waiting for an incoming call", READY);
-    let mut caller = live.call(&alice, &["--room", &room, "--duration-s", "5"]);
-    let caller_exit = caller.wait_exit(Duration::from_secs(50));
+    let mut caller = live.call(&alice, &["--to", &bob_user.id, "--duration-s", "5"]);
+    let caller_exit = caller.wait_exit(Duration::from_secs(60));
     let peer_exit = peer.wait_exit(EXIT);
     assert_eq!(caller_exit, 0, "{}\n{}", caller.report(), peer.report());
     assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), caller.report());
@@ -146,7 +160,52 @@ fn agent_calls_js_sdk_in_encrypted_dm() {
     assert_agent_got_media(&caller);
     let r = peer.last_json();
     assert_eq!(r["hangup_reason"], "user_hangup", "{r}");
-    assert_calls_stored_encrypted(&live, &room, &alice.id);
+    assert_eq!(r["only_signed_devices"], true, "{r}");
+    assert_eq!(r["room_encrypted"], true, "{r}");
+    let room = r["room_id"].as_str().expect("the peer names the room");
+    let state = stored_event_types(&live, room, &alice.id);
+    assert!(
+        state.iter().any(|t| t == "m.room.encryption"),
+        "the hub's DM has no m.room.encryption: {state:?}"
+    );
+    assert_calls_stored_encrypted(&live, room, &alice.id);
+    assert_calls_stored_encrypted(&live, room, &bob_user.id);
+}
+
+/// `call --to --unencrypted-dm`: the DM the hub creates is a plain one, and the call works
+/// there too (for peers without encryption).
+#[test]
+fn unencrypted_dm_option_creates_a_plain_dm() {
+    if !in_loopback_namespace("unencrypted_dm_option_creates_a_plain_dm") {
+        return;
+    }
+    let live = Live::start("unencrypted_dm_option_creates_a_plain_dm");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let mut peer = live.js_peer(
+        &bob_user,
+        &["--join-invites", "--answer", "--max-wait-s", "60"],
+    );
+    peer.wait_stderr("waiting for an incoming call", READY);
+    let mut caller = live.call(
+        &alice,
+        &[
+            "--to",
+            &bob_user.id,
+            "--unencrypted-dm",
+            "--duration-s",
+            "3",
+        ],
+    );
+    let caller_exit = caller.wait_exit(Duration::from_secs(60));
+    let peer_exit = peer.wait_exit(EXIT);
+    assert_eq!(caller_exit, 0, "{}\n{}", caller.report(), peer.report());
+    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), caller.report());
+    let r = peer.last_json();
+    let room = r["room_id"].as_str().expect("the peer names the room");
+    let types = stored_event_types(&live, room, &alice.id);
+    assert!(!types.iter().any(|t| t == "m.room.encryption"), "{types:?}");
+    assert!(types.iter().any(|t| t == "m.call.invite"), "{types:?}");
 }
 
 /// `POST path` on the homeserver with a bearer token and a JSON body; the JSON answer.

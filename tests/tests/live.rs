@@ -483,6 +483,7 @@ fn js_sdk_calls_agent() {
 
     assert_js_peer_got_media(&peer);
     assert_connected_with_media(&bob);
+    Live::print_setup_figures("js-sdk calls the hub, plain DM", &peer);
     let theirs = ended(&bob);
     assert_eq!(
         (&theirs["reason"], &theirs["by"]),

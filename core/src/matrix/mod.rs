@@ -89,7 +89,12 @@ pub(crate) enum MatrixEvent {
 #[derive(Debug, Clone)]
 enum RoomRequest {
     Join(OwnedRoomId),
-    CreateDm(OwnedUserId),
+    /// A direct room with the peer invited; `encrypted` puts `m.room.encryption` in its
+    /// initial state, as Element's "Start chat" does.
+    CreateDm {
+        peer: OwnedUserId,
+        encrypted: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +201,12 @@ struct ErrorBody {
 
 fn classify(response: &Result<http::Response<Vec<u8>>, HttpFailure>) -> Option<Failure> {
     let response = match response {
+        Err(HttpFailure::Encryption(why)) => {
+            return Some(Failure::Permanent {
+                status: 0,
+                why: format!("cannot encrypt for the room: {why}"),
+            })
+        }
         Err(e) => {
             return Some(Failure::Transient {
                 retry_after: None,
@@ -377,9 +388,9 @@ impl MatrixClient {
         self.push_room_request(RoomRequest::Join(room_id));
     }
 
-    /// Creates an unencrypted direct room with `peer` invited.
-    pub fn create_dm(&mut self, peer: OwnedUserId) {
-        self.push_room_request(RoomRequest::CreateDm(peer));
+    /// Creates a direct room with `peer` invited, end-to-end encrypted if `encrypted`.
+    pub fn create_dm(&mut self, peer: OwnedUserId, encrypted: bool) {
+        self.push_room_request(RoomRequest::CreateDm { peer, encrypted });
     }
 
     fn push_room_request(&mut self, r: RoomRequest) {
@@ -484,11 +495,14 @@ impl MatrixClient {
                 let built = match r.clone() {
                     RoomRequest::Join(room_id) => join_room_by_id::v3::Request::new(room_id)
                         .try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions()),
-                    RoomRequest::CreateDm(peer) => {
+                    RoomRequest::CreateDm { peer, encrypted } => {
                         let mut req = create_room::v3::Request::new();
                         req.invite = vec![peer];
                         req.is_direct = true;
                         req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
+                        if encrypted {
+                            req.initial_state.extend(encryption_state());
+                        }
                         req.try_into_http_request::<Vec<u8>>(&self.base_url, auth, Self::versions())
                     }
                 };
@@ -825,13 +839,13 @@ impl MatrixClient {
                 self.room_backoff.succeed();
                 match self.room_requests.pop_front() {
                     Some(RoomRequest::Join(room_id)) => info!(%room_id, "joined room"),
-                    Some(RoomRequest::CreateDm(peer)) => {
+                    Some(RoomRequest::CreateDm { peer, encrypted }) => {
                         let parsed = response.ok().and_then(|r| {
                             create_room::v3::Response::try_from_http_response(as_slice(&r)).ok()
                         });
                         match parsed {
                             Some(r) => {
-                                info!(room_id = %r.room_id, "created direct room");
+                                info!(room_id = %r.room_id, encrypted, "created direct room");
                                 self.events.push_back(MatrixEvent::RoomCreated {
                                     room_id: r.room_id,
                                     peer,
@@ -893,4 +907,15 @@ impl MatrixClient {
             }
         }
     }
+}
+
+/// The `m.room.encryption` initial state of an encrypted direct room (Megolm with the
+/// recommended rotation), as Element sends it; `None` only if it cannot be serialised.
+fn encryption_state() -> Option<ruma::serde::Raw<ruma::events::AnyInitialStateEvent>> {
+    use ruma::events::room::encryption::RoomEncryptionEventContent;
+    use ruma::events::InitialStateEvent;
+    let event = InitialStateEvent::with_empty_state_key(
+        RoomEncryptionEventContent::with_recommended_defaults(),
+    );
+    ruma::serde::Raw::new(&event).ok().map(|r| r.cast())
 }

@@ -10,7 +10,6 @@
 //! and sends in order.
 
 mod requests;
-mod sync;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -22,17 +21,18 @@ use matrix_sdk_crypto::{
     DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine, TrustRequirement,
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
+use ruma::{OwnedRoomId, OwnedUserId};
 use ruma16::events::room::encryption::RoomEncryptionEventContent;
 use ruma16::events::room::history_visibility::HistoryVisibility;
 use ruma16::serde::Raw;
-use ruma16::{OwnedDeviceId, OwnedRoomId, OwnedUserId};
+use ruma16::OwnedDeviceId;
 use serde_json::Value;
 use smol::lock::Mutex;
 use tracing::{debug, error, info, warn};
 
 use crate::live::net;
+use crate::room_crypto::{self as sync, classify, encrypted_uri, Kind, RoomCrypto, Slot};
 use requests::Io;
-use sync::{RoomCrypto, Slot};
 
 /// Encrypted timeline events kept for a retry when their room key comes later; past this
 /// the oldest is dropped (logged).
@@ -124,17 +124,6 @@ struct Layer {
     warm: Vec<OwnedRoomId>,
 }
 
-/// What the core asked for, as far as the layer cares.
-enum Kind {
-    Sync,
-    /// `PUT /rooms/{room}/send/{type}/{txn}` of a call event.
-    CallSend {
-        room: OwnedRoomId,
-        event_type: String,
-    },
-    Other,
-}
-
 impl E2ee {
     pub fn new(client: reqwest::Client, base_url: String, state_dir: Option<PathBuf>) -> Self {
         E2ee {
@@ -160,7 +149,7 @@ impl E2ee {
         token: &Secret,
     ) {
         let (Ok(user), Ok(device)) = (
-            OwnedUserId::try_from(user),
+            ruma16::OwnedUserId::try_from(user),
             Ok::<_, ()>(OwnedDeviceId::from(device)),
         ) else {
             error!("e2ee: unusable user id; encryption disabled");
@@ -293,11 +282,16 @@ impl E2ee {
                         drop(layer);
                         net::run_http(self.client.clone(), request).await
                     }
+                    // A key request that did not get through: the core retries.
+                    Err(e @ E2eeError::Request(_)) => {
+                        warn!(%event_type, "e2ee: not sent yet: {e}");
+                        Err(HttpFailure::Other(format!("encryption: {e}")))
+                    }
                     Err(e) => {
-                        // Never plaintext into an encrypted room: the core retries, then
-                        // gives up on the event (and the call).
+                        // Never plaintext into an encrypted room: the core gives up on the
+                        // event and ends its call.
                         error!(%event_type, "e2ee: not sent: cannot encrypt for the room: {e}");
-                        Err(HttpFailure::Other(format!("encryption failed: {e}")))
+                        Err(HttpFailure::Encryption(e.to_string()))
                     }
                 }
             }
@@ -396,7 +390,9 @@ impl Layer {
         let settings = DecryptionSettings {
             sender_device_trust_requirement: TrustRequirement::Untrusted,
         };
-        let decrypted = machine.decrypt_room_event(&raw, room, &settings).await?;
+        let decrypted = machine
+            .decrypt_room_event(&raw, &room16(room)?, &settings)
+            .await?;
         let info = &decrypted.encryption_info;
         if matches!(
             info.verification_state,
@@ -486,7 +482,7 @@ impl Layer {
             .and_then(|s| Raw::from_json_string(s).ok())
             .ok_or_else(|| E2eeError::Crypto("the event content is not JSON".into()))?;
         let encrypted = machine
-            .encrypt_room_event_raw(room, event_type, &content)
+            .encrypt_room_event_raw(&room16(room)?, event_type, &content)
             .await?;
         parts.uri = encrypted_uri(&parts.uri, event_type)
             .ok_or_else(|| E2eeError::Crypto("unexpected send URI".into()))?;
@@ -503,7 +499,7 @@ impl Layer {
 /// belongs to another device (its session was lost) is moved aside: keys are never reused
 /// across devices.
 async fn open_machine(
-    user: &OwnedUserId,
+    user: &ruma16::OwnedUserId,
     device: &OwnedDeviceId,
     state_dir: Option<&Path>,
 ) -> Result<OlmMachine, E2eeError> {
@@ -591,7 +587,8 @@ async fn feed_machine(
         serde_json::from_value(de("/device_unused_fallback_key_types")).unwrap_or_default();
     if !new_users.is_empty() {
         // Collected first: a borrowing closure held across the await makes the future !Send.
-        let users: Vec<&ruma16::UserId> = new_users.iter().map(|u| u.as_ref()).collect();
+        let owned = users16(new_users);
+        let users: Vec<&ruma16::UserId> = owned.iter().map(|u| u.as_ref()).collect();
         machine.update_tracked_users(users).await?;
     }
     let changes = EncryptionSyncChanges {
@@ -625,6 +622,7 @@ async fn share_room_key(
 ) -> Result<(), E2eeError> {
     // Device lists of members first: a key query still pending would leave devices out.
     io.flush(machine).await?;
+    let members = users16(members);
     let users: Vec<&ruma16::UserId> = members.iter().map(|u| u.as_ref()).collect();
     if let Some((id, claim)) = machine
         .get_missing_sessions(users.clone().into_iter())
@@ -641,7 +639,7 @@ async fn share_room_key(
         Err(_) => EncryptionSettings::default(),
     };
     for req in machine
-        .share_room_key(room, users.into_iter(), settings)
+        .share_room_key(&room16(room)?, users.into_iter(), settings)
         .await?
     {
         io.to_device(machine, &req).await?;
@@ -649,109 +647,16 @@ async fn share_room_key(
     Ok(())
 }
 
-/// Sorts the core's request: a sync, a call event send (with its room), or anything else.
-fn classify(request: &http::Request<Vec<u8>>) -> Kind {
-    let path = request.uri().path();
-    let Some(rest) = path.strip_prefix("/_matrix/client/") else {
-        return Kind::Other;
-    };
-    let mut segs = rest.split('/');
-    let _version = segs.next();
-    match (segs.next(), request.method()) {
-        (Some("sync"), &http::Method::GET) => Kind::Sync,
-        (Some("rooms"), &http::Method::PUT) => {
-            let room = segs.next().map(percent_decode);
-            let send = segs.next();
-            let event_type = segs.next().map(percent_decode);
-            match (room, send, event_type) {
-                (Some(room), Some("send"), Some(t)) if t.starts_with("m.call.") => {
-                    match OwnedRoomId::try_from(room.as_str()) {
-                        Ok(room) => Kind::CallSend {
-                            room,
-                            event_type: t,
-                        },
-                        Err(_) => Kind::Other,
-                    }
-                }
-                _ => Kind::Other,
-            }
-        }
-        _ => Kind::Other,
-    }
+/// The room id as matrix-sdk-crypto's ruma (0.16) spells it; the core and the sync JSON use
+/// the workspace's ruma.
+fn room16(room: &OwnedRoomId) -> Result<ruma16::OwnedRoomId, E2eeError> {
+    ruma16::OwnedRoomId::try_from(room.as_str()).map_err(|e| E2eeError::Crypto(e.to_string()))
 }
 
-/// The send URI with `m.room.encrypted` in place of the event type; same transaction id.
-fn encrypted_uri(uri: &http::Uri, event_type: &str) -> Option<http::Uri> {
-    let path = uri.path();
-    let (head, txn) = path.rsplit_once('/')?;
-    let (head, ty) = head.rsplit_once('/')?;
-    if percent_decode(ty) != event_type {
-        return None;
-    }
-    let mut s = format!("{head}/m.room.encrypted/{txn}");
-    if let Some(q) = uri.query() {
-        s.push('?');
-        s.push_str(q);
-    }
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(s.parse().ok()?);
-    http::Uri::from_parts(parts).ok()
-}
-
-/// Percent-decoding of one URI path segment (room ids arrive as `%21room%3Aserver`).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put(uri: &str) -> http::Request<Vec<u8>> {
-        http::Request::put(uri).body(Vec::new()).unwrap()
-    }
-
-    #[test]
-    fn call_sends_are_recognised_and_rewritten_with_the_same_txn() {
-        let r = put("http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.call.invite/t1");
-        let Kind::CallSend { room, event_type } = classify(&r) else {
-            panic!("not a call send")
-        };
-        assert_eq!(room.as_str(), "!r:h");
-        assert_eq!(event_type, "m.call.invite");
-        let uri = encrypted_uri(r.uri(), "m.call.invite").unwrap();
-        assert_eq!(
-            uri.to_string(),
-            "http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.room.encrypted/t1"
-        );
-        let text = put("http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.room.message/t1");
-        assert!(matches!(classify(&text), Kind::Other));
-        let sync = http::Request::get("http://h/_matrix/client/v3/sync?since=x")
-            .body(Vec::new())
-            .unwrap();
-        assert!(matches!(classify(&sync), Kind::Sync));
-    }
-
-    #[test]
-    fn percent_decoding_survives_broken_escapes() {
-        assert_eq!(percent_decode("%21a%3Ab"), "!a:b");
-        assert_eq!(percent_decode("%2"), "%2");
-        assert_eq!(percent_decode("%zz%"), "%zz%");
-    }
+/// [`room16`] for user ids; ids ruma 0.16 refuses are left out.
+fn users16(users: &std::collections::BTreeSet<OwnedUserId>) -> Vec<ruma16::OwnedUserId> {
+    users
+        .iter()
+        .filter_map(|u| ruma16::OwnedUserId::try_from(u.as_str()).ok())
+        .collect()
 }

@@ -63,6 +63,8 @@ pub struct FileConfig {
     pub record: Option<PathBuf>,
     /// `HOST:PORT` to re-send the remote media to as plain RTP (+ an SDP file).
     pub forward_rtp: Option<String>,
+    /// A direct room `call` creates is not end-to-end encrypted.
+    pub unencrypted_dm: Option<bool>,
 }
 
 impl FileConfig {
@@ -79,7 +81,7 @@ pub struct CommonArgs {
     /// TOML file with the same settings (keys: homeserver, user, room, to, allow, state_dir,
     /// allow_loopback, interfaces, exclude_interfaces, video_codec, max_calls, duration_s,
     /// port, stun, turn, turn_user, relay_only, video, audio, video_fps, rtsp_transport,
-    /// record, forward_rtp); a flag replaces the file's value, lists included
+    /// record, forward_rtp, unencrypted_dm); a flag replaces the file's value, lists included
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Homeserver base URL (http:// or https://)
@@ -155,6 +157,10 @@ pub struct CallArgs {
     /// How long the call stays up once connected [default: 10]
     #[arg(long, value_name = "N")]
     pub duration_s: Option<u64>,
+    /// A direct room created for --to is not end-to-end encrypted (by default it is, as
+    /// Element creates them)
+    #[arg(long)]
+    pub unencrypted_dm: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -323,12 +329,15 @@ impl LiveOptions {
             None => FileConfig::default(),
         };
         let mode = mode(&command, &file)?;
+        let unencrypted_dm = matches!(&command, LiveCommand::Call(a) if a.unencrypted_dm)
+            || file.unencrypted_dm.unwrap_or(false);
         let c = match command {
             LiveCommand::Call(a) => a.common,
             LiveCommand::Listen(a) => a.common,
             LiveCommand::Check(c) => c,
         };
-        let account = account(&c, &file, &env)?;
+        let mut account = account(&c, &file, &env)?;
+        account.encrypt_new_dms &= !unencrypted_dm;
         let network = NetworkConfig {
             allow_loopback: c.allow_loopback || file.allow_loopback.unwrap_or(false),
             interfaces: list(c.interfaces, file.interfaces),
@@ -420,6 +429,7 @@ fn account(
         user: user_id(user, "--user")?,
         auth,
         state_dir,
+        encrypt_new_dms: cfg!(feature = "e2ee"),
     })
 }
 

@@ -11,7 +11,7 @@
 //! each request runs inside `async_compat::Compat`, which keeps one tokio runtime thread in the
 //! background. Every input reaches the loop through one bounded channel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -180,7 +180,7 @@ pub(crate) struct Driver<C> {
     /// Which station each call of ours belongs to.
     call_station: BTreeMap<CallId, usize>,
     /// Calls whose media has started (state `Connected` seen).
-    media_started: BTreeMap<CallId, ()>,
+    media_started: BTreeSet<CallId>,
     turn_uris_seen: Vec<String>,
     unreachable_since: Option<Instant>,
     give_up_unreachable: bool,
@@ -246,7 +246,7 @@ impl<C: Send + 'static> Driver<C> {
             account: s.account,
             password_fallback,
             call_station: BTreeMap::new(),
-            media_started: BTreeMap::new(),
+            media_started: BTreeSet::new(),
             turn_uris_seen: Vec::new(),
             unreachable_since: None,
             give_up_unreachable: s.give_up_unreachable,
@@ -328,7 +328,8 @@ impl<C: Send + 'static> Driver<C> {
         let room = self.agent.find_direct_room(peer);
         if room.is_none() && !self.dials.iter().any(|d| d.peer == *peer) {
             info!(%peer, "no direct room yet; creating one");
-            self.agent.create_direct_room(peer, now);
+            let encrypted = self.account.encrypt_new_dms;
+            self.agent.create_direct_room(peer, encrypted, now);
         }
         self.dials.push(Dial {
             id,
@@ -543,11 +544,11 @@ impl<C: Send + 'static> Driver<C> {
             station,
             json!({"event": "state", "call_id": call_id, "state": name}),
         );
-        if state != CallState::Connected || self.media_started.contains_key(call_id) {
+        if state != CallState::Connected || self.media_started.contains(call_id) {
             return;
         }
         self.lines.say(&format!("call {call_id} connected"));
-        self.media_started.insert(call_id.to_owned(), ());
+        self.media_started.insert(call_id.to_owned());
         let Some(i) = station else { return };
         let lines = match self.stations.get_mut(i) {
             Some(s) => s

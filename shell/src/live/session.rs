@@ -20,6 +20,9 @@ pub struct Account {
     pub user: OwnedUserId,
     pub auth: Auth,
     pub state_dir: Option<PathBuf>,
+    /// Direct rooms the hub creates are end-to-end encrypted, as Element creates them
+    /// (always off in a build without the `e2ee` feature).
+    pub encrypt_new_dms: bool,
 }
 
 /// What is kept between runs, so a restart reuses the same device.

@@ -60,6 +60,9 @@ struct MatrixSection {
     password_file: Option<Spanned<PathBuf>>,
     access_token_file: Option<Spanned<PathBuf>>,
     state_dir: Option<PathBuf>,
+    /// Direct rooms the hub creates are not end-to-end encrypted.
+    #[serde(default)]
+    unencrypted_dm: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +163,8 @@ pub struct ServeConfig {
     pub user: OwnedUserId,
     pub auth: Auth,
     pub state_dir: Option<PathBuf>,
+    /// Direct rooms the hub creates are end-to-end encrypted (`matrix.unencrypted_dm` off).
+    pub encrypt_new_dms: bool,
     pub api: ApiConfig,
     pub network: NetworkConfig,
     pub stations: Vec<StationConfig>,
@@ -239,6 +244,7 @@ impl ServeConfig {
             user,
             auth,
             state_dir,
+            encrypt_new_dms: cfg!(feature = "e2ee") && !m.unencrypted_dm,
             api,
             network,
             stations,
@@ -279,6 +285,9 @@ impl ServeConfig {
         }
         if self.state_dir != new.state_dir {
             keys.push("matrix.state_dir".to_owned());
+        }
+        if self.encrypt_new_dms != new.encrypt_new_dms {
+            keys.push("matrix.unencrypted_dm".to_owned());
         }
         if self.api.listen != new.api.listen {
             keys.push("api.listen".to_owned());

@@ -519,6 +519,7 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
             user: config.user.clone(),
             auth: config.auth.clone(),
             state_dir: config.state_dir.clone(),
+            encrypt_new_dms: config.encrypt_new_dms,
         },
         network: config.network.clone(),
         stations: config

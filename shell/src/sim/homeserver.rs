@@ -155,6 +155,17 @@ impl Room {
     }
 }
 
+/// A to-device message waiting for its recipient's devices (stream ordered like room events).
+#[derive(Debug, Clone)]
+struct ToDevice {
+    pos: u64,
+    to: OwnedUserId,
+    event: Value,
+}
+
+/// To-device messages kept for late syncs; past this the oldest are dropped.
+const MAX_TO_DEVICE: usize = 4096;
+
 /// A /sync long-poll waiting for news or for its timeout.
 #[derive(Debug)]
 struct HeldSync {
@@ -201,6 +212,8 @@ pub struct SimHomeserver {
     accounts: BTreeMap<String, String>,
     tokens: BTreeMap<String, DeviceKey>,
     rooms: BTreeMap<OwnedRoomId, Room>,
+    /// To-device messages (the encryption stand-in's room keys), every device of the user.
+    to_device: VecDeque<ToDevice>,
     txns: BTreeMap<(DeviceKey, String), String>,
     held: Vec<HeldSync>,
     /// Answers keyed by (due, ticket, arrival sequence) so equal tickets never collide.
@@ -251,6 +264,7 @@ impl SimHomeserver {
             accounts: BTreeMap::new(),
             tokens: BTreeMap::new(),
             rooms: BTreeMap::new(),
+            to_device: VecDeque::new(),
             txns: BTreeMap::new(),
             held: Vec::new(),
             due: BTreeMap::new(),
@@ -381,6 +395,45 @@ impl SimHomeserver {
             .collect();
         self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
         ids
+    }
+
+    /// Turns on end-to-end encryption in `room` (an `m.room.encryption` state event from its
+    /// creator), as Element's "Start chat" does.
+    pub fn enable_encryption(&mut self, room: &RoomId, unix_ms: u64) {
+        let Some(creator) = self
+            .rooms
+            .get(room)
+            .and_then(|r| r.events.first())
+            .map(|e| e.sender.clone())
+        else {
+            tracing::warn!(%room, "sim enable_encryption: unknown room");
+            return;
+        };
+        let content = json!({ "algorithm": "m.megolm.v1.aes-sha2" });
+        self.append(
+            room,
+            StoredEvent::new(&creator, "m.room.encryption", Some(""), content, unix_ms),
+        );
+        self.release_held(room, self.last_now, self.last_unix_ms.max(unix_ms));
+    }
+
+    /// A to-device `event` for every device of `to` (in their next /sync, which it wakes).
+    pub fn send_to_device(&mut self, to: &UserId, event: Value, unix_ms: u64) {
+        if self.to_device.len() >= MAX_TO_DEVICE {
+            self.to_device.pop_front();
+        }
+        self.stream_pos += 1;
+        self.to_device.push_back(ToDevice {
+            pos: self.stream_pos,
+            to: to.to_owned(),
+            event,
+        });
+        let unix_ms = self.last_unix_ms.max(unix_ms);
+        let (ready, waiting): (Vec<HeldSync>, Vec<HeldSync>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.device.0 == to);
+        self.held = waiting;
+        self.answer_held(ready, self.last_now, unix_ms);
     }
 
     pub fn set_turn_server(
@@ -631,6 +684,11 @@ impl SimHomeserver {
             .into_iter()
             .partition(|h| members.contains(&h.device.0));
         self.held = waiting;
+        self.answer_held(ready, at, unix_ms);
+    }
+
+    /// Answers these held syncs at `at` (or when each arrived, if later).
+    fn answer_held(&mut self, ready: Vec<HeldSync>, at: Option<Instant>, unix_ms: u64) {
         for h in ready {
             let body = self.sync_body(&h.device, Some(h.since), unix_ms);
             let released = at.map_or(h.arrived, |t| t.max(h.arrived));
@@ -827,6 +885,7 @@ impl SimHomeserver {
         self.rooms
             .values()
             .any(|r| r.members.contains(user) && r.last_pos() > since)
+            || self.to_device.iter().any(|t| t.to == user && t.pos > since)
     }
 
     fn sync_body(&self, device: &DeviceKey, since: Option<u64>, unix_ms: u64) -> Value {
@@ -878,12 +937,18 @@ impl SimHomeserver {
             });
             join.insert(room_id.to_string(), entry);
         }
+        let to_device: Vec<&Value> = self
+            .to_device
+            .iter()
+            .filter(|t| t.to == device.0 && t.pos > since.unwrap_or(0))
+            .map(|t| &t.event)
+            .collect();
         json!({
             "next_batch": format!("s{}", self.stream_pos),
             "rooms": { "join": join, "invite": {}, "leave": {} },
             "presence": { "events": [] },
             "account_data": { "events": [] },
-            "to_device": { "events": [] },
+            "to_device": { "events": to_device },
             "device_lists": { "changed": [], "left": [] },
             "device_one_time_keys_count": {},
         })
@@ -1002,9 +1067,32 @@ impl SimHomeserver {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let room_id = self.create_room_inner(&members, public, is_direct, cx.unix_ms);
+        if initial_encryption(&obj) {
+            let content = json!({ "algorithm": "m.megolm.v1.aes-sha2" });
+            self.append(
+                &room_id,
+                StoredEvent::new(
+                    &device.0,
+                    "m.room.encryption",
+                    Some(""),
+                    content,
+                    cx.unix_ms,
+                ),
+            );
+        }
         self.release_held(&room_id, Some(cx.now), cx.unix_ms);
         Ok(json!({ "room_id": room_id }))
     }
+}
+
+/// Whether a createRoom body asks for `m.room.encryption` in its initial state.
+fn initial_encryption(body: &Map<String, Value>) -> bool {
+    body.get("initial_state")
+        .and_then(Value::as_array)
+        .is_some_and(|list| {
+            list.iter()
+                .any(|e| e.get("type").and_then(Value::as_str) == Some("m.room.encryption"))
+        })
 }
 
 fn after(t: Instant, d: Duration) -> Instant {

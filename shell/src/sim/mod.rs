@@ -1,3 +1,4 @@
+pub mod crypto;
 pub mod homeserver;
 pub mod nat;
 pub mod net;

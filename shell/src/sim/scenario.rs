@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use call_assist_core::{limits, AgentEvent, CallPolicy, CallState};
 
+use super::crypto::CryptoFaults;
 use super::homeserver::Fault;
 use super::nat::NatKind;
 use super::net::LinkProfile;
@@ -75,9 +76,27 @@ pub fn run_bytes(data: &[u8]) -> ScenarioReport {
     let mut link = LinkProfile::ideal(Duration::from_millis(u64::from(b.u8()) * 600 / 255));
     link.jitter = Duration::from_millis(u64::from(b.u8() % 64));
     link.loss = b.frac(0.3);
-    if b.u8() % 4 == 0 {
+    // One byte: burst loss (low bits), an encrypted room (bit 2), a room-key fault (bits 3-4).
+    let flags = b.u8();
+    if flags % 4 == 0 {
         link.burst = Some((0.02, 0.25));
     }
+    let encrypted = flags & 0x04 != 0;
+    let crypto_faults = match (flags >> 3) % 4 {
+        1 => CryptoFaults {
+            late_key: Some(Duration::from_millis(u64::from(flags) * 40)),
+            ..CryptoFaults::default()
+        },
+        2 => CryptoFaults {
+            missing_key: true,
+            ..CryptoFaults::default()
+        },
+        3 => CryptoFaults {
+            failed_share: true,
+            ..CryptoFaults::default()
+        },
+        _ => CryptoFaults::default(),
+    };
     link.reorder = b.frac(0.1);
     link.duplicate = b.frac(0.1);
     let (nat_a, nat_b, turn) = (nat(b.u8()), nat(b.u8()), b.u8() % 2 == 0);
@@ -96,7 +115,12 @@ pub fn run_bytes(data: &[u8]) -> ScenarioReport {
             world.put_behind_nat(i, kind);
         }
     }
-    let room = world.create_room(&[alice, bob]);
+    let room = if encrypted {
+        world.crypto_faults = crypto_faults;
+        world.create_encrypted_room(&[alice, bob])
+    } else {
+        world.create_room(&[alice, bob])
+    };
     world.run_until_synced();
     check_bounds(&world);
 

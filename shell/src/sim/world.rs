@@ -13,6 +13,7 @@ use call_assist_core::{
 use ruma::{OwnedRoomId, OwnedUserId};
 use tracing::{debug, warn};
 
+use super::crypto::{self, CryptoFaults, SimCrypto};
 use super::homeserver::{SimHomeserver, SimHttpError, Ticket};
 use super::nat::{Nat, NatKind};
 use super::net::{Datagram, LinkProfile, SimNet};
@@ -52,9 +53,12 @@ pub struct SimAgent {
     pub stats: AgentStats,
     /// When each call first got remote media.
     pub first_media: BTreeMap<String, Duration>,
+    /// The encryption stand-in between this agent and the homeserver.
+    pub crypto: SimCrypto,
     timeout: Option<Instant>,
     pump: Option<CallMedia>,
-    http: BTreeMap<Ticket, HttpId>,
+    /// Requests at the homeserver: the core's id, and whether it is a /sync.
+    http: BTreeMap<Ticket, (HttpId, bool)>,
 }
 
 impl SimAgent {
@@ -128,6 +132,10 @@ pub struct World {
     /// NATs in front of agents (by agent index).
     pub nats: BTreeMap<usize, Nat>,
     pub turn: Option<SimTurnServer>,
+    /// What goes wrong with room keys in encrypted rooms (read at each key share).
+    pub crypto_faults: CryptoFaults,
+    /// Room keys on their way (late-key fault): due instant, recipient, to-device event.
+    pending_keys: Vec<(Instant, OwnedUserId, serde_json::Value)>,
     next_ticket: Ticket,
     tickets: BTreeMap<Ticket, usize>,
     /// Steps taken without the clock moving: a part that keeps asking to be woken "now"
@@ -154,6 +162,8 @@ impl World {
             trace: Vec::new(),
             nats: BTreeMap::new(),
             turn: None,
+            crypto_faults: CryptoFaults::default(),
+            pending_keys: Vec::new(),
             next_ticket: 0,
             tickets: BTreeMap::new(),
             steps_at_instant: 0,
@@ -207,12 +217,13 @@ impl World {
             name: name.to_owned(),
             agent,
             addr,
-            user_id,
+            user_id: user_id.clone(),
             auto_answer: false,
             send_media: true,
             events: Vec::new(),
             stats: AgentStats::default(),
             first_media: BTreeMap::new(),
+            crypto: SimCrypto::new(user_id.clone(), seed),
             timeout: Some(self.now),
             pump: None,
             http: BTreeMap::new(),
@@ -293,6 +304,14 @@ impl World {
         self.hs.create_room(&refs, false, unix)
     }
 
+    /// [`World::create_room`] with end-to-end encryption on (the stand-in encrypts there).
+    pub fn create_encrypted_room(&mut self, members: &[usize]) -> OwnedRoomId {
+        let room = self.create_room(members);
+        let unix = self.unix_ms();
+        self.hs.enable_encryption(&room, unix);
+        room
+    }
+
     /// Every agent's wall clock jumps by `delta_ms` (forward or back), as an NTP step or a
     /// bad RTC would do; the homeserver keeps the true time.
     pub fn jump_agent_clocks(&mut self, delta_ms: i64) {
@@ -369,14 +388,42 @@ impl World {
                     })
                 }
                 Output::Http { id, request } => {
+                    let sync = crypto::is_sync(&request);
+                    let faults = self.crypto_faults;
+                    let (request, shares) = self.agents[i].crypto.outgoing(request, &faults);
+                    self.share_keys(shares);
+                    let request = match request {
+                        Ok(r) => r,
+                        Err(failure) => {
+                            let now = self.now;
+                            self.agents[i].agent.handle_input(Input::HttpResponse {
+                                now,
+                                id,
+                                response: Err(failure),
+                            });
+                            continue;
+                        }
+                    };
                     let ticket = self.next_ticket;
                     self.next_ticket += 1;
                     self.tickets.insert(ticket, i);
-                    self.agents[i].http.insert(ticket, id);
+                    self.agents[i].http.insert(ticket, (id, sync));
                     let unix = self.unix_ms();
                     self.hs.handle_request(ticket, request, self.now, unix);
                 }
                 Output::Event(e) => self.on_event(i, e),
+            }
+        }
+    }
+
+    /// Room keys to the homeserver's to-device queue, now or (late-key fault) later.
+    fn share_keys(&mut self, shares: Vec<crypto::KeyShare>) {
+        for s in shares {
+            if s.delay.is_zero() {
+                let unix = self.unix_ms();
+                self.hs.send_to_device(&s.to, s.event, unix);
+            } else {
+                self.pending_keys.push((self.now + s.delay, s.to, s.event));
             }
         }
     }
@@ -456,6 +503,7 @@ impl World {
             }
         };
         consider(self.hs.poll_timeout());
+        consider(self.pending_keys.iter().map(|k| k.0).min());
         for a in &self.agents {
             consider(a.timeout);
             if let Some(p) = &a.pump {
@@ -503,17 +551,34 @@ impl World {
             self.drain(i);
         }
         let unix = self.unix_ms();
+        // Insertion order among keys due at one instant: deterministic.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_keys)
+            .into_iter()
+            .partition(|k| k.0 <= now);
+        self.pending_keys = later;
+        for (_, to, event) in due {
+            self.hs.send_to_device(&to, event, unix);
+        }
         while let Some((ticket, result)) = self.hs.poll_response(now, unix) {
             let Some(i) = self.tickets.remove(&ticket) else {
                 continue;
             };
-            let Some(id) = self.agents[i].http.remove(&ticket) else {
+            let Some((id, sync)) = self.agents[i].http.remove(&ticket) else {
                 continue;
             };
-            let response = result.map_err(|e| match e {
-                SimHttpError::Timeout => HttpFailure::Timeout,
-                other => HttpFailure::Connect(format!("{other:?}")),
-            });
+            let crypto = &mut self.agents[i].crypto;
+            let response = result
+                .map(|r| {
+                    if !sync || !r.status().is_success() {
+                        return r;
+                    }
+                    let (parts, body) = r.into_parts();
+                    http::Response::from_parts(parts, crypto.on_sync(body, now))
+                })
+                .map_err(|e| match e {
+                    SimHttpError::Timeout => HttpFailure::Timeout,
+                    other => HttpFailure::Connect(format!("{other:?}")),
+                });
             self.agents[i]
                 .agent
                 .handle_input(Input::HttpResponse { now, id, response });

@@ -1,20 +1,22 @@
-//! What the layer reads from and rewrites in a /sync answer, as JSON: which rooms are
-//! encrypted and who is in them, the encrypted timeline events, and the plaintext events that
-//! replace them.
+//! What an encryption layer between the core and the homeserver reads and rewrites, as JSON:
+//! which of the core's requests concern it (syncs, call event sends), which rooms are
+//! encrypted and who is in them, the encrypted timeline events of a /sync answer, and the
+//! plaintext events that replace them. Shared by the real layer (`e2ee`, matrix-sdk-crypto)
+//! and the simulator's seeded stand-in (`sim::crypto`), so both rewrite the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ruma16::{OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::{json, Map, Value};
 use tracing::warn;
 
 /// Rooms tracked; past this, new rooms are not (their sends fail closed if encrypted).
-pub(super) const MAX_ROOMS: usize = 1024;
+pub(crate) const MAX_ROOMS: usize = 1024;
 /// Members tracked per room; past this, key sharing misses the newest members.
-pub(super) const MAX_MEMBERS: usize = 256;
+pub(crate) const MAX_MEMBERS: usize = 256;
 
 #[derive(Debug, Default, Clone)]
-pub(super) struct RoomCrypto {
+pub(crate) struct RoomCrypto {
     /// The content of the room's `m.room.encryption` state event, once seen.
     pub encryption: Option<Value>,
     /// Joined and invited members: who gets the room key.
@@ -23,14 +25,14 @@ pub(super) struct RoomCrypto {
 
 /// Where a timeline event sits in a sync answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Slot {
+pub(crate) struct Slot {
     pub room: OwnedRoomId,
     pub index: usize,
 }
 
 /// Updates `rooms` from the answer's state (joined rooms' state and timeline, invites'
 /// stripped state, left rooms). Returns users newly seen in a room, for device tracking.
-pub(super) fn track_rooms(
+pub(crate) fn track_rooms(
     rooms: &mut BTreeMap<OwnedRoomId, RoomCrypto>,
     body: &Value,
 ) -> BTreeSet<OwnedUserId> {
@@ -51,7 +53,7 @@ pub(super) fn track_rooms(
                 continue;
             };
             if !rooms.contains_key(&room_id) && rooms.len() >= MAX_ROOMS {
-                warn!("e2ee: room limit reached; a new room is not tracked");
+                warn!("encryption: room limit reached; a new room is not tracked");
                 continue;
             }
             let info = rooms.entry(room_id).or_default();
@@ -107,7 +109,7 @@ fn apply_state(info: &mut RoomCrypto, ev: &Value, new_users: &mut BTreeSet<Owned
 }
 
 /// The joined rooms' timeline events of type `m.room.encrypted`, in order.
-pub(super) fn encrypted_slots(body: &Value) -> Vec<Slot> {
+pub(crate) fn encrypted_slots(body: &Value) -> Vec<Slot> {
     let mut out = Vec::new();
     for (room, events) in timelines(body) {
         for (index, ev) in events.iter().enumerate() {
@@ -124,7 +126,7 @@ pub(super) fn encrypted_slots(body: &Value) -> Vec<Slot> {
 
 /// Plaintext `m.call.*` events in encrypted rooms: nobody honest sends them, so they are
 /// dropped before the core sees them.
-pub(super) fn drop_plaintext_calls(
+pub(crate) fn drop_plaintext_calls(
     body: &mut Value,
     rooms: &BTreeMap<OwnedRoomId, RoomCrypto>,
 ) -> usize {
@@ -172,7 +174,7 @@ fn timelines(body: &Value) -> Vec<(OwnedRoomId, &Vec<Value>)> {
         .collect()
 }
 
-pub(super) fn event_at<'a>(body: &'a Value, slot: &Slot) -> Option<&'a Value> {
+pub(crate) fn event_at<'a>(body: &'a Value, slot: &Slot) -> Option<&'a Value> {
     body.pointer(&format!(
         "/rooms/join/{}/timeline/events/{}",
         pointer_escape(slot.room.as_str()),
@@ -180,7 +182,7 @@ pub(super) fn event_at<'a>(body: &'a Value, slot: &Slot) -> Option<&'a Value> {
     ))
 }
 
-pub(super) fn event_at_mut<'a>(body: &'a mut Value, slot: &Slot) -> Option<&'a mut Value> {
+pub(crate) fn event_at_mut<'a>(body: &'a mut Value, slot: &Slot) -> Option<&'a mut Value> {
     body.pointer_mut(&format!(
         "/rooms/join/{}/timeline/events/{}",
         pointer_escape(slot.room.as_str()),
@@ -196,7 +198,7 @@ fn pointer_escape(s: &str) -> String {
 /// The plaintext event that takes the encrypted one's place: the decrypted type and content,
 /// the envelope's event id, timestamp and unsigned data, and the sender the crypto layer
 /// verified.
-pub(super) fn plaintext_event(envelope: &Value, decrypted: &Value, sender: &str) -> Value {
+pub(crate) fn plaintext_event(envelope: &Value, decrypted: &Value, sender: &str) -> Value {
     let mut ev = Map::new();
     ev.insert(
         "type".into(),
@@ -220,7 +222,7 @@ pub(super) fn plaintext_event(envelope: &Value, decrypted: &Value, sender: &str)
 
 /// Puts late-decrypted events at the front of their room's timeline in this answer (they
 /// are older than anything in it), creating the room's entry if the answer has none.
-pub(super) fn inject(body: &mut Value, room: &OwnedRoomId, events: Vec<Value>) {
+pub(crate) fn inject(body: &mut Value, room: &OwnedRoomId, events: Vec<Value>) {
     if !body.is_object() {
         return;
     }
@@ -236,12 +238,93 @@ pub(super) fn inject(body: &mut Value, room: &OwnedRoomId, events: Vec<Value>) {
 }
 
 /// Adds `ms` to an event's `unsigned.age` (it waited that long in the layer).
-pub(super) fn age_by(ev: &mut Value, ms: u64) {
+pub(crate) fn age_by(ev: &mut Value, ms: u64) {
     if let Some(age) = ev.pointer_mut("/unsigned/age") {
         if let Some(a) = age.as_u64() {
             *age = json!(a.saturating_add(ms));
         }
     }
+}
+
+/// What the core asked for, as far as an encryption layer cares.
+pub(crate) enum Kind {
+    Sync,
+    /// `PUT /rooms/{room}/send/{type}/{txn}` of a call event.
+    CallSend {
+        room: OwnedRoomId,
+        event_type: String,
+    },
+    Other,
+}
+
+/// Sorts the core's request: a sync, a call event send (with its room), or anything else.
+pub(crate) fn classify(request: &http::Request<Vec<u8>>) -> Kind {
+    let path = request.uri().path();
+    let Some(rest) = path.strip_prefix("/_matrix/client/") else {
+        return Kind::Other;
+    };
+    let mut segs = rest.split('/');
+    let _version = segs.next();
+    match (segs.next(), request.method()) {
+        (Some("sync"), &http::Method::GET) => Kind::Sync,
+        (Some("rooms"), &http::Method::PUT) => {
+            let room = segs.next().map(percent_decode);
+            let send = segs.next();
+            let event_type = segs.next().map(percent_decode);
+            match (room, send, event_type) {
+                (Some(room), Some("send"), Some(t)) if t.starts_with("m.call.") => {
+                    match OwnedRoomId::try_from(room.as_str()) {
+                        Ok(room) => Kind::CallSend {
+                            room,
+                            event_type: t,
+                        },
+                        Err(_) => Kind::Other,
+                    }
+                }
+                _ => Kind::Other,
+            }
+        }
+        _ => Kind::Other,
+    }
+}
+
+/// The send URI with `m.room.encrypted` in place of the event type; same transaction id.
+pub(crate) fn encrypted_uri(uri: &http::Uri, event_type: &str) -> Option<http::Uri> {
+    let path = uri.path();
+    let (head, txn) = path.rsplit_once('/')?;
+    let (head, ty) = head.rsplit_once('/')?;
+    if percent_decode(ty) != event_type {
+        return None;
+    }
+    let mut s = format!("{head}/m.room.encrypted/{txn}");
+    if let Some(q) = uri.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(s.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// Percent-decoding of one URI path segment (room ids arrive as `%21room%3Aserver`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -317,5 +400,37 @@ mod tests {
         let events = &body["rooms"]["join"]["!r:h"]["timeline"]["events"];
         assert_eq!(events[0]["type"], "older");
         assert_eq!(events[1]["unsigned"]["age"], 15);
+    }
+
+    fn put(uri: &str) -> http::Request<Vec<u8>> {
+        http::Request::put(uri).body(Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn call_sends_are_recognised_and_rewritten_with_the_same_txn() {
+        let r = put("http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.call.invite/t1");
+        let Kind::CallSend { room, event_type } = classify(&r) else {
+            panic!("not a call send")
+        };
+        assert_eq!(room.as_str(), "!r:h");
+        assert_eq!(event_type, "m.call.invite");
+        let uri = encrypted_uri(r.uri(), "m.call.invite").unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.room.encrypted/t1"
+        );
+        let text = put("http://h/_matrix/client/v3/rooms/%21r%3Ah/send/m.room.message/t1");
+        assert!(matches!(classify(&text), Kind::Other));
+        let sync = http::Request::get("http://h/_matrix/client/v3/sync?since=x")
+            .body(Vec::new())
+            .unwrap();
+        assert!(matches!(classify(&sync), Kind::Sync));
+    }
+
+    #[test]
+    fn percent_decoding_survives_broken_escapes() {
+        assert_eq!(percent_decode("%21a%3Ab"), "!a:b");
+        assert_eq!(percent_decode("%2"), "%2");
+        assert_eq!(percent_decode("%zz%"), "%zz%");
     }
 }
