@@ -401,8 +401,19 @@ async function main() {
         progress(`Rust crypto ready (device ${login.device_id})`);
         if (args["only-signed-devices"]) {
             const { OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+            // As an Element user in this mode: their own account is cross-signed too (the
+            // mode refuses to encrypt otherwise).
+            await client.getCrypto().bootstrapCrossSigning({
+                authUploadDeviceSigningKeys: async (makeRequest) => {
+                    await makeRequest({
+                        type: "m.login.password",
+                        identifier: { type: "m.id.user", user: ME },
+                        password: args.password,
+                    });
+                },
+            });
             client.getCrypto().setDeviceIsolationMode(new OnlySignedDevicesIsolationMode());
-            progress("keys only to and from cross-signed devices");
+            progress("cross-signed; keys only to and from cross-signed devices");
         }
         client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
             if (ev.isDecryptionFailure()) {
