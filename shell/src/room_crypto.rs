@@ -108,6 +108,28 @@ fn apply_state(info: &mut RoomCrypto, ev: &Value, new_users: &mut BTreeSet<Owned
     }
 }
 
+/// Encrypted rooms and their members, to compare before and after a sync.
+pub(crate) fn encrypted_members(
+    rooms: &BTreeMap<OwnedRoomId, RoomCrypto>,
+) -> BTreeMap<OwnedRoomId, BTreeSet<OwnedUserId>> {
+    rooms
+        .iter()
+        .filter(|(_, r)| r.encryption.is_some())
+        .map(|(id, r)| (id.clone(), r.members.clone()))
+        .collect()
+}
+
+/// Rooms that are encrypted now and were not, or whose members changed.
+pub(crate) fn changed_encrypted_rooms(
+    before: &BTreeMap<OwnedRoomId, BTreeSet<OwnedUserId>>,
+    now: &BTreeMap<OwnedRoomId, RoomCrypto>,
+) -> Vec<OwnedRoomId> {
+    now.iter()
+        .filter(|(id, r)| r.encryption.is_some() && before.get(*id) != Some(&r.members))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
 /// The joined rooms' timeline events of type `m.room.encrypted`, in order.
 pub(crate) fn encrypted_slots(body: &Value) -> Vec<Slot> {
     let mut out = Vec::new();
@@ -360,6 +382,23 @@ mod tests {
         let leave = json!({"rooms": {"leave": {"!r:h": {}}}});
         track_rooms(&mut rooms, &leave);
         assert!(rooms.is_empty());
+    }
+
+    #[test]
+    fn rooms_that_became_encrypted_or_changed_members_are_warmed() {
+        let mut rooms = BTreeMap::new();
+        let before = encrypted_members(&rooms);
+        track_rooms(&mut rooms, &sync_body());
+        assert_eq!(changed_encrypted_rooms(&before, &rooms), vec![room()]);
+        let before = encrypted_members(&rooms);
+        let same = json!({"rooms": {"join": {"!r:h": {"timeline": {"events": []}}}}});
+        track_rooms(&mut rooms, &same);
+        assert!(changed_encrypted_rooms(&before, &rooms).is_empty());
+        let joined = json!({"rooms": {"join": {"!r:h": {"timeline": {"events": [
+            {"type": "m.room.member", "state_key": "@c:h", "content": {"membership": "join"}}
+        ]}}}}});
+        track_rooms(&mut rooms, &joined);
+        assert_eq!(changed_encrypted_rooms(&before, &rooms), vec![room()]);
     }
 
     #[test]

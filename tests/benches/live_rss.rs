@@ -1,5 +1,5 @@
-//! Peak RSS of a live `call-assist listen` on loopback: during one call, and during 10 calls
-//! at once in the one process. JSON lines on stdout; nothing is asserted.
+//! Peak RSS of a live `call-assist listen` on loopback: during one call, one call in an
+//! end-to-end encrypted DM, and 10 calls at once in the one process. JSON lines on stdout; nothing is asserted.
 //!
 //! ```sh
 //! tests/e2e/setup.sh                          # Synapse venv, once (needs the network)
@@ -138,5 +138,11 @@ fn main() {
         })
         .collect();
     println!("{}", calls(&live, &bob, &callers[..1]));
+    // The same one call in an end-to-end encrypted DM (both sides call-assist).
+    let e2ee_caller = live.user("caller_e2ee");
+    let room = live.hs.create_encrypted_dm(&e2ee_caller, &bob);
+    let mut encrypted = calls(&live, &bob, &[(e2ee_caller, room)]);
+    encrypted["encrypted_dm"] = json!(true);
+    println!("{encrypted}");
     println!("{}", calls(&live, &bob, &callers));
 }

@@ -39,6 +39,9 @@ use requests::Io;
 const MAX_UNDECRYPTED: usize = 64;
 /// How long an undecryptable event is retried; well past any call invite's lifetime.
 const UNDECRYPTED_KEEP: Duration = Duration::from_secs(300);
+/// Rooms whose key is shared ahead per sync for joins (a first sync may list hundreds; the
+/// rest get theirs with their first call event).
+const MAX_WARM_PER_SYNC: usize = 8;
 /// The crypto store's directory under the state dir.
 const STORE_DIR: &str = "crypto";
 /// The file matrix-sdk-sqlite keeps the crypto store in.
@@ -337,7 +340,16 @@ impl Layer {
             // The core reports what it cannot parse.
             Err(_) => return body,
         };
+        let before = sync::encrypted_members(&self.rooms);
         let new_users = sync::track_rooms(&mut self.rooms, &json);
+        // Joined an encrypted room, or someone joined one: its key goes out now, so the
+        // first call event there does not wait for Olm sessions and the key share.
+        let changed = sync::changed_encrypted_rooms(&before, &self.rooms);
+        for room in changed.into_iter().take(MAX_WARM_PER_SYNC) {
+            if !self.warm.contains(&room) {
+                self.warm.push(room);
+            }
+        }
         let dropped = sync::drop_plaintext_calls(&mut json, &self.rooms);
         if dropped > 0 {
             warn!(
