@@ -124,7 +124,7 @@ pub fn profiles() -> Vec<Profile> {
             ..base.clone()
         },
         Profile {
-            name: "encrypted, keys 2 s late",
+            name: "encrypted, late keys",
             encrypted: Some(CryptoFaults {
                 late_key: Some(Duration::from_secs(2)),
                 ..CryptoFaults::default()
