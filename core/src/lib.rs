@@ -72,4 +72,13 @@ pub use stun::Reflexive;
 pub use types::*;
 
 pub use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+/// Checks DTMF digits as [`Agent::send_dtmf`] does (`0-9 * # A-D`, at most
+/// [`limits::MAX_DTMF_DIGITS`]), so a driver can refuse bad ones before any call exists.
+///
+/// # Errors
+/// [`DtmfError`] naming what is wrong.
+pub fn check_dtmf_digits(digits: &str) -> Result<(), DtmfError> {
+    call::parse_digits(digits).map(|_| ())
+}
 pub use str0m::media::MediaKind;
