@@ -191,7 +191,9 @@ mod tests {
 
     /// The reports a sender makes for one press: updates every 20 ms, then three end reports.
     fn press(rtp_time: u64, code: u8) -> Vec<Report> {
-        let mut v: Vec<Report> = (1..5).map(|i| report(rtp_time, code, false, 20 * i)).collect();
+        let mut v: Vec<Report> = (1..5)
+            .map(|i| report(rtp_time, code, false, 20 * i))
+            .collect();
         v.extend([report(rtp_time, code, true, 100); 3]);
         v
     }
