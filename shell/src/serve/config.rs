@@ -108,6 +108,8 @@ struct StationSection {
     answer: Vec<Spanned<String>>,
     #[serde(default)]
     may_call: Vec<Spanned<String>>,
+    /// DTMF digits that open the door (a `door` event) when pressed in this station's call.
+    pin: Option<Spanned<String>>,
 }
 
 /// The local HTTP API.
@@ -129,6 +131,8 @@ pub struct StationConfig {
     pub answer: Vec<OwnedUserId>,
     /// This station may call these users (or rooms whose other member is one of them).
     pub may_call: Vec<OwnedUserId>,
+    /// DTMF digits (upper case) that raise `door` when pressed in a call of this station.
+    pub pin: Option<Secret>,
 }
 
 impl StationConfig {
@@ -647,6 +651,10 @@ fn station(
         ),
     };
     let (answer, may_call) = people(s, &key, at, earlier)?;
+    let pin = match &s.pin {
+        Some(p) => Some(parse_pin(p.get_ref()).map_err(|e| at(Some(p.span()), &key("pin"), e))?),
+        None => None,
+    };
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -661,7 +669,23 @@ fn station(
         rtsp_password,
         answer,
         may_call,
+        pin,
     })
+}
+
+/// Longest station PIN (the rolling window of pressed digits is this long).
+pub const MAX_PIN: usize = 16;
+
+/// A station PIN: 1 to [`MAX_PIN`] DTMF digits. The message never repeats the PIN.
+fn parse_pin(pin: &str) -> Result<Secret, &'static str> {
+    let pin = pin.to_ascii_uppercase();
+    let digits_ok = pin
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D'));
+    if pin.is_empty() || pin.len() > MAX_PIN || !digits_ok {
+        return Err("must be 1 to 16 DTMF digits (0-9 * # A-D)");
+    }
+    Ok(Secret::new(pin))
 }
 
 /// 1-based line of byte `offset` in `text`.
@@ -786,6 +810,28 @@ answer = ["@you:localhost"]
         );
         assert!(c.network.relay_only);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_station_pin_is_checked_and_never_repeated_in_errors() {
+        let with = |pin: &str| {
+            GOOD.replace(
+                "name = \"garden\"",
+                &format!("name = \"garden\"\npin = {pin:?}"),
+            )
+        };
+        let c = parse(&with("12#a")).unwrap();
+        assert_eq!(c.stations[1].pin.as_ref().map(Secret::expose), Some("12#A"));
+        assert!(c.stations[0].pin.is_none());
+        assert!(!format!("{:?}", c.stations[1]).contains("12#A"));
+        for bad in ["", "12x9", "12345678901234567"] {
+            let e = err(&with(bad));
+            assert!(
+                e.contains("station \"garden\" pin") && e.contains("1 to 16 DTMF digits"),
+                "{e}"
+            );
+            assert!(bad.is_empty() || !e.contains(bad), "{e}");
+        }
     }
 
     #[test]
