@@ -895,7 +895,11 @@ fn agent_presses_digits_the_js_peer_receives_as_rtp() {
     assert_eq!(r["telephone_event"], true, "{r}");
     let audio = &r["rtp"]["inbound"]["audio"];
     assert_eq!(audio["codec"], "audio/telephone-event", "{r}");
-    assert_eq!(count(audio, "packets"), 3 * 7, "audio RTP the peer got: {r}");
+    assert_eq!(
+        count(audio, "packets"),
+        3 * 7,
+        "audio RTP the peer got: {r}"
+    );
     // One 4-byte RFC 4733 report per packet.
     assert_eq!(count(audio, "bytes"), 3 * 7 * 4, "{r}");
 }
