@@ -3,7 +3,7 @@
 //! A call never talks to the homeserver itself: it queues [`CallAction`]s (room events to send,
 //! agent events to report) that the agent drains after every interaction.
 
-mod dtmf;
+pub(crate) mod dtmf;
 pub(crate) use dtmf::parse_digits;
 pub(crate) mod signal;
 
