@@ -866,7 +866,11 @@ fn agent_presses_digits_the_js_peer_receives_as_rtp() {
     let bob_user = live.user("bob");
     let room = live.hs.create_dm(&alice, &bob_user);
 
-    let mut peer = live.js_peer(&bob_user, &["--answer", "--max-wait-s", "60"]);
+    // --dtmf only to read opponentSupportsDTMF() from our invite (wrtc cannot press).
+    let mut peer = live.js_peer(
+        &bob_user,
+        &["--answer", "--max-wait-s", "60", "--dtmf", "5"],
+    );
     peer.wait_stderr("waiting for an incoming call", READY);
     let mut caller = live.call(
         &alice,
@@ -893,6 +897,7 @@ fn agent_presses_digits_the_js_peer_receives_as_rtp() {
     assert_eq!(sent[0]["digits"], "123");
     let r = peer.last_json();
     assert_eq!(r["telephone_event"], true, "{r}");
+    assert_eq!(r["dtmf"]["opponent_supports_dtmf"], true, "{r}");
     let audio = &r["rtp"]["inbound"]["audio"];
     assert_eq!(audio["codec"], "audio/telephone-event", "{r}");
     assert_eq!(
