@@ -406,8 +406,8 @@ impl Serve {
         }
     }
 
-    /// `POST /calls/ID/dtmf`: bad digits are the client's fault (400), as is a call without
-    /// telephone-event (409).
+    /// `POST /calls/ID/dtmf`: bad digits are the client's fault (400); a call not connected
+    /// yet, or whose peer did not negotiate telephone-event, cannot take them now (409).
     fn send_dtmf(&self, d: &mut Hub, id: &str, digits: &str, now: Instant) -> Reply {
         if let Err(r) = self.live_call(id) {
             return r;
