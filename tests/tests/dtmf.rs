@@ -145,3 +145,20 @@ fn bad_digits_and_unknown_calls_are_typed_errors() {
         Err(ApiError::Dtmf(DtmfError::QueueFull { .. }))
     ));
 }
+
+#[test]
+fn digits_through_a_bad_link_replay_from_their_seed() {
+    let run = || {
+        let mut scene = Scene::new(bad_link(45));
+        let call_id = scene.connected_call();
+        let alice = scene.alice;
+        let sent = scene
+            .world
+            .with_agent(alice, |a, now| a.send_dtmf(&call_id, "#1*2", now));
+        assert_eq!(sent, Ok(()));
+        scene.world.run_for(Duration::from_secs(3));
+        assert_eq!(digits(&scene.world, scene.bob, &call_id), "#1*2");
+        (scene.world.trace_hash(), scene.world.trace.len())
+    };
+    assert_eq!(run(), run());
+}
