@@ -110,6 +110,8 @@ struct StationSection {
     may_call: Vec<Spanned<String>>,
     /// DTMF digits that open the door (a `door` event) when pressed in this station's call.
     pin: Option<Spanned<String>>,
+    /// A file holding the PIN, so it need not be in the config (like the other secrets).
+    pin_file: Option<Spanned<PathBuf>>,
 }
 
 /// The local HTTP API.
@@ -651,10 +653,7 @@ fn station(
         ),
     };
     let (answer, may_call) = people(s, &key, at, earlier)?;
-    let pin = match &s.pin {
-        Some(p) => Some(parse_pin(p.get_ref()).map_err(|e| at(Some(p.span()), &key("pin"), e))?),
-        None => None,
-    };
+    let pin = station_pin(s, &key, at)?;
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -671,6 +670,31 @@ fn station(
         may_call,
         pin,
     })
+}
+
+/// The station's PIN, from `pin` or the file `pin_file` names (not both).
+fn station_pin(
+    s: &StationSection,
+    key: &dyn Fn(&str) -> String,
+    at: &At<'_>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (&s.pin, &s.pin_file) {
+        (Some(_), Some(f)) => Err(at(
+            Some(f.span()),
+            &key("pin_file"),
+            "give pin or pin_file, not both",
+        )),
+        (Some(p), None) => parse_pin(p.get_ref())
+            .map(Some)
+            .map_err(|e| at(Some(p.span()), &key("pin"), e)),
+        (None, Some(f)) => {
+            let pin = read_secret(f, &key("pin_file"), at)?;
+            parse_pin(pin.expose())
+                .map(Some)
+                .map_err(|e| at(Some(f.span()), &key("pin_file"), e))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Longest station PIN (the rolling window of pressed digits is this long).
@@ -832,6 +856,28 @@ answer = ["@you:localhost"]
             );
             assert!(bad.is_empty() || !e.contains(bad), "{e}");
         }
+        let dir = std::env::temp_dir().join(format!("ca-serve-pin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("door.pin");
+        std::fs::write(&file, "4711#\n").unwrap();
+        let from_file = GOOD.replace(
+            "name = \"garden\"",
+            &format!(
+                "name = \"garden\"\npin_file = {:?}",
+                file.display().to_string()
+            ),
+        );
+        let c = parse(&from_file).unwrap();
+        assert_eq!(
+            c.stations[1].pin.as_ref().map(Secret::expose),
+            Some("4711#")
+        );
+        let both = from_file.replace("pin_file", "pin = \"1\"\npin_file");
+        assert!(err(&both).contains("give pin or pin_file, not both"));
+        std::fs::write(&file, "47x1\n").unwrap();
+        let e = err(&from_file);
+        assert!(e.contains("pin_file") && !e.contains("47x1"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
