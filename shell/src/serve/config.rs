@@ -148,7 +148,7 @@ impl StationConfig {
         }
     }
 
-    /// What needs a restart to change: everything but `answer` and `may_call`.
+    /// What needs a restart to change: everything but `answer`, `may_call` and `pin`.
     fn same_media(&self, other: &StationConfig) -> bool {
         self.name == other.name
             && self.media == other.media
@@ -274,7 +274,7 @@ impl ServeConfig {
     }
 
     /// The settings of `new` that differ from `self` and cannot change without a restart
-    /// (everything but the stations' `answer` and `may_call` lists).
+    /// (everything but the stations' `answer` and `may_call` lists and `pin`).
     pub fn needs_restart(&self, new: &ServeConfig) -> Vec<String> {
         let mut keys = Vec::new();
         if self.homeserver != new.homeserver {

@@ -559,7 +559,7 @@ impl Serve {
         for k in &needs_restart {
             warn!("config reload: {k} changed; that needs a restart (the running value stays)");
         }
-        // Only the allow lists change in place: they decide the next call, not the ones up.
+        // Only the allow lists and PINs change in place: they decide the next call or digit.
         for (c, n) in self.config.stations.iter_mut().zip(&new.stations) {
             if c.name == n.name {
                 c.answer = n.answer.clone();
@@ -568,7 +568,7 @@ impl Serve {
             }
         }
         d.agent.set_policy(CallPolicy::Allow(self.config.callers()));
-        info!("config reloaded: answer and may_call lists applied");
+        info!("config reloaded: answer, may_call and pin applied");
         d.lines
             .emit(json!({"event": "reload", "ok": true, "needs_restart": needs_restart}));
     }
