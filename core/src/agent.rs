@@ -999,6 +999,23 @@ impl Agent {
         })
     }
 
+    /// Sends DTMF digits (`0-9 * # A-D`, at most [`limits::MAX_DTMF_DIGITS`]) into a connected
+    /// call as RFC 4733 telephone events, one after another: each a
+    /// [`limits::DTMF_TONE`](crate::limits::DTMF_TONE) tone, then a
+    /// [`limits::DTMF_GAP`](crate::limits::DTMF_GAP) pause, timed by the agent's timeout.
+    /// Digits sent while earlier ones still play queue behind them.
+    ///
+    /// # Errors
+    /// [`ApiError::UnknownCall`]; [`ApiError::WrongState`] unless connected;
+    /// [`ApiError::Dtmf`] for bad digits, a full queue, or a peer without telephone-event.
+    pub fn send_dtmf(&mut self, call_id: &str, digits: &str, now: Instant) -> Result<(), ApiError> {
+        let codes = crate::call::parse_digits(digits).map_err(ApiError::Dtmf)?;
+        self.with_rng(|a| {
+            a.now = now;
+            a.call_mut(call_id)?.send_dtmf(&codes, now)
+        })
+    }
+
     /// Codecs negotiated for sending media of `kind` in a call.
     pub fn send_codecs(
         &mut self,

@@ -246,3 +246,62 @@ pub fn negotiate(data: &[u8]) {
         no_panic(&mut call);
     }
 }
+
+/// DTMF digits as `send_dtmf` takes them, and RFC 4733 reports in any order, repeated or
+/// missing, into the collapse of key presses: each 4 bytes are one report (RTP timestamp step,
+/// event code, bit 7 end and 10 ms units of duration, ms until it arrives). Every press names
+/// a DTMF digit and none comes without a report.
+#[allow(clippy::disallowed_methods)] // a time base for the fuzzer, not the core's clock
+pub fn dtmf(data: &[u8]) {
+    use crate::call::dtmf::{DtmfReceiver, Report};
+    use std::time::{Duration, Instant};
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(codes) = crate::call::parse_digits(text) {
+            assert!(!codes.is_empty() && codes.len() <= crate::limits::MAX_DTMF_DIGITS);
+            assert!(codes.iter().all(|c| *c <= 15));
+        }
+    }
+    let mut rx = DtmfReceiver::default();
+    let mut now = Instant::now();
+    let (mut rtp_time, mut reports, mut presses) = (0u64, 0usize, Vec::new());
+    for chunk in data.chunks_exact(4) {
+        let [step, code, flags, wait] = *chunk else {
+            continue;
+        };
+        // Steps of 128 and more go back: reordered and repeated presses.
+        rtp_time = if step >= 128 {
+            rtp_time.wrapping_sub(u64::from(step - 128))
+        } else {
+            rtp_time.wrapping_add(u64::from(step))
+        };
+        now += Duration::from_millis(u64::from(wait));
+        presses.extend(rx.handle_timeout(now));
+        let report = Report {
+            rtp_time,
+            code,
+            end: flags & 0x80 != 0,
+            duration: Duration::from_millis(10 * u64::from(flags & 0x7f)),
+        };
+        presses.extend(rx.on_report(report, now));
+        reports += 1;
+    }
+    presses.extend(rx.handle_timeout(now + Duration::from_secs(3600)));
+    assert!(presses.len() <= reports);
+    assert!(presses
+        .iter()
+        .all(|p| crate::call::dtmf::event_code(p.digit).is_some()));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dtmf_takes_any_bytes() {
+        super::dtmf(b"");
+        super::dtmf(b"12#*ABCD0");
+        super::dtmf(&[
+            0, 1, 0x05, 20, 0, 1, 0x8a, 20, 0, 1, 0x8a, 0, 200, 2, 0x0a, 5, 7, 16, 0x8a, 0,
+        ]);
+        let all: Vec<u8> = (0..=255u8).collect();
+        super::dtmf(&all);
+    }
+}

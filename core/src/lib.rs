@@ -73,3 +73,12 @@ pub use types::*;
 
 pub use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 pub use str0m::media::MediaKind;
+
+/// Checks DTMF digits as [`Agent::send_dtmf`] does (`0-9 * # A-D`, at most
+/// [`limits::MAX_DTMF_DIGITS`]), so a driver can refuse bad ones before any call exists.
+///
+/// # Errors
+/// [`DtmfError`] naming what is wrong.
+pub fn check_dtmf_digits(digits: &str) -> Result<(), DtmfError> {
+    call::parse_digits(digits).map(|_| ())
+}

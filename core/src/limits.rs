@@ -95,6 +95,25 @@ pub const ENDED_CALL_MEMORY: Duration = Duration::from_secs(120);
 pub const H264_SOURCE_PT: u8 = 100;
 pub const H264_SOURCE_RTX_PT: u8 = 101;
 
+/// Payload types of telephone-event (DTMF) at Opus's 48 kHz and G.711's 8 kHz clock: the
+/// ones Chrome offers, free in str0m's default codec set.
+pub const DTMF_48K_PT: u8 = 110;
+pub const DTMF_8K_PT: u8 = 126;
+/// Digits one `Agent::send_dtmf` takes, and digits a call queues for sending; more are
+/// refused with `DtmfError::TooLong` / `DtmfError::QueueFull` (nothing of that call is queued).
+pub const MAX_DTMF_DIGITS: usize = 32;
+/// One sent digit: the tone, then the silence before the next (ITU-T Q.24 asks for at least
+/// 40 ms of each; str0m at least 40 ms tone and 50 ms pause).
+pub const DTMF_TONE: Duration = Duration::from_millis(100);
+pub const DTMF_GAP: Duration = Duration::from_millis(70);
+/// Volume of sent tones in -dBm0 (RFC 4733; libwebrtc sends 10).
+pub const DTMF_VOLUME: u8 = 10;
+/// A received press whose end reports were all lost counts as ended after this silence.
+pub const DTMF_END_TIMEOUT: Duration = Duration::from_secs(1);
+/// Received presses remembered per call, so their late and repeated reports are dropped; the
+/// oldest is forgotten first (its reports are long over by then).
+pub const DTMF_REMEMBERED_PRESSES: usize = 8;
+
 /// The TURN client (`turn/mod.rs`).
 pub mod turn {
     use std::time::Duration;

@@ -425,6 +425,14 @@ pub enum AgentEvent {
         reason: HangupReason,
         by: Party,
     },
+    /// The peer pressed a DTMF key (RFC 4733 telephone event), reported once per press.
+    Dtmf {
+        call_id: CallId,
+        /// `0`-`9`, `*`, `#` or `A`-`D`.
+        digit: char,
+        /// How long the key was held, as the peer reported it.
+        duration_ms: u64,
+    },
     /// str0m panicked on a peer's SDP; the panic was caught and cost only this call (or
     /// invite, `call_id` of the invite). Counted in `Agent::panics_caught`.
     PanicCaught {
@@ -451,6 +459,8 @@ pub enum ApiError {
     NoSuchMedia,
     /// str0m refused the operation.
     Rtc(String),
+    /// The digits cannot be sent (see [`DtmfError`]).
+    Dtmf(DtmfError),
 }
 
 impl fmt::Display for ApiError {
@@ -464,11 +474,46 @@ impl fmt::Display for ApiError {
             ApiError::NotOneToOne(r) => write!(f, "room {r} is not a 1:1 room"),
             ApiError::NoSuchMedia => write!(f, "no such negotiated media"),
             ApiError::Rtc(e) => write!(f, "rtc: {e}"),
+            ApiError::Dtmf(e) => write!(f, "dtmf: {e}"),
         }
     }
 }
 
 impl std::error::Error for ApiError {}
+
+/// Why digits given to `Agent::send_dtmf` are refused (nothing of them is sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DtmfError {
+    /// No digits.
+    Empty,
+    /// Not one of `0-9 * # A-D`.
+    InvalidDigit(char),
+    /// More digits than one command takes.
+    TooLong { len: usize, max: usize },
+    /// The call already has this many digits waiting; they would not fit behind them.
+    QueueFull { queued: usize, max: usize },
+    /// The peer did not negotiate telephone-event for our audio.
+    NotNegotiated,
+}
+
+impl fmt::Display for DtmfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DtmfError::Empty => write!(f, "no digits"),
+            DtmfError::InvalidDigit(c) => write!(f, "{c:?} is no DTMF digit (0-9 * # A-D)"),
+            DtmfError::TooLong { len, max } => write!(f, "{len} digits, at most {max} at once"),
+            DtmfError::QueueFull { queued, max } => {
+                write!(f, "{queued} digits already waiting, at most {max}")
+            }
+            DtmfError::NotNegotiated => {
+                write!(f, "the peer did not negotiate telephone-event (DTMF)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DtmfError {}
 
 /// Invalid [`AgentConfig`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 //
 //   node peer.mjs --homeserver URL --user @u:server --password PW (--call ROOM_ID | --answer)
 //                 [--duration-s 5] [--max-wait-s 60] [--voice] [--require audio,video]
-//                 [--e2ee [--only-signed-devices]] [--join-invites] [--allow-non-loopback]
-//                 [--verbose]
+//                 [--e2ee [--only-signed-devices]] [--join-invites] [--dtmf DIGITS]
+//                 [--dtmf-after-s 1] [--allow-non-loopback] [--verbose]
 //
 // --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
 // in-memory store), so calls work in encrypted rooms; the result counts events that stayed
@@ -19,6 +19,13 @@
 //
 // Run it inside a network namespace that has only `lo` (tests/e2e/loopback-only.sh); it
 // refuses to start when any other interface has an address (see README.md, "Loopback").
+// --dtmf: once connected (and --dtmf-after-s later), press DIGITS with MatrixCall.sendDtmfDigit,
+// one every 400 ms (RTCDTMFSender replaces what is still queued). The result's `dtmf` says
+// whether the other side advertised m.call.dtmf (opponentSupportsDTMF), which digits went out
+// and why not. Either way the result's `telephone_event` says whether the remote SDP has a
+// telephone-event payload type and `rtp.inbound.audio.packets` counts what arrived on audio
+// (with a peer that sends no audio, only its DTMF packets).
+//
 // stdout: one JSON line at the end. stderr: progress lines (and matrix-js-sdk's own logs).
 // Exit 0 when the call reached `connected` and received media frames, else 1 (2 = usage/env).
 
@@ -41,6 +48,7 @@ const USAGE =
     "usage: node peer.mjs --homeserver URL --user @u:server --password PW " +
     "(--call ROOM_ID | --answer) [--duration-s N] [--max-wait-s N] [--voice] " +
     "[--require audio,video] [--e2ee [--only-signed-devices]] [--join-invites] " +
+    "[--dtmf DIGITS] [--dtmf-after-s N] " +
     "[--allow-non-loopback] [--verbose]";
 
 let args;
@@ -58,6 +66,8 @@ try {
             e2ee: { type: "boolean", default: false },
             "only-signed-devices": { type: "boolean", default: false },
             "join-invites": { type: "boolean", default: false },
+            dtmf: { type: "string", default: "" },
+            "dtmf-after-s": { type: "string", default: "1" },
             require: { type: "string", default: "" },
             "allow-non-loopback": { type: "boolean", default: false },
             verbose: { type: "boolean", default: false },
@@ -148,6 +158,8 @@ const result = {
     room_encrypted: null,
     decryption_failures: 0,
     historical_undecryptable: 0,
+    dtmf: null,
+    telephone_event: null,
     error: null,
 };
 const mark = (name) => {
@@ -225,6 +237,28 @@ async function snapshotStats(pc) {
             result.selected_pair = { local: addr(l), remote: addr(r) };
         }
     }
+}
+
+// Presses --dtmf one digit at a time; records what the other side advertised and what went out.
+function pressDigits(call) {
+    const digits = [...args.dtmf];
+    const supports = call.opponentSupportsDTMF();
+    result.dtmf = { opponent_supports_dtmf: supports, sent: "", error: null };
+    progress(`opponentSupportsDTMF() = ${supports}; pressing ${digits.length} digits`);
+    const next = () => {
+        const digit = digits.shift();
+        if (digit === undefined || call.callHasEnded()) return;
+        try {
+            call.sendDtmfDigit(digit);
+            result.dtmf.sent += digit;
+            progress(`pressed ${digit}`);
+            setTimeout(next, 400);
+        } catch (e) {
+            result.dtmf.error = e.message;
+            progress(`sendDtmfDigit(${digit}) failed: ${e.message}`);
+        }
+    };
+    next();
 }
 
 function describeFeeds(call) {
@@ -351,6 +385,9 @@ function watchCall(call) {
             mark("connected");
             progress(`connected; staying ${DURATION_MS / 1000} s`);
             statsTimer = setInterval(() => void snapshotStats(call.peerConn), 1000);
+            const remoteSdp = call.peerConn?.remoteDescription?.sdp ?? "";
+            result.telephone_event = /a=rtpmap:\d+ telephone-event\//.test(remoteSdp);
+            if (args.dtmf) setTimeout(() => pressDigits(call), Number(args["dtmf-after-s"]) * 1000);
             endTimer = setTimeout(() => {
                 describeFeeds(call);
                 if (args.call) {

@@ -799,3 +799,113 @@ fn homeserver_turn_uri_with_a_host_name_is_probed_for_stun() {
         "TURN secret in the output"
     );
 }
+
+/// The digits of the `dtmf` lines of `p`, in order.
+fn dtmf_digits(p: &Proc) -> String {
+    p.events_of("dtmf")
+        .iter()
+        .filter_map(|v| v["digit"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// matrix-js-sdk sees our `m.call.dtmf` capability and the negotiated telephone-event, and
+/// presses digits with `MatrixCall.sendDtmfDigit`. @roamhq/wrtc 0.10 has no RTCDTMFSender
+/// (`sender.dtmf` is undefined), so js-sdk cannot send any: the peer reports why. Should a
+/// wrtc ever send them, the hub must report exactly those digits, in order, once each.
+#[test]
+fn js_sdk_sees_dtmf_support_and_presses_digits() {
+    if !in_loopback_namespace("js_sdk_sees_dtmf_support_and_presses_digits") {
+        return;
+    }
+    let live = Live::start("js_sdk_sees_dtmf_support_and_presses_digits");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
+    bob.wait_event("ready", READY);
+    let mut peer = live.js_peer(
+        &alice,
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "5",
+            "--dtmf",
+            "1234#",
+            "--max-wait-s",
+            "60",
+        ],
+    );
+    let peer_exit = peer.wait_exit(Duration::from_secs(75));
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
+    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), bob.report());
+
+    let r = peer.last_json();
+    assert_eq!(r["dtmf"]["opponent_supports_dtmf"], true, "{r}");
+    assert_eq!(r["telephone_event"], true, "{r}");
+    let sent = r["dtmf"]["sent"].as_str().unwrap_or_default();
+    if sent.is_empty() {
+        let why = r["dtmf"]["error"].as_str().unwrap_or_default();
+        assert!(why.contains("Unable to find a track to send DTMF"), "{r}");
+    }
+    assert_eq!(dtmf_digits(&bob), sent, "{}", bob.report());
+}
+
+/// The agent presses digits (`call --dtmf`) in a call whose only audio is those digits
+/// (`--audio none`): the js peer's audio RTP counts exactly their RFC 4733 packets (str0m
+/// sends a 100 ms tone as updates at 20, 40, 60, 80 ms and three end packets at 100 ms), and
+/// its stats name the codec of that audio `audio/telephone-event`. libwebrtc has no
+/// receiver-side DTMF API, so this is the proof at the RTP level.
+#[test]
+fn agent_presses_digits_the_js_peer_receives_as_rtp() {
+    if !in_loopback_namespace("agent_presses_digits_the_js_peer_receives_as_rtp") {
+        return;
+    }
+    let live = Live::start("agent_presses_digits_the_js_peer_receives_as_rtp");
+    let alice = live.user("alice");
+    let bob_user = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob_user);
+
+    // --dtmf only to read opponentSupportsDTMF() from our invite (wrtc cannot press).
+    let mut peer = live.js_peer(
+        &bob_user,
+        &["--answer", "--max-wait-s", "60", "--dtmf", "5"],
+    );
+    peer.wait_stderr("waiting for an incoming call", READY);
+    let mut caller = live.call(
+        &alice,
+        &[
+            "--room",
+            &room,
+            "--duration-s",
+            "4",
+            "--audio",
+            "none",
+            "--dtmf",
+            "123",
+            "--dtmf-after-s",
+            "1",
+        ],
+    );
+    let caller_exit = caller.wait_exit(CONNECT + Duration::from_secs(20));
+    let peer_exit = peer.wait_exit(EXIT);
+    assert_eq!(caller_exit, 0, "{}\n{}", caller.report(), peer.report());
+    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), caller.report());
+
+    let sent = caller.events_of("dtmf_sent");
+    assert_eq!(sent.len(), 1, "{}", caller.report());
+    assert_eq!(sent[0]["digits"], "123");
+    let r = peer.last_json();
+    assert_eq!(r["telephone_event"], true, "{r}");
+    assert_eq!(r["dtmf"]["opponent_supports_dtmf"], true, "{r}");
+    let audio = &r["rtp"]["inbound"]["audio"];
+    assert_eq!(audio["codec"], "audio/telephone-event", "{r}");
+    assert_eq!(
+        count(audio, "packets"),
+        3 * 7,
+        "audio RTP the peer got: {r}"
+    );
+    // One 4-byte RFC 4733 report per packet.
+    assert_eq!(count(audio, "bytes"), 3 * 7 * 4, "{r}");
+}

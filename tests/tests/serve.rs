@@ -1034,3 +1034,121 @@ fn a_udp_opus_camera_answers_the_hubs_keyframe_request_with_its_cached_gop() {
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }
+
+/// The doorbell loop with real processes: a caller the door station answers presses a wrong
+/// PIN, then the right one (`call --dtmf`); the webhook gets exactly one `door_opened` for
+/// that station and call, and `dtmf` events without digits (a PIN station hides them); the
+/// PIN is in no line the hub writes. The hub presses digits back with
+/// `POST /calls/ID/dtmf` (bad digits 400, unknown call 404) and the caller reports them.
+#[test]
+fn the_pin_pressed_in_a_call_opens_the_door_through_the_webhook() {
+    let name = "the_pin_pressed_in_a_call_opens_the_door_through_the_webhook";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let (receiver, received) = webhook_receiver();
+    let url = write(
+        &live.dir.join("webhook"),
+        &format!("http://{receiver}/api/webhook/s3cret-webhook-id"),
+    );
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"none\"\naudio = \"tone\"\npin = \"1*9#\"\n\
+         answer = [\"{}\"]\n\n[[webhook]]\nurl_file = \"{}\"\nevents = [\"dtmf\", \"door\"]\n",
+        alice.id,
+        url.display()
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+
+    let pressed = "1*8#1*9#";
+    let mut caller = live.call(
+        &alice,
+        &[
+            "--room",
+            &room,
+            "--duration-s",
+            "8",
+            "--dtmf",
+            pressed,
+            "--dtmf-after-s",
+            "1",
+        ],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+
+    let press = |call: &str, digits: &str| {
+        http(
+            port,
+            "POST",
+            &format!("/calls/{call}/dtmf"),
+            None,
+            Some(&json!({ "digits": digits })),
+        )
+    };
+    let (status, e) = press(&id, "12x");
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"].as_str().unwrap_or_default().contains("'x'"),
+        "{e}"
+    );
+    assert_eq!(press("no-such-call", "1").0, 404);
+    let (status, ok) = press(&id, "9*");
+    assert_eq!((status, &ok["queued"]), (200, &json!(2)), "{ok}");
+
+    let door = hub.wait_event("door", Duration::from_secs(20));
+    assert_eq!(
+        (
+            &door.value["action"],
+            &door.value["station"],
+            &door.value["call_id"]
+        ),
+        (&json!("door_opened"), &json!("door"), &json!(id)),
+        "{}",
+        door.value
+    );
+    assert_eq!(caller.wait_exit(CONNECT), 0, "{}", caller.report());
+    hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
+
+    // The wrong entry opened nothing: one door event for two entries.
+    assert_eq!(hub.events_of("door").len(), 1, "{}", hub.report());
+    let dtmf = hub.events_of("dtmf");
+    assert_eq!(dtmf.len(), pressed.len(), "{}", hub.report());
+    assert!(dtmf
+        .iter()
+        .all(|v| v["digit"].is_null() && v["call_id"] == id.as_str()));
+    let caller_got: String = caller
+        .events_of("dtmf")
+        .iter()
+        .filter_map(|v| v["digit"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(caller_got, "9*", "{}", caller.report());
+
+    // The webhook: the same events, in order, the door after the last digit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let kinds = loop {
+        let got: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["event"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if got.len() > pressed.len() || Instant::now() > deadline {
+            break got;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut want = vec!["dtmf".to_owned(); pressed.len()];
+    want.push("door".to_owned());
+    assert_eq!(kinds, want);
+
+    // The PIN is in nothing the hub wrote.
+    hub.terminate();
+    hub.wait_exit(EXIT);
+    let stderr = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
+    let stdout: Vec<String> = hub.events().iter().map(|e| e.value.to_string()).collect();
+    assert!(!stderr.contains("1*9") && !stdout.concat().contains("1*9"));
+}

@@ -3,6 +3,8 @@
 //! A call never talks to the homeserver itself: it queues [`CallAction`]s (room events to send,
 //! agent events to report) that the agent drains after every interaction.
 
+pub(crate) mod dtmf;
+pub(crate) use dtmf::parse_digits;
 pub(crate) mod signal;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -14,8 +16,8 @@ use ruma::{OwnedRoomId, OwnedUserId, UInt};
 use serde_json::json;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::CryptoProvider;
-use str0m::format::PayloadParams;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::format::{CodecExtra, FormatParams, PayloadParams};
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt, TelephoneEvent};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
@@ -39,18 +41,24 @@ enum Timer {
     IceDisconnected,
     /// An ended call is forgotten.
     Forget,
+    /// Play the next queued DTMF digit.
+    DtmfSend,
+    /// A received DTMF press without its end report counts as ended.
+    DtmfEnd,
 }
 
-const TIMERS: [Timer; 5] = [
+const TIMERS: [Timer; 7] = [
     Timer::CandidateFlush,
     Timer::Lifetime,
     Timer::IceConnect,
     Timer::IceDisconnected,
     Timer::Forget,
+    Timer::DtmfSend,
+    Timer::DtmfEnd,
 ];
 
 #[derive(Debug, Default)]
-struct Timers([Option<Instant>; 5]);
+struct Timers([Option<Instant>; 7]);
 
 impl Timers {
     fn slot(t: Timer) -> usize {
@@ -184,6 +192,39 @@ pub(crate) struct Call {
     /// Local candidates were gathered (trickled relays go after them).
     gathered: bool,
     sent_end_of_candidates: bool,
+    /// Received telephone events, collapsed to key presses.
+    dtmf_rx: dtmf::DtmfReceiver,
+    /// Digits waiting to be played.
+    dtmf_tx: dtmf::DtmfSender,
+    /// The latest audio frame written: its payload type, RTP time and when, so DTMF tones
+    /// continue the audio's own RTP timeline.
+    last_audio: Option<(Pt, MediaTime, Instant)>,
+    /// When the call was made: the RTP timeline of DTMF sent before any audio.
+    created: Instant,
+}
+
+/// What our invites and answers say we can do (matrix-js-sdk shows its dial pad for
+/// `m.call.dtmf`; we cannot be transferred).
+fn capabilities() -> serde_json::Value {
+    json!({"m.call.dtmf": true, "m.call.transferee": false})
+}
+
+/// Offers (and accepts) RFC 4733 telephone-event next to our audio codecs, one payload type per
+/// audio clock rate: str0m adds none unless asked.
+fn add_telephone_events(c: &mut str0m::format::CodecConfig) {
+    for (pt, rate) in [
+        (limits::DTMF_48K_PT, Frequency::FORTY_EIGHT_KHZ),
+        (limits::DTMF_8K_PT, Frequency::EIGHT_KHZ),
+    ] {
+        c.add_config(
+            pt.into(),
+            None,
+            str0m::format::Codec::Tele,
+            rate,
+            None,
+            FormatParams::default(),
+        );
+    }
 }
 
 fn rtc_config(setup: &CallSetup) -> RtcConfig {
@@ -196,6 +237,7 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
             .enable_opus(true, false)
             .enable_pcmu(true, false)
             .enable_pcma(true, false);
+        add_telephone_events(c.codec_config());
     }
     if setup.video {
         if let Some(profile) = setup.h264_profile {
@@ -365,6 +407,10 @@ impl Call {
             h264_profile: setup.h264_profile,
             gathered: false,
             sent_end_of_candidates: false,
+            dtmf_rx: dtmf::DtmfReceiver::default(),
+            dtmf_tx: dtmf::DtmfSender::default(),
+            last_audio: None,
+            created: now,
         }
     }
 
@@ -418,6 +464,7 @@ impl Call {
             "version": "1",
             "lifetime": setup.lifetime.as_millis() as u64,
             "offer": {"type": "offer", "sdp": sdp},
+            "capabilities": capabilities(),
         });
         add_stream_metadata(&mut content, &sdp);
         if let (Some(invitee), Some(obj)) = (invitee, content.as_object_mut()) {
@@ -642,6 +689,7 @@ impl Call {
         if let Some(obj) = content.as_object_mut() {
             if !self.peer_v0 {
                 obj.insert("party_id".into(), json!(self.our_party));
+                obj.insert("capabilities".into(), capabilities());
             }
         }
         self.send("m.call.answer", content);
@@ -1022,6 +1070,14 @@ impl Call {
                 }
                 // Cleared above: the agent now drops the call (`is_forgettable`).
                 Timer::Forget => {}
+                Timer::DtmfSend => self.play_next_digit(now),
+                Timer::DtmfEnd => {
+                    if let Some(press) = self.dtmf_rx.handle_timeout(now) {
+                        debug!(call_id = %self.id, "DTMF press without end report");
+                        self.report_press(press);
+                    }
+                    self.sync_dtmf_end_timer();
+                }
             }
         }
         if self.state != CallState::Ended && self.rtc_deadline.is_some_and(|d| d <= now) {
@@ -1105,6 +1161,11 @@ impl Call {
                 MediaKind::Video if self.video_mid.is_none() => self.video_mid = Some(m.mid),
                 _ => {}
             },
+            Event::MediaData(d) if d.params.spec().codec.is_tele() => {
+                if let CodecExtra::Tele(t) = d.codec_extra {
+                    self.on_telephone_event(d.time.numer(), t, now);
+                }
+            }
             Event::MediaData(d) => {
                 self.stats.frames_received += 1;
                 let spec = d.params.spec();
@@ -1210,17 +1271,132 @@ impl Call {
         }
         .ok_or(ApiError::NoSuchMedia)?;
         let freq = params.spec().clock_rate;
+        let rtp_time = MediaTime::new(frame.rtp_time, freq);
         writer
-            .write(
-                params.pt(),
-                now,
-                MediaTime::new(frame.rtp_time, freq),
-                frame.data.to_vec(),
-            )
+            .write(params.pt(), now, rtp_time, frame.data.to_vec())
             .map_err(|e| ApiError::Rtc(e.to_string()))?;
+        if frame.kind == MediaKind::Audio {
+            self.last_audio = Some((params.pt(), rtp_time, now));
+        }
         self.stats.frames_sent += 1;
         self.rtc_deadline = Some(now);
         Ok(true)
+    }
+
+    /// Queues DTMF digits (event codes) to play one after another, each a
+    /// [`limits::DTMF_TONE`] tone and a [`limits::DTMF_GAP`] pause.
+    pub fn send_dtmf(&mut self, codes: &[u8], now: Instant) -> Result<(), ApiError> {
+        if self.state != CallState::Connected {
+            return Err(ApiError::WrongState {
+                call_id: self.id.clone(),
+                state: self.state,
+            });
+        }
+        if self.dtmf_audio_pt().is_none() {
+            return Err(ApiError::Dtmf(crate::types::DtmfError::NotNegotiated));
+        }
+        self.dtmf_tx.queue(codes).map_err(ApiError::Dtmf)?;
+        // A running timer already keeps the pause after the previous digit.
+        if self.timers.get(Timer::DtmfSend).is_none() {
+            self.timers.set(Timer::DtmfSend, now);
+        }
+        Ok(())
+    }
+
+    /// The audio payload type (and its clock) to send tones with: the one audio goes out on if
+    /// it has a telephone-event at its clock rate, else the first that has.
+    fn dtmf_audio_pt(&mut self) -> Option<(Pt, Frequency)> {
+        let mid = self.audio_mid?;
+        let params: Vec<PayloadParams> = self.rtc.writer(mid)?.payload_params().copied().collect();
+        let has_tele = |rate: Frequency| {
+            params
+                .iter()
+                .any(|p| p.spec().codec.is_tele() && p.spec().clock_rate == rate)
+        };
+        let usable: Vec<&PayloadParams> = params
+            .iter()
+            .filter(|p| p.spec().codec.is_audio() && has_tele(p.spec().clock_rate))
+            .collect();
+        let current = self.last_audio.map(|(pt, _, _)| pt);
+        usable
+            .iter()
+            .find(|p| Some(p.pt()) == current)
+            .or(usable.first())
+            .map(|p| (p.pt(), p.spec().clock_rate))
+    }
+
+    /// Plays the next queued digit (the timer keeps them apart); a digit str0m refuses is
+    /// logged and skipped, the rest still play.
+    fn play_next_digit(&mut self, now: Instant) {
+        if self.state != CallState::Connected {
+            return;
+        }
+        let Some(code) = self.dtmf_tx.next() else {
+            return;
+        };
+        self.timers
+            .set(Timer::DtmfSend, now + limits::DTMF_TONE + limits::DTMF_GAP);
+        let (Some(mid), Some((pt, rate))) = (self.audio_mid, self.dtmf_audio_pt()) else {
+            warn!(call_id = %self.id, "DTMF digit dropped: no telephone-event negotiated");
+            return;
+        };
+        let rtp_time = match self.last_audio {
+            Some((last_pt, t, at)) if last_pt == pt => {
+                let since = now.saturating_duration_since(at);
+                MediaTime::new(t.numer(), rate) + MediaTime::from(since).rebase(rate)
+            }
+            _ => MediaTime::from(now.saturating_duration_since(self.created)).rebase(rate),
+        };
+        let event = TelephoneEvent {
+            event: code,
+            end: true,
+            volume: limits::DTMF_VOLUME,
+            duration: limits::DTMF_TONE,
+        };
+        let Some(writer) = self.rtc.writer(mid) else {
+            return;
+        };
+        match writer
+            .telephone_event(event)
+            .write(pt, now, rtp_time, Vec::new())
+        {
+            Ok(()) => {
+                debug!(call_id = %self.id, "DTMF digit sent");
+                self.rtc_deadline = Some(now);
+            }
+            Err(e) => warn!(call_id = %self.id, "DTMF digit refused by rtc: {e}"),
+        }
+    }
+
+    /// One received RFC 4733 report: a press it completes becomes [`AgentEvent::Dtmf`].
+    fn on_telephone_event(&mut self, rtp_time: u64, t: TelephoneEvent, now: Instant) {
+        let report = dtmf::Report {
+            rtp_time,
+            code: t.event,
+            end: t.end,
+            duration: t.duration,
+        };
+        for press in self.dtmf_rx.on_report(report, now) {
+            self.report_press(press);
+        }
+        self.sync_dtmf_end_timer();
+    }
+
+    fn report_press(&mut self, press: dtmf::Press) {
+        // Not the digit: it may be part of a PIN.
+        debug!(call_id = %self.id, "DTMF press");
+        self.event(AgentEvent::Dtmf {
+            call_id: self.id.clone(),
+            digit: press.digit,
+            duration_ms: u64::try_from(press.duration.as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+
+    fn sync_dtmf_end_timer(&mut self) {
+        match self.dtmf_rx.deadline() {
+            Some(at) => self.timers.set(Timer::DtmfEnd, at),
+            None => self.timers.stop(Timer::DtmfEnd),
+        }
     }
 
     /// Kinds (`host`, `srflx`, `relay`, `prflx`) of the local and remote candidate of the pair

@@ -17,10 +17,10 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    pub fn new(target: Target, duration: Duration) -> Self {
+    pub fn new(target: Target, duration: Duration, dtmf: Option<(String, Duration)>) -> Self {
         Call {
             target: Some(target),
-            log: CallLog::new(Some(duration)),
+            log: CallLog::new(Some(duration)).with_dtmf(dtmf),
         }
     }
 

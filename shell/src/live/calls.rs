@@ -22,6 +22,9 @@ pub(crate) struct CallLog {
     hangup_at: BTreeMap<CallId, Instant>,
     /// Hang up each call this long after it connected.
     hangup_after: Option<Duration>,
+    /// Digits to press in each call, and how long after it connected.
+    dtmf: Option<(String, Duration)>,
+    dtmf_at: BTreeMap<CallId, Instant>,
     pub ended: u32,
     last_reason: Option<String>,
     next_stats: Option<Instant>,
@@ -35,10 +38,18 @@ impl CallLog {
             connected: BTreeSet::new(),
             hangup_at: BTreeMap::new(),
             hangup_after,
+            dtmf: None,
+            dtmf_at: BTreeMap::new(),
             ended: 0,
             last_reason: None,
             next_stats: None,
         }
+    }
+
+    /// Press `digits` in each call `after` it connected.
+    pub fn with_dtmf(mut self, dtmf: Option<(String, Duration)>) -> Self {
+        self.dtmf = dtmf;
+        self
     }
 
     /// A call was placed or answered: its setup time counts from now.
@@ -54,7 +65,7 @@ impl CallLog {
         !self.connected.is_empty()
     }
 
-    pub fn on_event<C>(&mut self, d: &mut Driver<C>, e: &AgentEvent, now: Instant) {
+    pub fn on_event<C: Send + 'static>(&mut self, d: &mut Driver<C>, e: &AgentEvent, now: Instant) {
         match e {
             AgentEvent::Synced => {
                 d.lines.emit(json!({"event": "ready"}));
@@ -76,6 +87,23 @@ impl CallLog {
                 if let Some(after) = self.hangup_after {
                     self.hangup_at.insert(call_id.clone(), now + after);
                 }
+                if let Some((_, after)) = &self.dtmf {
+                    self.dtmf_at.insert(call_id.clone(), now + *after);
+                }
+            }
+            AgentEvent::Dtmf {
+                call_id,
+                digit,
+                duration_ms,
+            } => {
+                let station = d.station_of(call_id);
+                d.emit_for(
+                    station,
+                    json!({"event": "dtmf", "call_id": call_id, "digit": digit.to_string(),
+                    "duration_ms": duration_ms}),
+                );
+                d.lines
+                    .say(&format!("call {call_id}: DTMF {digit} ({duration_ms} ms)"));
             }
             AgentEvent::Media(f) => {
                 if let Some(t) = self.started.get(&f.call_id) {
@@ -87,6 +115,7 @@ impl CallLog {
                 call_id, reason, ..
             } => {
                 self.hangup_at.remove(call_id);
+                self.dtmf_at.remove(call_id);
                 self.ended += 1;
                 self.last_reason = Some(reason.to_string());
             }
@@ -107,6 +136,7 @@ impl CallLog {
             info!(%call_id, "hanging up");
             let _ = d.agent.hangup(&call_id, now);
         }
+        self.press_due_digits(d, now);
         let next = *self.next_stats.get_or_insert(now + STATS_EVERY);
         if now >= next {
             self.next_stats = Some(now + STATS_EVERY);
@@ -114,9 +144,40 @@ impl CallLog {
         }
     }
 
+    /// Sends `--dtmf` into the calls whose time for it has come; the outcome is a line.
+    fn press_due_digits<C>(&mut self, d: &mut Driver<C>, now: Instant) {
+        let Some((digits, _)) = &self.dtmf else {
+            return;
+        };
+        let due: Vec<CallId> = self
+            .dtmf_at
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for call_id in due {
+            self.dtmf_at.remove(&call_id);
+            match d.agent.send_dtmf(&call_id, digits, now) {
+                Ok(()) => {
+                    info!(%call_id, "sending DTMF digits");
+                    d.lines
+                        .emit(json!({"event": "dtmf_sent", "call_id": call_id,
+                        "digits": digits}));
+                }
+                Err(e) => {
+                    d.lines.say(&format!("error: cannot send DTMF: {e}"));
+                    d.lines
+                        .emit(json!({"event": "error", "kind": "dtmf", "call_id": call_id,
+                        "message": e.to_string()}));
+                }
+            }
+        }
+    }
+
     pub fn deadline(&self) -> Option<Instant> {
         self.hangup_at
             .values()
+            .chain(self.dtmf_at.values())
             .copied()
             .chain(self.next_stats)
             .min()

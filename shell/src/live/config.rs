@@ -161,6 +161,12 @@ pub struct CallArgs {
     /// Element creates them)
     #[arg(long)]
     pub unencrypted_dm: bool,
+    /// Press these DTMF digits (0-9 * # A-D) in the call, e.g. to open a door or answer an IVR
+    #[arg(long, value_name = "DIGITS")]
+    pub dtmf: Option<String>,
+    /// Press the --dtmf digits N s after the call connected
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "dtmf")]
+    pub dtmf_after_s: u64,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -205,6 +211,8 @@ pub enum Mode {
     Call {
         target: Target,
         duration: Duration,
+        /// DTMF digits to press, and how long after the call connected.
+        dtmf: Option<(String, Duration)>,
     },
     Listen {
         allow: Vec<OwnedUserId>,
@@ -455,9 +463,18 @@ fn mode(command: &LiveCommand, file: &FileConfig) -> Result<Mode, ConfigError> {
                 }
             };
             let duration = a.duration_s.or(file.duration_s).unwrap_or(10);
+            let dtmf = match &a.dtmf {
+                Some(digits) => {
+                    call_assist_core::check_dtmf_digits(digits)
+                        .map_err(|e| ConfigError(format!("--dtmf: {e}")))?;
+                    Some((digits.clone(), Duration::from_secs(a.dtmf_after_s)))
+                }
+                None => None,
+            };
             Mode::Call {
                 target,
                 duration: Duration::from_secs(duration),
+                dtmf,
             }
         }
         LiveCommand::Listen(a) => Mode::Listen {
@@ -634,7 +651,7 @@ mod tests {
         .unwrap();
         assert!(o.json);
         assert!(
-            matches!(o.mode, Mode::Call { target: Target::User(_), duration } if duration == Duration::from_secs(3))
+            matches!(o.mode, Mode::Call { target: Target::User(_), duration, .. } if duration == Duration::from_secs(3))
         );
     }
 

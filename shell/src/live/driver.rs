@@ -353,7 +353,7 @@ impl<C: Send + 'static> Driver<C> {
     }
 
     /// A line with the call's station, where stations have names.
-    fn emit_for(&mut self, station: Option<usize>, mut v: Value) {
+    pub fn emit_for(&mut self, station: Option<usize>, mut v: Value) {
         if let Some(name) = station.and_then(|i| self.station_name(i)) {
             v["station"] = json!(name);
         }
@@ -522,6 +522,8 @@ impl<C: Send + 'static> Driver<C> {
                     self.emit_for(station, line);
                 }
             }
+            // The policies report it; not logged here: the digit may be part of a PIN.
+            AgentEvent::Dtmf { .. } => {}
             other => debug!(?other, "event"),
         }
     }

@@ -84,7 +84,8 @@ impl Lines {
                 debug!("{v}");
                 let mut brief = v.clone();
                 if let Some(o) = brief.as_object_mut() {
-                    for k in ["from", "user", "room_id"] {
+                    // A pressed digit may be part of a station's PIN: debug level only too.
+                    for k in ["from", "user", "room_id", "digit"] {
                         o.remove(k);
                     }
                 }
@@ -203,8 +204,12 @@ async fn run_async(opts: LiveOptions) -> u8 {
     };
     driver.lines.say(&login);
     match opts.mode {
-        Mode::Call { target, duration } => {
-            let mut mode = call::Call::new(target, duration);
+        Mode::Call {
+            target,
+            duration,
+            dtmf,
+        } => {
+            let mut mode = call::Call::new(target, duration, dtmf);
             let code = driver.run(rx, &mut mode).await;
             mode.log.summary(&mut driver);
             code

@@ -9,7 +9,8 @@
 //!
 //! Routes: `GET /health`, `GET /stations`, `GET /calls`, `POST /calls` (`{"station", "to"}`),
 //! `GET /calls/ID`, `DELETE /calls/ID` (or `POST /calls/ID/hangup`),
-//! `POST /calls/ID/keyframe` (ask the peer for a video keyframe), `GET /events`
+//! `POST /calls/ID/keyframe` (ask the peer for a video keyframe), `POST /calls/ID/dtmf`
+//! (`{"digits": "12#"}`: press DTMF digits in the call), `GET /events`
 //! (Server-Sent Events, one `data:` JSON line per event). Errors are `{"error": "..."}`, except
 //! hyper's own bodiless 400 and 431 for requests that are not HTTP or whose head is too large.
 
@@ -74,6 +75,11 @@ pub enum Command {
     Hangup(String),
     /// Ask the peer of a call for a video keyframe (PLI/FIR).
     RequestKeyframe(String),
+    /// Press DTMF digits in a call.
+    SendDtmf {
+        id: String,
+        digits: String,
+    },
     Subscribe,
 }
 
@@ -302,8 +308,32 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Command, RouteError> {
             "POST" => Ok(Command::RequestKeyframe((*id).to_owned())),
             _ => wrong(vec!["POST"]),
         },
+        ["calls", id, "dtmf"] => match method {
+            "POST" => send_dtmf(id, body),
+            _ => wrong(vec!["POST"]),
+        },
         _ => Err((404, format!("no such endpoint: {path}"), Vec::new())),
     }
+}
+
+/// `{"digits": "12#"}`; the digits themselves are checked by the agent (400 from the hub).
+fn send_dtmf(id: &str, body: &[u8]) -> Result<Command, RouteError> {
+    let bad = |e: String| {
+        (
+            400,
+            format!("the body must be JSON like {{\"digits\": \"12#\"}}{e}"),
+            Vec::new(),
+        )
+    };
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!(": {e}")))?;
+    let digits = v
+        .get("digits")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(String::new()))?;
+    Ok(Command::SendDtmf {
+        id: id.to_owned(),
+        digits: digits.to_owned(),
+    })
 }
 
 fn start_call(body: &[u8]) -> Result<Command, RouteError> {
@@ -524,6 +554,13 @@ mod tests {
             matches!(route("POST", "/calls/abc/keyframe", b""), Ok(Command::RequestKeyframe(id)) if id == "abc")
         );
         assert_eq!(route("GET", "/calls/abc/keyframe", b"").unwrap_err().0, 405);
+        assert!(
+            matches!(route("POST", "/calls/abc/dtmf", br#"{"digits":"12#"}"#), Ok(Command::SendDtmf { id, digits }) if id == "abc" && digits == "12#")
+        );
+        let e = route("POST", "/calls/abc/dtmf", br#"{"digit":"1"}"#).unwrap_err();
+        assert!(e.0 == 400 && e.1.contains(r#"{"digits": "12#"}"#), "{e:?}");
+        assert_eq!(route("POST", "/calls/abc/dtmf", b"12#").unwrap_err().0, 400);
+        assert_eq!(route("GET", "/calls/abc/dtmf", b"").unwrap_err().0, 405);
         assert!(matches!(
             route("GET", "/calls/", b""),
             Ok(Command::ListCalls)

@@ -111,6 +111,10 @@ struct StationSection {
     answer: Vec<Spanned<String>>,
     #[serde(default)]
     may_call: Vec<Spanned<String>>,
+    /// DTMF digits that open the door (a `door` event) when pressed in this station's call.
+    pin: Option<Spanned<String>>,
+    /// A file holding the PIN, so it need not be in the config (like the other secrets).
+    pin_file: Option<Spanned<PathBuf>>,
 }
 
 /// The local HTTP API.
@@ -132,6 +136,8 @@ pub struct StationConfig {
     pub answer: Vec<OwnedUserId>,
     /// This station may call these users (or rooms whose other member is one of them).
     pub may_call: Vec<OwnedUserId>,
+    /// DTMF digits (upper case) that raise `door` when pressed in a call of this station.
+    pub pin: Option<Secret>,
 }
 
 impl StationConfig {
@@ -145,7 +151,7 @@ impl StationConfig {
         }
     }
 
-    /// What needs a restart to change: everything but `answer` and `may_call`.
+    /// What needs a restart to change: everything but `answer`, `may_call` and `pin`.
     fn same_media(&self, other: &StationConfig) -> bool {
         self.name == other.name
             && self.media == other.media
@@ -274,7 +280,7 @@ impl ServeConfig {
     }
 
     /// The settings of `new` that differ from `self` and cannot change without a restart
-    /// (everything but the stations' `answer` and `may_call` lists).
+    /// (everything but the stations' `answer` and `may_call` lists and `pin`).
     pub fn needs_restart(&self, new: &ServeConfig) -> Vec<String> {
         let mut keys = Vec::new();
         if self.homeserver != new.homeserver {
@@ -656,6 +662,7 @@ fn station(
         ),
     };
     let (answer, may_call) = people(s, &key, at, earlier)?;
+    let pin = station_pin(s, &key, at)?;
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -670,7 +677,48 @@ fn station(
         rtsp_password,
         answer,
         may_call,
+        pin,
     })
+}
+
+/// The station's PIN, from `pin` or the file `pin_file` names (not both).
+fn station_pin(
+    s: &StationSection,
+    key: &dyn Fn(&str) -> String,
+    at: &At<'_>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (&s.pin, &s.pin_file) {
+        (Some(_), Some(f)) => Err(at(
+            Some(f.span()),
+            &key("pin_file"),
+            "give pin or pin_file, not both",
+        )),
+        (Some(p), None) => parse_pin(p.get_ref())
+            .map(Some)
+            .map_err(|e| at(Some(p.span()), &key("pin"), e)),
+        (None, Some(f)) => {
+            let pin = read_secret(f, &key("pin_file"), at)?;
+            parse_pin(pin.expose())
+                .map(Some)
+                .map_err(|e| at(Some(f.span()), &key("pin_file"), e))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Longest station PIN (the rolling window of pressed digits is this long).
+pub const MAX_PIN: usize = 16;
+
+/// A station PIN: 1 to [`MAX_PIN`] DTMF digits. The message never repeats the PIN.
+fn parse_pin(pin: &str) -> Result<Secret, &'static str> {
+    let pin = pin.to_ascii_uppercase();
+    let digits_ok = pin
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D'));
+    if pin.is_empty() || pin.len() > MAX_PIN || !digits_ok {
+        return Err("must be 1 to 16 DTMF digits (0-9 * # A-D)");
+    }
+    Ok(Secret::new(pin))
 }
 
 /// 1-based line of byte `offset` in `text`.
@@ -794,6 +842,50 @@ answer = ["@you:localhost"]
             ("hub", "s3cret")
         );
         assert!(c.network.relay_only);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_station_pin_is_checked_and_never_repeated_in_errors() {
+        let with = |pin: &str| {
+            GOOD.replace(
+                "name = \"garden\"",
+                &format!("name = \"garden\"\npin = {pin:?}"),
+            )
+        };
+        let c = parse(&with("12#a")).unwrap();
+        assert_eq!(c.stations[1].pin.as_ref().map(Secret::expose), Some("12#A"));
+        assert!(c.stations[0].pin.is_none());
+        assert!(!format!("{:?}", c.stations[1]).contains("12#A"));
+        for bad in ["", "12x9", "12345678901234567"] {
+            let e = err(&with(bad));
+            assert!(
+                e.contains("station \"garden\" pin") && e.contains("1 to 16 DTMF digits"),
+                "{e}"
+            );
+            assert!(bad.is_empty() || !e.contains(bad), "{e}");
+        }
+        let dir = std::env::temp_dir().join(format!("ca-serve-pin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("door.pin");
+        std::fs::write(&file, "4711#\n").unwrap();
+        let from_file = GOOD.replace(
+            "name = \"garden\"",
+            &format!(
+                "name = \"garden\"\npin_file = {:?}",
+                file.display().to_string()
+            ),
+        );
+        let c = parse(&from_file).unwrap();
+        assert_eq!(
+            c.stations[1].pin.as_ref().map(Secret::expose),
+            Some("4711#")
+        );
+        let both = from_file.replace("pin_file", "pin = \"1\"\npin_file");
+        assert!(err(&both).contains("give pin or pin_file, not both"));
+        std::fs::write(&file, "47x1\n").unwrap();
+        let e = err(&from_file);
+        assert!(e.contains("pin_file") && !e.contains("47x1"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

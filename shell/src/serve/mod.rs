@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use call_assist_core::{
-    AgentEvent, ApiError, CallDirection, CallPolicy, CallState, MediaKind, OwnedRoomId,
+    AgentEvent, ApiError, CallDirection, CallPolicy, CallState, DtmfError, MediaKind, OwnedRoomId,
     OwnedUserId, RoomId,
 };
 use serde_json::{json, Value};
@@ -51,6 +51,8 @@ struct CallRecord {
     ended: Option<(String, &'static str)>,
     video_frames_received: u64,
     audio_frames_received: u64,
+    /// The last digits pressed in this call, as long as the station's PIN (a rolling window).
+    pressed: String,
 }
 
 impl CallRecord {
@@ -69,6 +71,7 @@ impl CallRecord {
             ended: None,
             video_frames_received: 0,
             audio_frames_received: 0,
+            pressed: String::new(),
         }
     }
 }
@@ -150,6 +153,11 @@ impl Policy for Serve {
                     }
                 }
             }
+            AgentEvent::Dtmf {
+                call_id,
+                digit,
+                duration_ms,
+            } => self.on_dtmf(d, call_id, *digit, *duration_ms),
             AgentEvent::CallEnded {
                 call_id,
                 reason,
@@ -216,6 +224,7 @@ impl Policy for Serve {
             },
             Command::Hangup(id) => self.hangup(d, &id, now),
             Command::RequestKeyframe(id) => self.request_keyframe(d, &id, now),
+            Command::SendDtmf { id, digits } => self.send_dtmf(d, &id, &digits, now),
             Command::Subscribe => match d.lines.subscribe(MAX_SUBSCRIBERS, api::EVENT_QUEUE) {
                 Some(rx) => Reply::Events(rx),
                 None => Reply::error(
@@ -251,6 +260,27 @@ impl Policy for Serve {
     fn on_reload(&mut self, d: &mut Hub) {
         self.reload(d);
     }
+}
+
+/// Adds `digit` to the rolling window of a call's last digits: true when the window now ends
+/// with `pin` (the window then starts over, so one entry opens once). Compared without an
+/// early exit, so timing does not tell how much of a guess was right.
+fn pin_entered(window: &mut String, digit: char, pin: &str) -> bool {
+    window.push(digit);
+    let keep = pin.chars().count();
+    while window.chars().count() > keep {
+        window.remove(0);
+    }
+    let same = window.len() == pin.len()
+        && window
+            .bytes()
+            .zip(pin.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        window.clear();
+    }
+    same
 }
 
 fn place_error(room: &RoomId, e: ApiError) -> Reply {
@@ -376,6 +406,50 @@ impl Serve {
         }
     }
 
+    /// `POST /calls/ID/dtmf`: bad digits are the client's fault (400); a call not connected
+    /// yet, or whose peer did not negotiate telephone-event, cannot take them now (409).
+    fn send_dtmf(&self, d: &mut Hub, id: &str, digits: &str, now: Instant) -> Reply {
+        if let Err(r) = self.live_call(id) {
+            return r;
+        }
+        match d.agent.send_dtmf(id, digits, now) {
+            Ok(()) => {
+                info!(call_id = %id, count = digits.chars().count(), "sending DTMF (API)");
+                Reply::Json(200, json!({"id": id, "queued": digits.chars().count()}))
+            }
+            Err(ApiError::Dtmf(
+                e @ (DtmfError::Empty | DtmfError::InvalidDigit(_) | DtmfError::TooLong { .. }),
+            )) => Reply::error(400, format!("\"digits\": {e}")),
+            Err(e) => Reply::error(409, format!("cannot send DTMF in {id:?}: {e}")),
+        }
+    }
+
+    /// A key pressed in a call: the `dtmf` line, and `door` when it completes the station's
+    /// PIN. On a station with a PIN the line leaves the digit out: it may be part of the PIN.
+    fn on_dtmf(&mut self, d: &mut Hub, call_id: &str, digit: char, duration_ms: u64) {
+        let Some(rec) = self.calls.get_mut(call_id) else {
+            return;
+        };
+        let station = self.config.stations.get(rec.station);
+        let name = station.map_or("?", |s| s.name.as_str());
+        let pin = station.and_then(|s| s.pin.as_ref());
+        let shown = if pin.is_some() {
+            Value::Null
+        } else {
+            json!(digit.to_string())
+        };
+        d.lines
+            .emit(json!({"event": "dtmf", "call_id": call_id, "station": name,
+            "digit": shown, "duration_ms": duration_ms}));
+        let Some(pin) = pin else { return };
+        if pin_entered(&mut rec.pressed, digit, pin.expose()) {
+            info!(%call_id, station = name, "PIN entered: door opened");
+            d.lines
+                .emit(json!({"event": "door", "action": "door_opened",
+                "call_id": call_id, "station": name}));
+        }
+    }
+
     /// `POST /calls`: the reply, or `None` when it comes later (waiting for a direct room).
     fn start_call(
         &mut self,
@@ -485,15 +559,16 @@ impl Serve {
         for k in &needs_restart {
             warn!("config reload: {k} changed; that needs a restart (the running value stays)");
         }
-        // Only the allow lists change in place: they decide the next call, not the ones up.
+        // Only the allow lists and PINs change in place: they decide the next call or digit.
         for (c, n) in self.config.stations.iter_mut().zip(&new.stations) {
             if c.name == n.name {
                 c.answer = n.answer.clone();
                 c.may_call = n.may_call.clone();
+                c.pin = n.pin.clone();
             }
         }
         d.agent.set_policy(CallPolicy::Allow(self.config.callers()));
-        info!("config reloaded: answer and may_call lists applied");
+        info!("config reloaded: answer, may_call and pin applied");
         d.lines
             .emit(json!({"event": "reload", "ok": true, "needs_restart": needs_restart}));
     }
@@ -574,4 +649,37 @@ async fn run_async(config: ServeConfig, json: bool) -> u8 {
         dials: BTreeMap::new(),
     };
     hub.run(rx, &mut serve).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_entered;
+
+    fn press(window: &mut String, digits: &str, pin: &str) -> Vec<bool> {
+        digits
+            .chars()
+            .map(|d| pin_entered(window, d, pin))
+            .collect()
+    }
+
+    #[test]
+    fn only_the_exact_pin_opens_once_per_entry() {
+        let mut w = String::new();
+        assert_eq!(press(&mut w, "1234", "1234"), [false, false, false, true]);
+        // The window starts over: the next digits alone do not open again.
+        assert_eq!(press(&mut w, "4", "1234"), [false]);
+    }
+
+    #[test]
+    fn a_wrong_digit_opens_nothing_and_the_pin_after_it_does() {
+        let mut w = String::new();
+        assert!(!press(&mut w, "1294", "1234").contains(&true));
+        assert!(!press(&mut w, "123", "1234").contains(&true));
+        assert_eq!(
+            press(&mut w, "91234", "1234"),
+            [false, false, false, false, true]
+        );
+        assert!(!press(&mut w, "4321", "1234").contains(&true));
+        assert!(w.chars().count() <= 4);
+    }
 }
