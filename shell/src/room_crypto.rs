@@ -109,6 +109,7 @@ fn apply_state(info: &mut RoomCrypto, ev: &Value, new_users: &mut BTreeSet<Owned
 }
 
 /// Encrypted rooms and their members, to compare before and after a sync.
+#[cfg_attr(not(feature = "e2ee"), allow(dead_code))] // the real layer's warm-up only
 pub(crate) fn encrypted_members(
     rooms: &BTreeMap<OwnedRoomId, RoomCrypto>,
 ) -> BTreeMap<OwnedRoomId, BTreeSet<OwnedUserId>> {
@@ -120,6 +121,7 @@ pub(crate) fn encrypted_members(
 }
 
 /// Rooms that are encrypted now and were not, or whose members changed.
+#[cfg_attr(not(feature = "e2ee"), allow(dead_code))] // the real layer's warm-up only
 pub(crate) fn changed_encrypted_rooms(
     before: &BTreeMap<OwnedRoomId, BTreeSet<OwnedUserId>>,
     now: &BTreeMap<OwnedRoomId, RoomCrypto>,
