@@ -497,6 +497,27 @@ impl Live {
 
     /// The matrix-js-sdk peer (`tests/interop/peer.mjs`) as `user` with `args`
     /// (`--answer` or `--call ROOM`, ...).
+    /// `hub` listens (answering only `caller`, one call); `caller`'s js peer calls it in
+    /// `room` for 5 s with `peer_args` besides. Returns both after each exited with 0.
+    pub fn js_peer_calls_listener(
+        &self,
+        caller: &User,
+        hub: &User,
+        room: &str,
+        peer_args: &[&str],
+    ) -> (Proc, Proc) {
+        let mut listener = self.listen(hub, &["--allow", &caller.id, "--max-calls", "1"]);
+        listener.wait_event("ready", Duration::from_secs(30));
+        let mut args = vec!["--call", room, "--duration-s", "5", "--max-wait-s", "60"];
+        args.extend_from_slice(peer_args);
+        let mut peer = self.js_peer(caller, &args);
+        let peer_exit = peer.wait_exit(Duration::from_secs(75));
+        let exit = Duration::from_secs(20);
+        assert_eq!(listener.wait_exit(exit), 0, "{}", listener.report());
+        assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), listener.report());
+        (listener, peer)
+    }
+
     pub fn js_peer(&self, user: &User, args: &[&str]) -> Proc {
         let interop = workspace_root().join("tests/interop");
         assert!(

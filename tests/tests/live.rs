@@ -461,25 +461,8 @@ fn js_sdk_calls_agent() {
     let alice = live.user("alice");
     let bob_user = live.user("bob");
     let room = live.hs.create_dm(&alice, &bob_user);
-
-    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
-    bob.wait_event("ready", READY);
-    let mut peer = live.js_peer(
-        &alice,
-        &[
-            "--call",
-            &room,
-            "--duration-s",
-            "5",
-            "--require",
-            "audio,video",
-            "--max-wait-s",
-            "60",
-        ],
-    );
-    let peer_exit = peer.wait_exit(Duration::from_secs(75));
-    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
-    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), bob.report());
+    let (bob, peer) =
+        live.js_peer_calls_listener(&alice, &bob_user, &room, &["--require", "audio,video"]);
 
     assert_js_peer_got_media(&peer);
     assert_connected_with_media(&bob);
@@ -821,25 +804,7 @@ fn js_sdk_sees_dtmf_support_and_presses_digits() {
     let alice = live.user("alice");
     let bob_user = live.user("bob");
     let room = live.hs.create_dm(&alice, &bob_user);
-
-    let mut bob = live.listen(&bob_user, &["--allow", &alice.id, "--max-calls", "1"]);
-    bob.wait_event("ready", READY);
-    let mut peer = live.js_peer(
-        &alice,
-        &[
-            "--call",
-            &room,
-            "--duration-s",
-            "5",
-            "--dtmf",
-            "1234#",
-            "--max-wait-s",
-            "60",
-        ],
-    );
-    let peer_exit = peer.wait_exit(Duration::from_secs(75));
-    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.report());
-    assert_eq!(peer_exit, 0, "{}\n{}", peer.report(), bob.report());
+    let (bob, peer) = live.js_peer_calls_listener(&alice, &bob_user, &room, &["--dtmf", "1234#"]);
 
     let r = peer.last_json();
     assert_eq!(r["dtmf"]["opponent_supports_dtmf"], true, "{r}");
