@@ -749,6 +749,11 @@ impl Proc {
     }
 
     /// Waits until a stderr line contains `needle`.
+    /// Some stderr line so far contains `needle`.
+    pub fn stderr_contains(&self, needle: &str) -> bool {
+        self.lock().stderr.iter().any(|l| l.contains(needle))
+    }
+
     pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {

@@ -64,6 +64,35 @@ fn basic_call_media_flows_both_ways_then_caller_hangs_up() {
 }
 
 #[test]
+fn known_candidates_are_in_the_invite_and_answer_sdp_and_not_trickled_again() {
+    let BasicCall { scene, .. } = scenarios::basic_call(config(1));
+    let sdp_candidates = |event: &str, key: &str| -> Vec<String> {
+        let events = scene.stored(event);
+        let sdp = events[0][key]["sdp"].as_str().unwrap_or_default().to_owned();
+        sdp.lines()
+            .filter_map(|l| l.strip_prefix("a="))
+            .filter(|l| l.starts_with("candidate:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let offered = sdp_candidates("m.call.invite", "offer");
+    let answered = sdp_candidates("m.call.answer", "answer");
+    assert!(offered.iter().any(|c| c.contains("typ host")), "{offered:?}");
+    assert!(answered.iter().any(|c| c.contains("typ host")), "{answered:?}");
+    // What went into an SDP is not sent again; the trickle still ends with end-of-candidates.
+    let trickled: Vec<String> = scene
+        .stored("m.call.candidates")
+        .iter()
+        .flat_map(|e| e["candidates"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["candidate"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for c in offered.iter().chain(&answered) {
+        assert!(!trickled.contains(c), "{c} trickled again: {trickled:?}");
+    }
+    assert_eq!(trickled.iter().filter(|c| c.is_empty()).count(), 2, "{trickled:?}");
+}
+
+#[test]
 fn callee_rejects_the_call() {
     let mut scene = Scene::new(config(2));
     let call_id = scene.world.place_call(scene.alice, &scene.room);

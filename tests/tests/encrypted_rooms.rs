@@ -44,11 +44,12 @@ fn a_call_in_an_encrypted_room_connects_and_the_server_stores_only_ciphertext() 
         types.iter().all(|t| t == "m.room.encrypted"),
         "plaintext in an encrypted room: {types:?}"
     );
-    // invite, candidates..., answer, select_answer, hangup: all encrypted.
+    // invite, answer, select_answer, hangup (and end-of-candidates if the call lasted long
+    // enough for its batch): all encrypted.
     assert!(types.len() >= 4, "{types:?}");
     for i in [scene.alice, scene.bob] {
         let s = scene.world.agents[i].crypto.stats;
-        assert!(s.encrypted >= 2 && s.decrypted >= 2, "{s:?}");
+        assert!(s.encrypted >= 1 && s.decrypted >= 1, "{s:?}");
         assert_eq!(s.undecryptable_dropped, 0);
     }
     assert_eq!(

@@ -433,6 +433,9 @@ impl Call {
             setup,
             now,
         );
+        // Candidates known now go into the offer (str0m writes them in the first m-section),
+        // so the peer can start ICE with the invite; later ones trickle.
+        call.gather(setup, now, InSdp::Yes);
         let stream = format!("ca-{}", call.id);
         let mut api = call.rtc.sdp_api();
         if setup.audio {
@@ -472,7 +475,6 @@ impl Call {
         }
         call.send("m.call.invite", content);
         call.timers.set(Timer::Lifetime, now + setup.lifetime);
-        call.gather(setup, now);
         call.event(AgentEvent::CallStateChanged {
             call_id: call.id.clone(),
             state: CallState::InviteSent,
@@ -560,7 +562,9 @@ impl Call {
     }
 
     /// Adds our host, server-reflexive and relay candidates and schedules the first batch.
-    fn gather(&mut self, setup: &CallSetup, now: Instant) {
+    /// With [`InSdp::Yes`] they are written into our offer or answer and not trickled; the
+    /// SDP lines of the ones added are returned.
+    fn gather(&mut self, setup: &CallSetup, now: Instant, in_sdp: InSdp) -> Vec<String> {
         let mut candidates = Vec::new();
         if !setup.relay_only {
             candidates.extend(setup.local_addrs.iter().map(|a| Candidate::host(*a, "udp")));
@@ -578,9 +582,10 @@ impl Call {
                 .iter()
                 .map(|(relay, local)| Candidate::relayed(*relay, *local, "udp")),
         );
+        let mut lines = Vec::new();
         for c in candidates {
             match c {
-                Ok(c) => self.add_local_candidate(c),
+                Ok(c) => lines.extend(self.add_local_candidate(c, in_sdp)),
                 Err(e) => warn!(call_id = %self.id, "local address not usable as candidate: {e}"),
             }
         }
@@ -591,6 +596,7 @@ impl Call {
         }
         self.timers
             .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
+        lines
     }
 
     /// A relay allocated after this call gathered: trickled to the peer.
@@ -604,7 +610,9 @@ impl Call {
             return;
         }
         match Candidate::relayed(relay, local, "udp") {
-            Ok(c) => self.add_local_candidate(c),
+            Ok(c) => {
+                self.add_local_candidate(c, InSdp::No);
+            }
             Err(e) => warn!(call_id = %self.id, "relay not usable as candidate: {e}"),
         }
         self.timers
@@ -624,18 +632,22 @@ impl Call {
             .set(Timer::CandidateFlush, now + limits::CANDIDATE_BATCH_DELAY);
     }
 
-    fn add_local_candidate(&mut self, c: Candidate) {
-        let Some(added) = self.rtc.add_local_candidate(c) else {
-            return;
-        };
+    /// Hands `c` to ICE; queues it for trickling unless it goes into our SDP. Returns its
+    /// SDP line (`candidate:...`) when ICE took it.
+    fn add_local_candidate(&mut self, c: Candidate, in_sdp: InSdp) -> Option<String> {
+        let added = self.rtc.add_local_candidate(c)?;
         self.local_kinds.push((added.addr(), added.kind()));
         let line = added.to_sdp_string();
+        if in_sdp == InSdp::Yes {
+            return Some(line);
+        }
         // One slot stays free for end-of-candidates.
         if self.local_candidates.len() >= limits::MAX_LOCAL_CANDIDATES
-            || self.local_candidates.push_back(Some(line)).is_err()
+            || self.local_candidates.push_back(Some(line.clone())).is_err()
         {
             warn!(call_id = %self.id, "local candidate limit reached; candidate not sent");
         }
+        Some(line)
     }
 
     fn flush_candidates(&mut self, now: Instant) {
@@ -678,6 +690,10 @@ impl Call {
             });
         }
         let sdp = self.prepared_answer.take().unwrap_or_default();
+        // The answer was written when the invite rang, before we had candidates (adding them
+        // then would have started ICE checks towards a caller we had not answered yet).
+        let lines = self.gather(setup, now, InSdp::Yes);
+        let sdp = with_candidates(&sdp, &lines);
         let mut content = json!({
             "call_id": self.id,
             "version": self.version(),
@@ -697,7 +713,6 @@ impl Call {
         self.timers
             .set(Timer::IceConnect, now + limits::ICE_CONNECT_TIMEOUT);
         self.set_state(CallState::Connecting);
-        self.gather(setup, now);
         Ok(())
     }
 
@@ -1482,6 +1497,48 @@ fn remote_sdp<T>(f: impl FnOnce() -> Result<T, str0m::RtcError>) -> Result<T, Sd
     }
 }
 
+/// Whether candidates gathered now are written into our SDP or trickled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InSdp {
+    Yes,
+    No,
+}
+
+/// `sdp` with `a=<line>` added at the end of its first m-section, where str0m writes the
+/// candidates of the SDP it builds itself. By hand: str0m's `SdpAnswer` cannot be changed
+/// once written, and ours is written when the invite rings.
+fn with_candidates(sdp: &str, lines: &[String]) -> String {
+    let nl = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
+    let extra: usize = lines.iter().map(|l| l.len() + 4).sum();
+    let mut out = String::with_capacity(sdp.len() + extra);
+    let push = |out: &mut String| {
+        for l in lines {
+            out.push_str("a=");
+            out.push_str(l);
+            out.push_str(nl);
+        }
+    };
+    let mut sections = 0;
+    let mut added = lines.is_empty();
+    for l in sdp.split_inclusive('\n') {
+        if l.starts_with("m=") {
+            sections += 1;
+            if sections == 2 && !added {
+                push(&mut out);
+                added = true;
+            }
+        }
+        out.push_str(l);
+    }
+    if !added {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push_str(nl);
+        }
+        push(&mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // a real Instant as the tests' time base
 mod tests {
@@ -1494,6 +1551,21 @@ mod tests {
 
     fn setup() -> CallSetup {
         CallSetup::loopback()
+    }
+
+    #[test]
+    fn candidates_go_at_the_end_of_the_first_m_section() {
+        let sdp = "v=0\r\ns=-\r\nm=audio 9 UDP 111\r\na=mid:0\r\nm=video 9 UDP 96\r\na=mid:1\r\n";
+        let lines = vec!["candidate:1 1 udp 2 127.0.0.1 5000 typ host".to_owned()];
+        assert_eq!(
+            with_candidates(sdp, &lines),
+            "v=0\r\ns=-\r\nm=audio 9 UDP 111\r\na=mid:0\r\n\
+             a=candidate:1 1 udp 2 127.0.0.1 5000 typ host\r\n\
+             m=video 9 UDP 96\r\na=mid:1\r\n"
+        );
+        let one = "v=0\r\nm=audio 9 UDP 111\r\na=mid:0";
+        assert!(with_candidates(one, &lines).ends_with("a=mid:0\r\na=candidate:1 1 udp 2 127.0.0.1 5000 typ host\r\n"));
+        assert_eq!(with_candidates(sdp, &[]), sdp);
     }
 
     fn inbound(now: Instant) -> Result<Call, InviteRefused> {
@@ -1587,3 +1659,4 @@ mod tests {
         assert!(!plain.contains("profile-level-id=640016"), "{plain}");
     }
 }
+

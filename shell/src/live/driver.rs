@@ -49,11 +49,6 @@ const E2EE_CLOSE: Duration = Duration::from_secs(3);
 
 /// What reaches the loop. `C`: the mode's own commands (the API's requests for `serve`).
 pub(crate) enum Msg<C> {
-    Datagram {
-        local: SocketAddr,
-        from: SocketAddr,
-        data: Vec<u8>,
-    },
     Http {
         id: HttpId,
         response: Result<http::Response<Vec<u8>>, HttpFailure>,
@@ -71,6 +66,16 @@ pub(crate) enum Msg<C> {
     Camera(usize, CameraEvent),
     Command(C),
 }
+
+/// What woke the loop.
+enum Wake<C> {
+    Msg(Msg<C>),
+    Readable,
+    Timer,
+}
+
+/// Datagrams read from one socket per wake-up, at most.
+const READ_BATCH: usize = 64;
 
 /// A mode of the live driver.
 pub(crate) trait Policy {
@@ -202,11 +207,7 @@ impl<C: Send + 'static> Driver<C> {
             return Err(exit::USAGE);
         }
         let (tx, rx) = smol::channel::bounded(INBOX);
-        let sockets = net::bind_udp(&ips, n.port, &tx, |local, from, data| Msg::Datagram {
-            local,
-            from,
-            data,
-        });
+        let sockets = net::bind_udp(&ips, n.port);
         if sockets.is_empty() {
             eprintln!("error: could not bind any UDP socket");
             return Err(exit::USAGE);
@@ -645,12 +646,15 @@ impl<C: Send + 'static> Driver<C> {
 
     /// When the homeserver's TURN URIs change, resolves their host names off the loop.
     fn resolve_turn_hosts(&mut self) {
-        let Some(uris) = self.agent.turn_servers().map(|t| t.uris.clone()) else {
+        // Runs on every wake-up: compared before anything is cloned.
+        let Some(uris) = self
+            .agent
+            .turn_servers()
+            .filter(|t| t.uris != self.turn_uris_seen)
+            .map(|t| t.uris.clone())
+        else {
             return;
         };
-        if uris == self.turn_uris_seen {
-            return;
-        }
         let hosts = net::named_hosts(&uris);
         self.turn_uris_seen = uris;
         if hosts.is_empty() {
@@ -685,16 +689,6 @@ impl<C: Send + 'static> Driver<C> {
     /// Feeds one input to the agent (or to the driver's or the policy's own handling).
     fn on_msg<P: Policy<Command = C>>(&mut self, p: &mut P, msg: Msg<C>, now: Instant) {
         match msg {
-            Msg::Datagram { local, from, data } => {
-                self.counters.packets_received += 1;
-                self.counters.bytes_received += data.len() as u64;
-                self.agent.handle_input(Input::Receive {
-                    now,
-                    source: from,
-                    destination: local,
-                    contents: &data,
-                });
-            }
             Msg::Http { id, response } => {
                 self.agent
                     .handle_input(Input::HttpResponse { now, id, response })
@@ -754,6 +748,14 @@ impl<C: Send + 'static> Driver<C> {
     /// The loop: tick, drain, wait for the next input or deadline; until a policy or the
     /// driver finishes. Returns the exit code.
     pub async fn run<P: Policy<Command = C>>(&mut self, rx: Receiver<Msg<C>>, p: &mut P) -> u8 {
+        // Per datagram no task hop, no channel, no allocation and no new timer: the sockets
+        // are read here on the loop's thread (until `WouldBlock`, a batch per wake-up) and one
+        // timer is moved only when the deadline does (issue #19's profile: several futex,
+        // epoll_ctl and timerfd calls per datagram before).
+        let mut timer = smol::Timer::never();
+        let mut armed = None;
+        let sockets = self.sockets.clone();
+        let mut buf = vec![0u8; net::MAX_DATAGRAM];
         loop {
             let now = Instant::now();
             self.on_tick(now);
@@ -768,16 +770,59 @@ impl<C: Send + 'static> Driver<C> {
             if let Some(t) = p.deadline() {
                 deadline = deadline.min(t);
             }
-            let msg = async { rx.recv().await.ok() }
+            if armed != Some(deadline) {
+                timer.set_at(deadline);
+                armed = Some(deadline);
+            }
+            let wake = async { rx.recv().await.map_or(Wake::Timer, Wake::Msg) }
                 .or(async {
-                    smol::Timer::at(deadline).await;
-                    None
+                    net::readable(&sockets).await;
+                    Wake::Readable
+                })
+                .or(async {
+                    (&mut timer).await;
+                    Wake::Timer
                 })
                 .await;
-            let now = Instant::now();
-            match msg {
-                Some(msg) => self.on_msg(p, msg, now),
-                None => self.agent.handle_input(Input::Timeout(now)),
+            match wake {
+                Wake::Msg(msg) => self.on_msg(p, msg, Instant::now()),
+                Wake::Readable => self.read_datagrams(p, &sockets, &mut buf),
+                Wake::Timer => {
+                    armed = None;
+                    self.agent.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// Feeds what the sockets hold to the agent, draining it after each datagram; at most
+    /// [`READ_BATCH`] per socket, so commands and HTTP answers are not starved by a flood.
+    fn read_datagrams<P: Policy<Command = C>>(
+        &mut self,
+        p: &mut P,
+        sockets: &Sockets,
+        buf: &mut [u8],
+    ) {
+        for (local, sock) in sockets {
+            for _ in 0..READ_BATCH {
+                let (n, from) = match sock.get_ref().recv_from(buf) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!(%local, "recv: {e}");
+                        break;
+                    }
+                };
+                let now = Instant::now();
+                self.counters.packets_received += 1;
+                self.counters.bytes_received += n as u64;
+                self.agent.handle_input(Input::Receive {
+                    now,
+                    source: from,
+                    destination: *local,
+                    contents: buf.get(..n).unwrap_or_default(),
+                });
+                self.drain(p, now);
             }
         }
     }

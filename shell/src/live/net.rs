@@ -8,16 +8,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use call_assist_core::turn::TurnUri;
 use call_assist_core::{HttpFailure, Secret, StaticTurn};
-use smol::channel::Sender;
 use smol::Async;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::config::TurnOptions;
 
 /// Largest response body read from the homeserver.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Largest datagram read from a socket (media and STUN/TURN stay well below the MTU).
-const MAX_DATAGRAM: usize = 2048;
+pub(crate) const MAX_DATAGRAM: usize = 2048;
 
 pub(crate) type Sockets = BTreeMap<SocketAddr, Arc<Async<UdpSocket>>>;
 
@@ -66,14 +65,9 @@ pub(crate) fn local_ips(
     ips
 }
 
-/// Binds a UDP socket on each address; each socket's datagrams reach `tx` wrapped by `wrap`
-/// (local address, sender, bytes). Addresses that cannot be bound are logged and skipped.
-pub(crate) fn bind_udp<M: Send + 'static>(
-    ips: &[IpAddr],
-    port: u16,
-    tx: &Sender<M>,
-    wrap: fn(SocketAddr, SocketAddr, Vec<u8>) -> M,
-) -> Sockets {
+/// Binds a UDP socket on each address (the driver's loop reads them itself). Addresses that
+/// cannot be bound are logged and skipped.
+pub(crate) fn bind_udp(ips: &[IpAddr], port: u16) -> Sockets {
     let mut sockets = BTreeMap::new();
     for ip in ips {
         let s = match Async::<UdpSocket>::bind(SocketAddr::new(*ip, port)) {
@@ -91,26 +85,22 @@ pub(crate) fn bind_udp<M: Send + 'static>(
             }
         };
         info!(%local, "receiving media on");
-        let reader = s.clone();
-        let tx = tx.clone();
-        smol::spawn(async move {
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            loop {
-                match reader.recv_from(&mut buf).await {
-                    Ok((n, from)) => {
-                        let data = buf.get(..n).unwrap_or_default().to_vec();
-                        if tx.send(wrap(local, from, data)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => debug!(%local, "recv: {e}"),
-                }
-            }
-        })
-        .detach();
         sockets.insert(local, s);
     }
     sockets
+}
+
+/// Ready once any of `sockets` may have a datagram to read (false positives are possible:
+/// the reader stops at `WouldBlock`).
+pub(crate) fn readable(sockets: &Sockets) -> impl std::future::Future<Output = ()> + '_ {
+    futures_lite::future::poll_fn(move |cx| {
+        // An error is "ready" too: the read that follows reports it.
+        if sockets.values().any(|s| s.poll_readable(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
 }
 
 /// The homeserver HTTP client (reqwest on rustls; runs under async-compat).

@@ -1,0 +1,252 @@
+//! What one real 20 s call costs and how quickly its picture shows, through Synapse on
+//! loopback, between call-assist and the matrix-js-sdk peer (`tests/interop/peer.mjs`:
+//! libwebrtc through @roamhq/wrtc, 320x240@15 VP8 + a sine as Opus; the hub sends the test
+//! clip + tone). JSON lines on stdout; nothing is asserted.
+//!
+//! For each of three calls it prints, per process, CPU seconds per call-second (user+system,
+//! from `/proc/PID/stat`, while the call is connected) and peak RSS, and the js peer's time
+//! from the invite to its first decoded video frame:
+//! - `peer_calls_hub`: the js peer calls `call-assist listen` (placing -> first frame);
+//! - `hub_calls_peer`: `call-assist call` calls the js peer (invite received -> first frame);
+//! - `peer_calls_peer`: the js peer calls another js peer: the libwebrtc reference.
+//!
+//! ```sh
+//! tests/e2e/setup.sh && (cd tests/interop && npm ci)   # once (needs the registries)
+//! cargo build --release -p call-assist                 # the binary measured (or CALL_ASSIST_BIN)
+//! cargo bench -p call-assist-tests --bench live_call [-- --runs 3]
+//! ```
+//!
+//! Like the live tests it re-runs itself inside `tests/e2e/loopback-only.sh` (a network
+//! namespace with only `lo`) and starts its own Synapse there.
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use call_assist_tests::live::{self, Live, Proc, User};
+use serde_json::{json, Value};
+
+const READY: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+/// How long each call stays connected (the side that answers hangs up).
+const CALL_SECONDS: u64 = 20;
+
+/// User + system CPU time of a running process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    let ticks = out.ok().and_then(|o| String::from_utf8(o.stdout).ok());
+    ticks.and_then(|t| t.trim().parse().ok()).unwrap_or(100.0)
+}
+
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    call_assist::bench::rss_kb(&pid.to_string()).map(|(hwm, _)| hwm)
+}
+
+/// One process's figures over the connected window.
+#[derive(Default)]
+struct Usage {
+    at_connect: Option<(Instant, u64)>,
+    last: Option<(Instant, u64)>,
+    peak_kb: u64,
+}
+
+impl Usage {
+    fn sample(&mut self, pid: u32, connected: bool) {
+        let now = Instant::now();
+        if let Some(kb) = peak_rss_kb(pid) {
+            self.peak_kb = self.peak_kb.max(kb);
+        }
+        let Some(t) = cpu_ticks(pid) else { return };
+        if connected {
+            self.at_connect.get_or_insert((now, t));
+            self.last = Some((now, t));
+        }
+    }
+
+    fn figures(&self, tck: f64) -> Value {
+        let per_s = match (self.at_connect, self.last) {
+            (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => {
+                let s = t1.duration_since(t0).as_secs_f64();
+                Some(((c1 - c0) as f64 / tck / s * 1000.0).round() / 1000.0)
+            }
+            _ => None,
+        };
+        let window = match (self.at_connect, self.last) {
+            (Some((t0, _)), Some((t1, _))) => t1.duration_since(t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        json!({
+            "cpu_s_per_call_s": per_s,
+            "window_s": (window * 10.0).round() / 10.0,
+            "peak_rss_kb": self.peak_kb,
+        })
+    }
+}
+
+/// Samples both processes until `done`, counting CPU while `connected` says so.
+fn watch(
+    a: &mut Proc,
+    b: &mut Proc,
+    connected: impl Fn(&Proc, &Proc) -> bool,
+    limit: Duration,
+) -> (Usage, Usage) {
+    let (mut ua, mut ub) = (Usage::default(), Usage::default());
+    let started = Instant::now();
+    loop {
+        let c = connected(a, b);
+        ua.sample(a.pid(), c);
+        ub.sample(b.pid(), c);
+        let a_done = a.poll_exit().is_some();
+        let b_done = b.poll_exit().is_some();
+        if (a_done && b_done) || started.elapsed() > limit {
+            break;
+        }
+        thread::sleep(POLL);
+    }
+    (ua, ub)
+}
+
+/// The hub's call is connected and not yet ended.
+fn hub_connected(hub: &Proc) -> bool {
+    let ev = hub.events();
+    ev.iter().any(|e| live::is_state(&e.value, "connected"))
+        && !ev
+            .iter()
+            .any(|e| e.value["event"] == "ended" || live::is_state(&e.value, "ended"))
+}
+
+/// ms from the js peer's mark `from` to its first decoded video frame.
+fn first_frame_ms(peer: &Proc, from: &str) -> Option<i64> {
+    let r = peer.last_json();
+    let t = &r["timings_ms"];
+    Some(t["first_video_frame"].as_i64()? - t[from].as_i64()?)
+}
+
+fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) -> Value {
+    let secs = CALL_SECONDS.to_string();
+    let mut bob = live.listen(
+        hub,
+        &["--interface", "lo", "--allow", &caller.id, "--max-calls", "1", "--duration-s", &secs],
+    );
+    bob.wait_event("ready", READY);
+    let mut peer = live.js_peer(caller, &["--call", room, "--duration-s", "600"]);
+    let limit = Duration::from_secs(CALL_SECONDS + 90);
+    let (u_hub, u_peer) = watch(&mut bob, &mut peer, |h, _| hub_connected(h), limit);
+    let _ = bob.wait_exit(Duration::from_secs(20));
+    let _ = peer.wait_exit(Duration::from_secs(20));
+    json!({
+        "bench": "live_call", "call": "peer_calls_hub",
+        "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
+        "first_frame_at_peer_ms": first_frame_ms(&peer, "placing"),
+        "peer_connected_ms": first_frame_ms_mark(&peer, "placing", "connected"),
+    })
+}
+
+fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str, tck: f64) -> Value {
+    let secs = CALL_SECONDS.to_string();
+    // The caller hangs up after CALL_SECONDS (an answering js peer waits for the hangup).
+    let mut peer = live.js_peer(callee, &["--answer", "--duration-s", "600", "--max-wait-s", "120"]);
+    peer.wait_stderr("waiting for an incoming call", READY);
+    let mut bob = live.call(
+        hub,
+        &["--interface", "lo", "--room", room, "--duration-s", &secs],
+    );
+    let limit = Duration::from_secs(CALL_SECONDS + 90);
+    let (u_hub, u_peer) = watch(&mut bob, &mut peer, |h, _| hub_connected(h), limit);
+    let _ = bob.wait_exit(Duration::from_secs(20));
+    let _ = peer.wait_exit(Duration::from_secs(20));
+    json!({
+        "bench": "live_call", "call": "hub_calls_peer",
+        "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
+        "first_frame_at_peer_ms": first_frame_ms(&peer, "incoming"),
+        "peer_connected_ms": first_frame_ms_mark(&peer, "incoming", "connected"),
+    })
+}
+
+fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str, tck: f64) -> Value {
+    let secs = CALL_SECONDS.to_string();
+    let mut callee = live.js_peer(b, &["--answer", "--duration-s", "600", "--max-wait-s", "120"]);
+    callee.wait_stderr("waiting for an incoming call", READY);
+    let mut caller = live.js_peer(a, &["--call", room, "--duration-s", &secs]);
+    let limit = Duration::from_secs(CALL_SECONDS + 90);
+    // The callee's stderr says when it connected; the window is its connected marks.
+    let (u_callee, u_caller) = watch(
+        &mut callee,
+        &mut caller,
+        |c, _| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
+        limit,
+    );
+    let _ = callee.wait_exit(Duration::from_secs(20));
+    let _ = caller.wait_exit(Duration::from_secs(20));
+    json!({
+        "bench": "live_call", "call": "peer_calls_peer",
+        "js_callee": u_callee.figures(tck), "js_caller": u_caller.figures(tck),
+        "first_frame_at_callee_ms": first_frame_ms(&callee, "incoming"),
+        "callee_connected_ms": first_frame_ms_mark(&callee, "incoming", "connected"),
+    })
+}
+
+fn first_frame_ms_mark(peer: &Proc, from: &str, to: &str) -> Option<i64> {
+    let r = peer.last_json();
+    let t = &r["timings_ms"];
+    Some(t[to].as_i64()? - t[from].as_i64()?)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this without: no Synapse then.
+    if !args.iter().any(|a| a == "--bench" || a == "--runs") {
+        println!(
+            "{}",
+            json!({"bench": "live_call", "skipped": "run with cargo bench"})
+        );
+        return;
+    }
+    if !live::non_loopback_interfaces().is_empty() {
+        let exe = std::env::current_exe().expect("path of this bench");
+        let status = Command::new(live::workspace_root().join("tests/e2e/loopback-only.sh"))
+            .arg(exe)
+            .args(&args)
+            .env("CALL_ASSIST_LIVE_NETNS", std::process::id().to_string())
+            .status()
+            .expect("tests/e2e/loopback-only.sh");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let runs: usize = args
+        .iter()
+        .skip_while(|a| *a != "--runs")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let only: Option<&str> = args
+        .iter()
+        .skip_while(|a| *a != "--only")
+        .nth(1)
+        .map(String::as_str);
+    let tck = clock_ticks_per_second();
+    let live = Live::start("bench_live_call");
+    let hub = live.user("hub");
+    let js = live.user("js");
+    let js2 = live.user("js2");
+    let room = live.hs.create_dm(&js, &hub);
+    let js_room = live.hs.create_dm(&js, &js2);
+    for _ in 0..runs {
+        if only.is_none_or(|o| o == "peer_calls_hub") {
+            println!("{}", peer_calls_hub(&live, &hub, &js, &room, tck));
+        }
+        if only.is_none_or(|o| o == "hub_calls_peer") {
+            println!("{}", hub_calls_peer(&live, &hub, &js, &room, tck));
+        }
+        if only.is_none_or(|o| o == "peer_calls_peer") {
+            println!("{}", peer_calls_peer(&live, &js, &js2, &js_room, tck));
+        }
+    }
+}
