@@ -1,6 +1,7 @@
 //! The agent: one Matrix account/device, its calls, and the loop contract.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ruma::{OwnedRoomId, RoomId};
@@ -46,6 +47,15 @@ pub struct CallInfo {
 }
 
 /// A Matrix calling agent. See the crate docs for the loop.
+/// A datagram kept for a call still setting up.
+#[derive(Debug)]
+struct Held {
+    at: Instant,
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: Vec<u8>,
+}
+
 pub struct Agent {
     config: AgentConfig,
     setup: CallSetup,
@@ -59,6 +69,8 @@ pub struct Agent {
     /// Calls the /sync batch being processed answers, rejects or hangs up.
     batch_settled: std::collections::BTreeSet<CallId>,
     panics_caught: u64,
+    /// Datagrams that came while a call was setting up and no call took yet ([`Agent::hold`]).
+    held: std::collections::VecDeque<Held>,
     events: VecDeque<AgentEvent>,
     dropped_media_events: u64,
     stun: StunClient,
@@ -151,6 +163,7 @@ impl Agent {
             orphans: BTreeMap::new(),
             batch_settled: std::collections::BTreeSet::new(),
             panics_caught: 0,
+            held: VecDeque::new(),
             events: VecDeque::new(),
             dropped_media_events: 0,
             turn_servers: None,
@@ -315,6 +328,7 @@ impl Agent {
                 for call in self.calls.values_mut() {
                     call.handle_timeout(now);
                 }
+                self.retry_held(now);
                 let forget: Vec<CallId> = self
                     .calls
                     .iter()
@@ -372,8 +386,11 @@ impl Agent {
                 };
                 let input = str0m::Input::Receive(now, receive);
                 match self.calls.values_mut().find(|c| c.accepts(&input)) {
-                    Some(call) => call.handle_receive(now, input),
-                    None => debug!(len = contents.len(), "datagram for no call dropped"),
+                    Some(call) => {
+                        call.handle_receive(now, input);
+                        self.retry_held(now);
+                    }
+                    None => self.hold(now, source, destination, contents),
                 }
             }
             Input::HttpResponse { now, id, response } => {
@@ -387,6 +404,51 @@ impl Agent {
             }
         }
         self.process();
+    }
+
+    /// Keeps a datagram no call takes yet, when a call is still setting up: a peer's DTLS
+    /// hello can come just before str0m has a working ICE pair to that address (it then
+    /// drops it, and the peer resends only ~0.5 s later). STUN is never kept.
+    fn hold(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        let setting_up = self
+            .calls
+            .values()
+            .any(|c| matches!(c.state, CallState::InviteSent | CallState::Connecting));
+        let stun = data.first().is_some_and(|b| *b < 2);
+        if !setting_up || stun || data.len() > limits::HELD_DATAGRAM_MAX_LEN {
+            debug!(len = data.len(), "datagram for no call dropped");
+            return;
+        }
+        if self.held.len() >= limits::HELD_DATAGRAMS {
+            self.held.pop_front();
+        }
+        self.held.push_back(Held {
+            at: now,
+            source,
+            destination,
+            data: data.to_vec(),
+        });
+    }
+
+    /// Hands kept datagrams to the call that takes them now; drops those kept too long.
+    fn retry_held(&mut self, now: Instant) {
+        if self.held.is_empty() {
+            return;
+        }
+        for h in std::mem::take(&mut self.held) {
+            let Ok(receive) = Receive::new(Protocol::Udp, h.source, h.destination, &h.data) else {
+                continue;
+            };
+            let input = str0m::Input::Receive(now, receive);
+            if let Some(call) = self.calls.values_mut().find(|c| c.accepts(&input)) {
+                debug!(len = h.data.len(), "kept datagram taken by its call");
+                call.handle_receive(now, input);
+            } else if now < h.at + limits::HELD_DATAGRAM_TTL {
+                self.held.push_back(h);
+            } else {
+                debug!(len = h.data.len(), "datagram for no call dropped");
+            }
+        }
     }
 
     /// Moves matrix events into the calls and call actions into the outbox / event queue.

@@ -54,6 +54,14 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Largest HTTP response body the core parses.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Datagrams kept while a call sets up and no call takes them yet (a peer's DTLS hello that
+/// comes a moment before str0m's ICE pair to its address works); older ones make room.
+pub const HELD_DATAGRAMS: usize = 8;
+/// Largest datagram kept that way (a DTLS ClientHello is a few hundred bytes).
+pub const HELD_DATAGRAM_MAX_LEN: usize = 1500;
+/// How long a kept datagram waits for its call.
+pub const HELD_DATAGRAM_TTL: Duration = Duration::from_secs(2);
+
 /// Delay before the first batch of local candidates is sent, then between batches.
 pub const CANDIDATE_BATCH_DELAY: Duration = Duration::from_millis(200);
 

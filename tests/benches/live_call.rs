@@ -134,7 +134,16 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) 
     let secs = CALL_SECONDS.to_string();
     let mut bob = live.listen(
         hub,
-        &["--interface", "lo", "--allow", &caller.id, "--max-calls", "1", "--duration-s", &secs],
+        &[
+            "--interface",
+            "lo",
+            "--allow",
+            &caller.id,
+            "--max-calls",
+            "1",
+            "--duration-s",
+            &secs,
+        ],
     );
     bob.wait_event("ready", READY);
     let mut peer = live.js_peer(caller, &["--call", room, "--duration-s", "600"]);
@@ -153,7 +162,10 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) 
 fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str, tck: f64) -> Value {
     let secs = CALL_SECONDS.to_string();
     // The caller hangs up after CALL_SECONDS (an answering js peer waits for the hangup).
-    let mut peer = live.js_peer(callee, &["--answer", "--duration-s", "600", "--max-wait-s", "120"]);
+    let mut peer = live.js_peer(
+        callee,
+        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
+    );
     peer.wait_stderr("waiting for an incoming call", READY);
     let mut bob = live.call(
         hub,
@@ -173,7 +185,10 @@ fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str, tck: f64) 
 
 fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str, tck: f64) -> Value {
     let secs = CALL_SECONDS.to_string();
-    let mut callee = live.js_peer(b, &["--answer", "--duration-s", "600", "--max-wait-s", "120"]);
+    let mut callee = live.js_peer(
+        b,
+        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
+    );
     callee.wait_stderr("waiting for an incoming call", READY);
     let mut caller = live.js_peer(a, &["--call", room, "--duration-s", &secs]);
     let limit = Duration::from_secs(CALL_SECONDS + 90);

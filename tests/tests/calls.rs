@@ -68,7 +68,10 @@ fn known_candidates_are_in_the_invite_and_answer_sdp_and_not_trickled_again() {
     let BasicCall { scene, .. } = scenarios::basic_call(config(1));
     let sdp_candidates = |event: &str, key: &str| -> Vec<String> {
         let events = scene.stored(event);
-        let sdp = events[0][key]["sdp"].as_str().unwrap_or_default().to_owned();
+        let sdp = events[0][key]["sdp"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         sdp.lines()
             .filter_map(|l| l.strip_prefix("a="))
             .filter(|l| l.starts_with("candidate:"))
@@ -77,8 +80,14 @@ fn known_candidates_are_in_the_invite_and_answer_sdp_and_not_trickled_again() {
     };
     let offered = sdp_candidates("m.call.invite", "offer");
     let answered = sdp_candidates("m.call.answer", "answer");
-    assert!(offered.iter().any(|c| c.contains("typ host")), "{offered:?}");
-    assert!(answered.iter().any(|c| c.contains("typ host")), "{answered:?}");
+    assert!(
+        offered.iter().any(|c| c.contains("typ host")),
+        "{offered:?}"
+    );
+    assert!(
+        answered.iter().any(|c| c.contains("typ host")),
+        "{answered:?}"
+    );
     // What went into an SDP is not sent again; the trickle still ends with end-of-candidates.
     let trickled: Vec<String> = scene
         .stored("m.call.candidates")
@@ -89,7 +98,11 @@ fn known_candidates_are_in_the_invite_and_answer_sdp_and_not_trickled_again() {
     for c in offered.iter().chain(&answered) {
         assert!(!trickled.contains(c), "{c} trickled again: {trickled:?}");
     }
-    assert_eq!(trickled.iter().filter(|c| c.is_empty()).count(), 2, "{trickled:?}");
+    assert_eq!(
+        trickled.iter().filter(|c| c.is_empty()).count(),
+        2,
+        "{trickled:?}"
+    );
 }
 
 #[test]

@@ -161,6 +161,8 @@ pub(crate) struct Call {
     rtc: Rtc,
     /// Our offer (invite or negotiate) waiting for its answer.
     pending_offer: Option<SdpPendingOffer>,
+    /// Datagrams (the peer's ICE checks) that came before the answer to our invite.
+    early_checks: u8,
     /// The answer to the ringing invite, sent when the user answers.
     prepared_answer: Option<String>,
     audio_mid: Option<Mid>,
@@ -385,6 +387,7 @@ impl Call {
             },
             rtc: rtc_config(setup).build(now),
             pending_offer: None,
+            early_checks: 0,
             prepared_answer: None,
             audio_mid: None,
             video_mid: None,
@@ -856,6 +859,17 @@ impl Call {
                 return;
             }
         }
+        // The peer had our candidates from the invite and checked them before it answered.
+        // str0m keeps those binding requests until it knows the peer's credentials, then
+        // answers one per ICE tick (50 ms) and checks nothing of its own before they are
+        // all answered: they are answered now, not over the next half second.
+        for _ in 0..std::mem::take(&mut self.early_checks) {
+            if let Err(e) = self.rtc.handle_input(str0m::Input::Timeout(now)) {
+                self.rtc_failed(e, now);
+                return;
+            }
+        }
+        self.rtc_deadline = Some(now);
         self.peer_v0 = party.is_none();
         self.remote_video = invite_has_video(sdp);
         if let Some(p) = &party {
@@ -1104,6 +1118,9 @@ impl Call {
     }
 
     pub fn handle_receive(&mut self, now: Instant, input: str0m::Input) {
+        if self.state == CallState::InviteSent {
+            self.early_checks = self.early_checks.saturating_add(1);
+        }
         if let Err(e) = self.rtc.handle_input(input) {
             debug!(call_id = %self.id, "datagram refused by rtc: {e}");
         }
@@ -1564,7 +1581,8 @@ mod tests {
              m=video 9 UDP 96\r\na=mid:1\r\n"
         );
         let one = "v=0\r\nm=audio 9 UDP 111\r\na=mid:0";
-        assert!(with_candidates(one, &lines).ends_with("a=mid:0\r\na=candidate:1 1 udp 2 127.0.0.1 5000 typ host\r\n"));
+        assert!(with_candidates(one, &lines)
+            .ends_with("a=mid:0\r\na=candidate:1 1 udp 2 127.0.0.1 5000 typ host\r\n"));
         assert_eq!(with_candidates(sdp, &[]), sdp);
     }
 
@@ -1659,4 +1677,3 @@ mod tests {
         assert!(!plain.contains("profile-level-id=640016"), "{plain}");
     }
 }
-
