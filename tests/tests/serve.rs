@@ -1152,3 +1152,155 @@ fn the_pin_pressed_in_a_call_opens_the_door_through_the_webhook() {
     let stdout: Vec<String> = hub.events().iter().map(|e| e.value.to_string()).collect();
     assert!(!stderr.contains("1*9") && !stdout.concat().contains("1*9"));
 }
+
+/// Goertzel power of `freq` Hz in `x` (8 kHz samples), normalised by the signal's energy: near
+/// 1 for a pure tone at `freq`, near 0 far from it.
+fn tone_share(x: &[f64], freq: f64) -> f64 {
+    let n = x.len() as f64;
+    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in x {
+        let s = v + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    let energy: f64 = x.iter().map(|v| v * v).sum();
+    if energy == 0.0 {
+        0.0
+    } else {
+        2.0 * power / (n * energy)
+    }
+}
+
+/// The last `seconds` of what the test camera's speaker played (raw s16le, 8 kHz mono).
+fn speaker_tail(path: &Path, seconds: f64) -> Vec<f64> {
+    let raw = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let samples: Vec<f64> = raw
+        .chunks_exact(2)
+        .map(|b| f64::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    let n = (seconds * 8000.0) as usize;
+    samples[samples.len().saturating_sub(n)..].to_vec()
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
+    let name = "the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let cam_port = closed_port();
+    let speaker = live.dir.join("speaker.raw");
+    let speaker_s = speaker.display().to_string();
+    let _camera = rtsp_server_with(
+        &live.dir,
+        "rtsp",
+        cam_port,
+        &[
+            "--auth",
+            "digest",
+            "--backchannel",
+            "pcmu",
+            "--backchannel-out",
+            &speaker_s,
+        ],
+    );
+    let pw = write(&live.dir.join("camera-password"), "secret\n");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
+         rtsp_password_file = \"{}\"\ntalkback = true\nanswer = [\"{}\"]\n",
+        pw.display(),
+        alice.id
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+    let ready = hub.wait_for("the camera speaker", READY, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    assert_eq!(
+        (&ready.value["codec"], &ready.value["station"]),
+        (&json!("Pcmu"), &json!("door")),
+        "{}",
+        ready.value
+    );
+    let (_, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(health["stations"][0]["talkback"], "ready", "{health}");
+
+    // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "12", "--max-wait-s", "60"],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(call["talkback"], "unmuted", "{call}");
+    thread::sleep(Duration::from_secs(4));
+    let heard = speaker_tail(&speaker, 2.0);
+    assert!(
+        heard.len() >= 12_000,
+        "the camera's speaker played {} samples in the last 2 s\n{}",
+        heard.len(),
+        hub.report()
+    );
+    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
+    let at_440 = tone_share(&heard, 440.0);
+    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
+        .iter()
+        .map(|&f| tone_share(&heard, f))
+        .collect();
+    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
+    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
+    assert!(
+        at_440 > 0.5,
+        "440 Hz share {at_440:.3}: not the peer's sine"
+    );
+    assert!(
+        elsewhere.iter().all(|s| *s < 0.05),
+        "energy away from 440 Hz: {elsewhere:?}"
+    );
+
+    // Muted: nothing more reaches the door, the call goes on.
+    let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!((status, &m["talkback"]), (200, &json!("muted")), "{m}");
+    thread::sleep(Duration::from_millis(500));
+    let before = file_len(&speaker);
+    thread::sleep(Duration::from_secs(2));
+    let muted_bytes = file_len(&speaker) - before;
+    assert!(
+        muted_bytes < 1600,
+        "{muted_bytes} bytes reached the speaker while muted"
+    );
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(
+        (&call["talkback"], &call["state"]),
+        (&json!("muted"), &json!("connected")),
+        "{call}"
+    );
+    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
+    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    let before = file_len(&speaker);
+    thread::sleep(Duration::from_secs(2));
+    let unmuted_bytes = file_len(&speaker) - before;
+    assert!(
+        unmuted_bytes > 16_000,
+        "only {unmuted_bytes} bytes reached the speaker in 2 s after unmute"
+    );
+
+    assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
+    hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
+    let (status, _) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!(status, 409);
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let logs = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
+    assert!(!logs.contains("secret"), "the camera password was logged");
+}
