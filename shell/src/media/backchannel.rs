@@ -688,4 +688,179 @@ mod tests {
         assert_eq!(ts(&d).wrapping_sub(ts(&c)), 160);
         assert_eq!(d[1], 0x88);
     }
+
+    /// RTP packets per session, and the request lines.
+    type Heard = (Vec<Vec<Vec<u8>>>, Vec<String>);
+
+    /// A scripted ONVIF camera: answers Basic auth, DESCRIBE, SETUP and PLAY, reads
+    /// `packets` interleaved RTP packets per session, then hangs up; `sessions` times. Returns
+    /// the RTP packets received, per session, and every request line.
+    fn scripted_camera(sessions: usize, packets: usize) -> (u16, std::thread::JoinHandle<Heard>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut requests = Vec::new();
+            for _ in 0..sessions {
+                let (stream, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut w = stream;
+                let mut rtp = Vec::new();
+                while rtp.len() < packets {
+                    let mut first = [0u8; 1];
+                    if r.read_exact(&mut first).is_err() {
+                        panic!("the client hung up after {requests:?}");
+                    }
+                    if first[0] == b'$' {
+                        let mut head = [0u8; 3];
+                        r.read_exact(&mut head).unwrap();
+                        assert_eq!(head[0], 0, "RTP on the channel SETUP gave");
+                        let mut pkt =
+                            vec![0u8; usize::from(u16::from_be_bytes([head[1], head[2]]))];
+                        r.read_exact(&mut pkt).unwrap();
+                        rtp.push(pkt);
+                        continue;
+                    }
+                    let mut head = vec![first[0]];
+                    loop {
+                        let mut line = String::new();
+                        r.read_line(&mut line).unwrap();
+                        head.extend_from_slice(line.as_bytes());
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let line0 = head.lines().next().unwrap().to_owned();
+                    let cseq = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("CSeq: "))
+                        .unwrap()
+                        .to_owned();
+                    requests.push(line0.clone());
+                    // "cam:pw" in Basic.
+                    let authed = head.contains("Authorization: Basic Y2FtOnB3");
+                    let answer = if !authed {
+                        "RTSP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cam\"\r\n"
+                            .to_owned()
+                    } else if line0.starts_with("DESCRIBE") {
+                        assert!(
+                            head.contains("Require: www.onvif.org/ver20/backchannel"),
+                            "{head}"
+                        );
+                        let sdp = ONVIF_SDP.replace(
+                            "RTP/AVP 8\r\na=rtpmap:8 PCMA/8000",
+                            "RTP/AVP 0\r\na=rtpmap:0 PCMU/8000",
+                        );
+                        format!("RTSP/1.0 200 OK\r\nContent-Type: application/sdp\r\nContent-Base: rtsp://127.0.0.1:{port}/cam/\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len())
+                    } else if line0.starts_with("SETUP") {
+                        assert!(line0.contains("/cam/stream=2"), "{line0}");
+                        assert!(head.contains("interleaved=0-1"), "{head}");
+                        "RTSP/1.0 200 OK\r\nSession: abc;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n".to_owned()
+                    } else {
+                        assert!(head.contains("Session: abc"), "{head}");
+                        "RTSP/1.0 200 OK\r\nSession: abc\r\n".to_owned()
+                    };
+                    let answer = if answer.contains("\r\n\r\n") {
+                        answer.replacen(
+                            "RTSP/1.0 200 OK\r\n",
+                            &format!("RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\n"),
+                            1,
+                        )
+                    } else {
+                        let (status, rest) = answer.split_once("\r\n").unwrap();
+                        format!("{status}\r\nCSeq: {cseq}\r\n{rest}\r\n")
+                    };
+                    w.write_all(answer.as_bytes()).unwrap();
+                }
+                got.push(rtp);
+                // Hang up: the client must notice and come back.
+            }
+            (got, requests)
+        });
+        (port, handle)
+    }
+
+    #[test]
+    fn a_backchannel_that_drops_comes_back_and_keeps_one_rtp_stream() {
+        let (port, camera) = scripted_camera(2, 10);
+        let source = RtspSource::parse(
+            &format!("rtsp://cam:pw@127.0.0.1:{port}/cam"),
+            crate::media::rtsp::RtspTransport::Tcp,
+        )
+        .unwrap();
+        let (ev_tx, ev_rx) = smol::channel::bounded(16);
+        let events = smol::block_on(async {
+            let tx = spawn(source, ev_tx);
+            let mut events = Vec::new();
+            let mut rtp_time = 0u64;
+            let feed = async {
+                loop {
+                    smol::Timer::after(Duration::from_millis(20)).await;
+                    let _ = tx.try_send(TalkbackPacket {
+                        data: vec![0xff; 160],
+                        rtp_time,
+                        restart: false,
+                    });
+                    rtp_time += 160;
+                }
+            };
+            let collect = async {
+                while events
+                    .iter()
+                    .filter(|e| matches!(e, TalkbackEvent::Ready { .. }))
+                    .count()
+                    < 2
+                {
+                    events.push(ev_rx.recv().await.unwrap());
+                }
+                // Packets flow until the camera has its second session's share.
+                while !camera.is_finished() {
+                    smol::Timer::after(Duration::from_millis(20)).await;
+                }
+            };
+            collect
+                .or(feed)
+                .or(async {
+                    smol::Timer::after(Duration::from_secs(10)).await;
+                })
+                .await;
+            events
+        });
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                TalkbackEvent::Ready { codec } => format!("ready {codec:?}"),
+                TalkbackEvent::Lost { .. } => "lost".into(),
+                TalkbackEvent::Unavailable { .. } => "unavailable".into(),
+            })
+            .collect();
+        assert_eq!(kinds, ["ready Pcmu", "lost", "ready Pcmu"], "{events:?}");
+        let (sessions, requests) = camera.join().unwrap();
+        assert_eq!(
+            requests
+                .iter()
+                .filter(|r| r.starts_with("DESCRIBE"))
+                .count(),
+            4,
+            "401 then DESCRIBE, twice: {requests:?}"
+        );
+        let all: Vec<&Vec<u8>> = sessions.iter().flatten().collect();
+        assert_eq!(all.len(), 20);
+        let ssrc = |p: &[u8]| p[8..12].to_vec();
+        let seq = |p: &[u8]| u16::from_be_bytes([p[2], p[3]]);
+        assert!(all
+            .iter()
+            .all(|p| ssrc(p) == ssrc(all[0]) && p[1] & 0x7f == 0));
+        // One stream across the reconnect: sequence numbers follow on; the first packet of
+        // each session carries the marker.
+        for w in all.windows(2) {
+            assert_eq!(seq(w[1]), seq(w[0]).wrapping_add(1));
+        }
+        assert_eq!(
+            (sessions[0][0][1] & 0x80, sessions[1][0][1] & 0x80),
+            (0x80, 0x80)
+        );
+    }
 }
