@@ -1184,6 +1184,45 @@ fn speaker_tail(path: &Path, seconds: f64) -> Vec<f64> {
     samples[samples.len().saturating_sub(n)..].to_vec()
 }
 
+/// CPU time (user + system, in clock ticks) of process `pid` so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The last 2 s at the camera's speaker are the peer's 440 Hz sine.
+fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
+    let heard = speaker_tail(speaker, 2.0);
+    assert!(
+        heard.len() >= 12_000,
+        "the camera's speaker played {} samples in the last 2 s\n{}",
+        heard.len(),
+        hub.report()
+    );
+    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
+    let at_440 = tone_share(&heard, 440.0);
+    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
+        .iter()
+        .map(|&f| tone_share(&heard, f))
+        .collect();
+    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
+    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
+    assert!(
+        at_440 > 0.5,
+        "440 Hz share {at_440:.3}: not the peer's sine"
+    );
+    assert!(
+        elsewhere.iter().all(|s| *s < 0.05),
+        "energy away from 440 Hz: {elsewhere:?}"
+    );
+}
+
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -1201,19 +1240,15 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     let cam_port = closed_port();
     let speaker = live.dir.join("speaker.raw");
     let speaker_s = speaker.display().to_string();
-    let _camera = rtsp_server_with(
-        &live.dir,
-        "rtsp",
-        cam_port,
-        &[
-            "--auth",
-            "digest",
-            "--backchannel",
-            "pcmu",
-            "--backchannel-out",
-            &speaker_s,
-        ],
-    );
+    let camera_args = [
+        "--auth",
+        "digest",
+        "--backchannel",
+        "pcmu",
+        "--backchannel-out",
+        &speaker_s,
+    ];
+    let camera = rtsp_server_with(&live.dir, "rtsp", cam_port, &camera_args);
     let pw = write(&live.dir.join("camera-password"), "secret\n");
     let stations = format!(
         "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
@@ -1237,43 +1272,33 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
     let mut peer = live.js_peer(
         &alice,
-        &["--call", &room, "--duration-s", "12", "--max-wait-s", "60"],
+        &["--call", &room, "--duration-s", "24", "--max-wait-s", "60"],
     );
     let connected = hub.wait_state("connected", CONNECT);
     let id = call_id(&connected.value);
     let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
     assert_eq!(call["talkback"], "unmuted", "{call}");
-    thread::sleep(Duration::from_secs(4));
-    let heard = speaker_tail(&speaker, 2.0);
-    assert!(
-        heard.len() >= 12_000,
-        "the camera's speaker played {} samples in the last 2 s\n{}",
-        heard.len(),
-        hub.report()
+    // No transcoding: the hub's answer put PCMU first, so the peer sends what the camera plays.
+    let speaking = hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "speaking"
+    });
+    assert_eq!(
+        (&speaking.value["codec"], &speaking.value["speaker_codec"]),
+        (&json!("Pcmu"), &json!("Pcmu")),
+        "{}",
+        speaking.value
     );
-    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
-    let at_440 = tone_share(&heard, 440.0);
-    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
-        .iter()
-        .map(|&f| tone_share(&heard, f))
-        .collect();
-    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
-    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
-    assert!(
-        at_440 > 0.5,
-        "440 Hz share {at_440:.3}: not the peer's sine"
-    );
-    assert!(
-        elsewhere.iter().all(|s| *s < 0.05),
-        "energy away from 440 Hz: {elsewhere:?}"
-    );
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
 
     // Muted: nothing more reaches the door, the call goes on.
     let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
     assert_eq!((status, &m["talkback"]), (200, &json!("muted")), "{m}");
     thread::sleep(Duration::from_millis(500));
     let before = file_len(&speaker);
-    thread::sleep(Duration::from_secs(2));
+    let cpu_muted = cpu_ticks(hub.pid());
+    thread::sleep(Duration::from_secs(3));
+    let cpu_muted = cpu_ticks(hub.pid()) - cpu_muted;
     let muted_bytes = file_len(&speaker) - before;
     assert!(
         muted_bytes < 1600,
@@ -1285,15 +1310,46 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
         (&json!("muted"), &json!("connected")),
         "{call}"
     );
-    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
-    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    // Unmuted: the first sound reaches the speaker file within (hub + camera) latency.
     let before = file_len(&speaker);
-    thread::sleep(Duration::from_secs(2));
+    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
+    let unmuted_at = Instant::now();
+    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    while file_len(&speaker) == before && unmuted_at.elapsed() < Duration::from_secs(2) {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let first_sound = unmuted_at.elapsed();
+    let before = file_len(&speaker);
+    let cpu_talking = cpu_ticks(hub.pid());
+    thread::sleep(Duration::from_secs(3));
+    let cpu_talking = cpu_ticks(hub.pid()) - cpu_talking;
     let unmuted_bytes = file_len(&speaker) - before;
     assert!(
-        unmuted_bytes > 16_000,
-        "only {unmuted_bytes} bytes reached the speaker in 2 s after unmute"
+        unmuted_bytes > 40_000,
+        "only {unmuted_bytes} bytes reached the speaker in 3 s after unmute"
     );
+    eprintln!(
+        "figures: unmute -> first sound at the camera speaker {} ms; hub CPU over 3 s: \
+         {} ticks muted, {} ticks talking (10 ms ticks)",
+        first_sound.as_millis(),
+        cpu_muted,
+        cpu_talking
+    );
+
+    // The camera dies and comes back: talkback is lost and returns, the call goes on.
+    signal(camera.pid(), "KILL");
+    hub.wait_for("the speaker lost", EXIT, |v| {
+        v["event"] == "talkback" && v["state"] == "lost"
+    });
+    let _camera2 = rtsp_server_with(&live.dir, "rtsp-2", cam_port, &camera_args);
+    let lost_at = Instant::now();
+    hub.wait_for_after("the speaker back", lost_at, CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(call["state"], "connected", "{call}");
 
     assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
     hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");

@@ -245,13 +245,16 @@ impl LiveMedia {
                 );
             }
         };
-        let restart = match &t.speaker {
-            Some(s) if s == call_id => false,
+        let (restart, line) = match &t.speaker {
+            Some(s) if s == call_id => (false, None),
             Some(_) => return None,
             None => {
                 t.speaker = Some(call_id.to_owned());
-                info!(%call_id, "talkback: this call's audio goes to the camera's speaker");
-                true
+                let converted = f.codec != camera;
+                info!(%call_id, codec = ?f.codec, converted, "talkback: this call's audio goes to the camera's speaker");
+                let line = json!({"event": "talkback", "state": "speaking", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec), "speaker_codec": format!("{camera:?}")});
+                (true, Some(line))
             }
         };
         t.queue.send(TalkbackPacket {
@@ -259,7 +262,7 @@ impl LiveMedia {
             rtp_time: f.rtp_time,
             restart: restart || !f.contiguous,
         });
-        None
+        line
     }
 
     /// Remote media of a call; a line to print when there is news.
