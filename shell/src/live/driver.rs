@@ -303,7 +303,9 @@ impl<C: Send + 'static> Driver<C> {
     /// Answers a ringing call with station `station`'s media.
     pub fn answer(&mut self, call_id: &str, station: usize, now: Instant) -> Result<(), ApiError> {
         self.use_station(station);
-        self.agent.answer(call_id, now)?;
+        let answered = self.agent.answer(call_id, now);
+        self.use_hub_audio();
+        answered?;
         self.call_station.insert(call_id.to_owned(), station);
         Ok(())
     }
@@ -316,7 +318,9 @@ impl<C: Send + 'static> Driver<C> {
         now: Instant,
     ) -> Result<CallId, ApiError> {
         self.use_station(station);
-        let call_id = self.agent.place_call(room, now)?;
+        let placed = self.agent.place_call(room, now);
+        self.use_hub_audio();
+        let call_id = placed?;
         self.call_station.insert(call_id.clone(), station);
         Ok(call_id)
     }
@@ -356,6 +360,13 @@ impl<C: Send + 'static> Driver<C> {
         let profile = self.stations.get(station).and_then(|s| s.profile);
         self.agent.set_h264_profile(profile);
         let audio = self.stations.get(station).and_then(|s| s.audio_preference);
+        self.agent.set_audio_preference(audio);
+    }
+
+    /// Incoming invites are prepared (their answer SDP) before a station is chosen: they list
+    /// first the codec of the first station whose camera speaker is up (talkback), if any.
+    fn use_hub_audio(&mut self) {
+        let audio = self.stations.iter().find_map(|s| s.audio_preference);
         self.agent.set_audio_preference(audio);
     }
 
@@ -738,11 +749,9 @@ impl<C: Send + 'static> Driver<C> {
                 };
                 let (line, codec) = s.media.talkback_event(e);
                 if let Some(codec) = codec {
-                    // Calls from now on ask the peer for what the speaker plays. Incoming
-                    // invites are prepared before a station is chosen, so the hub's
-                    // default follows the talkback station (the last one up).
+                    // Calls from now on ask the peer for what the speaker plays.
                     s.audio_preference = Some(codec);
-                    self.agent.set_audio_preference(Some(codec));
+                    self.use_hub_audio();
                 }
                 self.emit_for(Some(i), line);
             }

@@ -222,10 +222,7 @@ impl LiveMedia {
     fn talk(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
         let t = self.talkback.as_mut()?;
         let call_id = f.call_id.as_str();
-        if f.kind != MediaKind::Audio
-            || t.muted.contains(call_id)
-            || !self.calls.contains_key(call_id)
-        {
+        if f.kind != MediaKind::Audio || t.muted.contains(call_id) {
             return None;
         }
         let camera = t.codec?;
@@ -516,4 +513,99 @@ pub(crate) async fn start_media<M: Send + 'static>(
     })
     .detach();
     Ok((live, profile))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A station's media with a talkback queue (no task behind it) whose speaker plays
+    /// `codec`; the queue's receiving end.
+    fn with_speaker(codec: Codec) -> (LiveMedia, smol::channel::Receiver<TalkbackPacket>) {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        let (tx, rx) = smol::channel::bounded(8);
+        m.talkback = Some(Talkback {
+            queue: TalkbackSender::new(tx),
+            codec: None,
+            speaker: None,
+            muted: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            gone: false,
+        });
+        let (line, pref) = m.talkback_event(TalkbackEvent::Ready { codec });
+        assert_eq!((line["state"].as_str(), pref), (Some("ready"), Some(codec)));
+        (m, rx)
+    }
+
+    fn audio(call: &str, codec: Codec, data: &[u8], rtp_time: u64) -> MediaFrame {
+        MediaFrame {
+            call_id: call.into(),
+            kind: MediaKind::Audio,
+            codec,
+            rtp_time,
+            clock_rate: if codec == Codec::Opus { 48_000 } else { 8_000 },
+            contiguous: true,
+            data: Arc::from(data),
+        }
+    }
+
+    #[test]
+    fn one_call_at_a_time_reaches_the_speaker_and_mute_gates_it() {
+        let (mut m, rx) = with_speaker(Codec::Pcmu);
+        let now = Instant::now();
+        let line = m.remote_frame(&audio("a", Codec::Pcmu, &[1, 2], 0), now);
+        assert_eq!(line.unwrap()["state"], "speaking");
+        // A second call does not talk over the first.
+        assert!(m
+            .remote_frame(&audio("b", Codec::Pcmu, &[3], 0), now)
+            .is_none());
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcmu, &[4], 160), now)
+            .is_none());
+        let got: Vec<Vec<u8>> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|p| p.data)
+            .collect();
+        assert_eq!(got, [vec![1, 2], vec![4]]);
+        // Muting the speaker's call hands the speaker to the next call that talks.
+        assert_eq!(m.set_muted("a", true), Ok(()));
+        assert_eq!(m.muted("a"), Some(true));
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcmu, &[5], 320), now)
+            .is_none());
+        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[6], 160), now);
+        assert_eq!(line.unwrap()["call_id"], "b");
+        let p = rx.try_recv().unwrap();
+        assert_eq!((p.data, p.restart), (vec![6], true));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn opus_only_is_one_unavailable_line_and_the_other_law_is_converted() {
+        let (mut m, rx) = with_speaker(Codec::Pcma);
+        let now = Instant::now();
+        let line = m
+            .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 0), now)
+            .unwrap();
+        assert_eq!(
+            (&line["state"], &line["call_id"]),
+            (&json!("unavailable"), &json!("a"))
+        );
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 960), now)
+            .is_none());
+        assert!(rx.try_recv().is_err(), "no Opus reaches a G.711 speaker");
+        // PCMU silence (0xff) becomes PCMA silence (0xd5).
+        m.end_call("a");
+        m.remote_frame(&audio("b", Codec::Pcmu, &[0xff, 0xff], 0), now);
+        assert_eq!(rx.try_recv().unwrap().data, vec![0xd5, 0xd5]);
+    }
+
+    #[test]
+    fn a_station_without_talkback_cannot_mute() {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        assert_eq!(m.set_muted("a", true), Err(NoTalkback));
+        assert_eq!(m.muted("a"), None);
+        assert_eq!(m.talkback_state(), None);
+    }
 }
