@@ -857,6 +857,29 @@ answer = ["@you:localhost"]
     }
 
     #[test]
+    fn talkback_is_off_by_default_and_needs_a_camera() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.stations.iter().all(|s| !s.media.talkback));
+        let e = err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\ntalkback = true"));
+        assert!(
+            e.contains("line 21")
+                && e.contains("station \"garden\" talkback")
+                && e.contains("rtsp://"),
+            "{e}"
+        );
+        let c = parse(&GOOD.replace(
+            "name = \"garden\"",
+            "name = \"garden\"\nvideo = \"rtsp://cam@192.0.2.7/s\"\ntalkback = true",
+        ))
+        .unwrap();
+        assert!(c.stations[1].media.talkback);
+        assert!(
+            err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\ntalkback = 1"))
+                .contains("talkback")
+        );
+    }
+
+    #[test]
     fn a_station_pin_is_checked_and_never_repeated_in_errors() {
         let with = |pin: &str| {
             GOOD.replace(
