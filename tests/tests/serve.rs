@@ -1223,6 +1223,21 @@ fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
     );
 }
 
+/// Waits until the speaker file holds `seconds` of sound.
+fn wait_for_speaker(path: &Path, seconds: f64, timeout: Duration, hub: &Proc) {
+    let want = (seconds * 16_000.0) as u64;
+    let start = Instant::now();
+    while file_len(path) < want {
+        assert!(
+            start.elapsed() < timeout,
+            "the camera's speaker played {} bytes within {timeout:?}\n{}",
+            file_len(path),
+            hub.report()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -1272,7 +1287,7 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
     let mut peer = live.js_peer(
         &alice,
-        &["--call", &room, "--duration-s", "24", "--max-wait-s", "60"],
+        &["--call", &room, "--duration-s", "30", "--max-wait-s", "60"],
     );
     let connected = hub.wait_state("connected", CONNECT);
     let id = call_id(&connected.value);
@@ -1288,7 +1303,7 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
         "{}",
         speaking.value
     );
-    thread::sleep(Duration::from_secs(3));
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
     assert_hears_the_sine(&speaker, &hub);
 
     // Muted: nothing more reaches the door, the call goes on.
@@ -1346,7 +1361,8 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     hub.wait_for_after("the speaker back", lost_at, CONNECT, |v| {
         v["event"] == "talkback" && v["state"] == "ready"
     });
-    thread::sleep(Duration::from_secs(3));
+    // The restarted camera builds its pipeline first (slow on a loaded machine).
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
     assert_hears_the_sine(&speaker, &hub);
     let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
     assert_eq!(call["state"], "connected", "{call}");
@@ -1359,4 +1375,64 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
     let logs = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
     assert!(!logs.contains("secret"), "the camera password was logged");
+}
+
+#[test]
+fn a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded() {
+    let name = "a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let cam_port = closed_port();
+    let speaker = live.dir.join("speaker.raw");
+    let speaker_s = speaker.display().to_string();
+    let _camera = rtsp_server_with(
+        &live.dir,
+        "rtsp",
+        cam_port,
+        &[
+            "--protocols",
+            "udp",
+            "--backchannel",
+            "pcma",
+            "--backchannel-out",
+            &speaker_s,
+        ],
+    );
+    let pw = write(&live.dir.join("camera-password"), "secret\n");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
+         rtsp_password_file = \"{}\"\nrtsp_transport = \"udp\"\ntalkback = true\n\
+         answer = [\"{}\"]\n",
+        pw.display(),
+        alice.id
+    );
+    let (mut hub, _port) = start_hub(&live, &hub_user, &stations);
+    let ready = hub.wait_for("the camera speaker", READY, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    assert_eq!(ready.value["codec"], "Pcma", "{}", ready.value);
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "15", "--max-wait-s", "60"],
+    );
+    let speaking = hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "speaking"
+    });
+    assert_eq!(
+        (&speaking.value["codec"], &speaking.value["speaker_codec"]),
+        (&json!("Pcma"), &json!("Pcma")),
+        "{}",
+        speaking.value
+    );
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
+    assert_hears_the_sine(&speaker, &hub);
+    assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
+    hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
 }

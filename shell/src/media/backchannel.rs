@@ -2,7 +2,8 @@
 //! Backchannel"). A second RTSP session to the camera's URL whose DESCRIBE carries
 //! `Require: www.onvif.org/ver20/backchannel`; the camera then lists an audio stream marked
 //! `sendonly` (the client sends). We SETUP that stream over TCP (interleaved, so it crosses
-//! anything the camera's video session does), PLAY, and write RTP packets of the call's audio
+//! anything the camera's video session does) or, when the station's `rtsp_transport` is udp,
+//! over UDP (RTP to the camera's `server_port`), PLAY, and write RTP packets of the call's audio
 //! into the connection, keeping the session alive with GET_PARAMETER.
 //!
 //! retina (the camera's video and audio, `rtsp.rs`) only plays, so this session is our own
@@ -29,7 +30,7 @@ use smol::channel::{Receiver, Sender, TrySendError};
 use smol::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::rtsp::{RtspError, RtspSource, RECONNECT_MAX, RECONNECT_MIN};
+use super::rtsp::{RtspError, RtspSource, RtspTransport, RECONNECT_MAX, RECONNECT_MIN};
 
 /// The feature tag an ONVIF camera wants before it lists its speaker.
 pub const BACKCHANNEL_TAG: &str = "www.onvif.org/ver20/backchannel";
@@ -40,8 +41,9 @@ pub const TALKBACK_QUEUE: usize = 50;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A write the camera does not take within this ends the session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// An RTSP message larger than this (a DESCRIBE answer is ~1 kB) ends the session.
-const MAX_MESSAGE: usize = 64 * 1024;
+/// An RTSP message larger than this (a DESCRIBE answer is ~1 kB; interleaved data at most
+/// 64 kB) ends the session.
+const MAX_MESSAGE: usize = 70 * 1024;
 /// Session timeout when the camera names none (RFC 2326: 60 s).
 const DEFAULT_SESSION_TIMEOUT_S: u64 = 60;
 
@@ -422,6 +424,26 @@ impl Conn<'_> {
     }
 }
 
+/// An RTP socket on an even port and the RTCP socket on the next one (RFC 3550's pair:
+/// GStreamer's server, for one, drops a backchannel sent from any other pair).
+async fn bind_udp_pair(
+    ip: std::net::IpAddr,
+) -> Result<(smol::net::UdpSocket, smol::net::UdpSocket), Ended> {
+    for _ in 0..32 {
+        let rtp = smol::net::UdpSocket::bind((ip, 0))
+            .await
+            .map_err(|e| session_err(format!("binding a UDP socket: {e}")))?;
+        let port = rtp.local_addr().map(|a| a.port()).unwrap_or(1);
+        if port % 2 != 0 || port == u16::MAX {
+            continue;
+        }
+        if let Ok(rtcp) = smol::net::UdpSocket::bind((ip, port + 1)).await {
+            return Ok((rtp, rtcp));
+        }
+    }
+    Err(session_err("no free even/odd UDP port pair"))
+}
+
 fn require() -> (HeaderName, String) {
     (headers::REQUIRE, BACKCHANNEL_TAG.to_owned())
 }
@@ -500,17 +522,34 @@ async fn session_inner(
     }
     let bc = find_backchannel(described.body(), &dir).map_err(Ended::Permanent)?;
     debug!(camera = %source, codec = ?bc.codec, pt = bc.pt, "talkback: backchannel found");
+    // UDP: one socket for RTP and one for RTCP (RTSP asks for the pair), bound like the
+    // RTSP connection's local address.
+    let udp = match source.transport {
+        RtspTransport::Tcp => None,
+        RtspTransport::Udp => {
+            let local = c
+                .stream
+                .local_addr()
+                .map_err(|e| session_err(format!("local address: {e}")))?;
+            Some(bind_udp_pair(local.ip()).await?)
+        }
+    };
+    let transport = match &udp {
+        None => "RTP/AVP/TCP;unicast;interleaved=0-1".to_owned(),
+        Some((rtp_sock, rtcp_sock)) => {
+            let port = |s: &smol::net::UdpSocket| s.local_addr().map(|a| a.port()).unwrap_or(0);
+            format!(
+                "RTP/AVP;unicast;client_port={}-{}",
+                port(rtp_sock),
+                port(rtcp_sock)
+            )
+        }
+    };
     let setup = c
         .request(
             Method::Setup,
             &bc.control,
-            &[
-                (
-                    headers::TRANSPORT,
-                    "RTP/AVP/TCP;unicast;interleaved=0-1".to_owned(),
-                ),
-                require(),
-            ],
+            &[(headers::TRANSPORT, transport), require()],
         )
         .await?;
     check(&setup, "SETUP")?;
@@ -519,17 +558,36 @@ async fn session_inner(
         .ok()
         .flatten()
         .ok_or_else(|| session_err("SETUP answered without a Session"))?;
-    let channel = setup
+    let answered = setup
         .typed_header::<headers::Transports>()
         .ok()
         .flatten()
         .and_then(|ts| {
             ts.iter().find_map(|t| match t {
-                headers::transport::Transport::Rtp(r) => r.params.interleaved.map(|i| i.0),
+                headers::transport::Transport::Rtp(r) => Some(r.params.clone()),
                 _ => None,
             })
-        })
-        .unwrap_or(0);
+        });
+    let channel = answered
+        .as_ref()
+        .and_then(|p| p.interleaved)
+        .map_or(0, |i| i.0);
+    // Where our UDP packets go: the camera's address and its server_port.
+    let udp_dest = match &udp {
+        None => None,
+        Some((sock, _)) => {
+            let port = answered
+                .as_ref()
+                .and_then(|p| p.server_port)
+                .map(|p| p.0)
+                .ok_or_else(|| session_err("SETUP over UDP answered without server_port"))?;
+            let peer = c
+                .stream
+                .peer_addr()
+                .map_err(|e| session_err(format!("the camera's address: {e}")))?;
+            Some((sock, std::net::SocketAddr::new(peer.ip(), port)))
+        }
+    };
     let timeout_s = sess.1.unwrap_or(DEFAULT_SESSION_TIMEOUT_S).max(2);
     c.session = Some(sess.0.clone());
     let played = c.request(Method::Play, &base, &[require()]).await?;
@@ -568,6 +626,14 @@ async fn session_inner(
             Next::Packet(None) => return Err(Ended::Closed),
             Next::Packet(Some(p)) => {
                 let pkt = rtp.packet(&p, bc.pt);
+                if let Some((sock, dest)) = udp_dest {
+                    // A datagram the kernel refuses (no route for a moment) is a lost packet.
+                    if let Err(e) = sock.send_to(&pkt, dest).await {
+                        debug!(camera = %source, "talkback: UDP send: {e}");
+                    }
+                    sent = true;
+                    continue;
+                }
                 let len = u16::try_from(pkt.len()).unwrap_or(u16::MAX);
                 let mut frame = Vec::with_capacity(4 + pkt.len());
                 frame.push(b'$');
