@@ -174,13 +174,21 @@ def launch_string(a):
     ).format(w=a.width, h=a.height, f=a.fps, g=a.gop, b=a.bitrate,
                p=PROFILES[a.profile][0], t=PROFILES[a.profile][1])
     audio = AUDIO[a.audio][0]
+    if a.backchannel is not None:
+        # A backchannel client sets up only the speaker's stream; the camera's own streams
+        # then have no receiver in its (unshared) media, and a source whose data is not
+        # linked errors the whole media, speaker included, depending on timing. A tee that
+        # allows not-linked keeps such sources quiet.
+        quiet = " ! tee allow-not-linked=true ! "
+        video = video.replace(" ! ", quiet, 1)
+        audio = audio.replace(" ! ", quiet, 1)
     return "( " + video + (" " + audio if audio else "") + " )"
 
 
 def check_elements(a):
     needed = ["videotestsrc", "x264enc", "rtph264pay"] + AUDIO[a.audio][1]
     if a.backchannel is not None:
-        needed += list(BACKCHANNEL[a.backchannel][2:]) + ["capsfilter", "filesink"]
+        needed += list(BACKCHANNEL[a.backchannel][2:]) + ["capsfilter", "filesink", "tee"]
     missing = [e for e in needed if Gst.ElementFactory.find(e) is None]
     if missing:
         die(

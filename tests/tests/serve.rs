@@ -1283,6 +1283,8 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     );
     let (_, health) = http(port, "GET", "/health", None, None);
     assert_eq!(health["stations"][0]["talkback"], "ready", "{health}");
+    let (_, stations) = http(port, "GET", "/stations", None, None);
+    assert_eq!(stations[0]["talkback"], "ready", "{stations}");
 
     // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
     let mut peer = live.js_peer(

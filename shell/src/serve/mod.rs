@@ -363,6 +363,7 @@ impl Serve {
                     "name": c.name,
                     "video": c.media_video(),
                     "camera_up": s.media.camera_up,
+                    "talkback": s.media.talkback_state(),
                     "answer": c.answer,
                     "may_call": c.may_call,
                 })
