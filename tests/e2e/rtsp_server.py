@@ -30,7 +30,9 @@
 # speaker". What it receives is depayloaded, decoded and appended to --backchannel-out as raw
 # signed 16-bit little-endian mono PCM at 8 kHz (no header; the file is created at start, so
 # an empty file means nothing was heard). Media is then not shared between clients (each
-# client gets its own pipeline, as gst-rtsp-server's ONVIF examples do).
+# client gets its own pipeline, as gst-rtsp-server's ONVIF examples do), and the camera's
+# own sources sit behind `tee allow-not-linked=true`: a speaker-only client leaves them
+# unlinked, which would otherwise error its media (speaker included) by a race.
 # SIGTERM/SIGINT: exit 0 at once. Errors (port in use, missing GStreamer element, bad
 # arguments): a message on stderr, exit 1 (2 for argument errors).
 # The listening socket has SO_REUSEADDR (gst-rtsp-server binds with allow_reuse), so a
