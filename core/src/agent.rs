@@ -17,8 +17,8 @@ use crate::rng::{Rng, Str0mRng};
 use crate::stun::StunClient;
 use crate::turn::{TurnClient, TurnCredentials, TurnEvent, TurnUri};
 use crate::types::{
-    AgentConfig, AgentEvent, ApiError, CallDirection, CallId, CallPolicy, CallState, ConfigError,
-    HangupReason, Input, OutgoingFrame, Output, Party,
+    AgentConfig, AgentEvent, ApiError, CallDirection, CallId, CallPolicy, CallState, Codec,
+    ConfigError, HangupReason, Input, OutgoingFrame, Output, Party,
 };
 
 /// Candidates for a call id we have not seen yet.
@@ -150,6 +150,7 @@ impl Agent {
             video: config.video,
             h264_profile: config.h264_profile,
             audio: config.audio,
+            audio_preference: config.audio_preference,
             lifetime: config.invite_lifetime,
         };
         Ok(Agent {
@@ -260,6 +261,16 @@ impl Agent {
     pub fn set_h264_profile(&mut self, profile: Option<crate::h264::ProfileLevelId>) {
         self.config.h264_profile = profile;
         self.setup.h264_profile = profile;
+    }
+
+    /// The audio codec listed first from now on (see [`AgentConfig::audio_preference`]):
+    /// calls from now on offer and answer it first; calls in progress keep what they
+    /// negotiated. Only G.711 (PCMU, PCMA) and Opus are audio codecs; anything else is
+    /// ignored (Opus first).
+    pub fn set_audio_preference(&mut self, codec: Option<Codec>) {
+        let codec = codec.filter(|c| matches!(c, Codec::Opus | Codec::Pcmu | Codec::Pcma));
+        self.config.audio_preference = codec;
+        self.setup.audio_preference = codec;
     }
 
     /// The TURN servers and credentials from the homeserver, once fetched.

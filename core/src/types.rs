@@ -74,6 +74,11 @@ pub struct AgentConfig {
     pub h264_profile: Option<crate::h264::ProfileLevelId>,
     /// Offer/accept audio (Opus, PCMU, PCMA).
     pub audio: bool,
+    /// The audio codec to list first in our offers and answers, so the peer sends it (a peer
+    /// sends the first codec of the other side's list it can): `Some(Pcmu)` or `Some(Pcma)`
+    /// when what the peer says goes to a camera speaker that plays G.711, so it is only
+    /// re-packetized. `None`: Opus first, then PCMU, PCMA.
+    pub audio_preference: Option<Codec>,
     /// Fetch `/voip/turnServer` and keep it fresh.
     pub fetch_turn_servers: bool,
     /// STUN servers to learn server-reflexive addresses from (the homeserver's TURN URIs
@@ -113,6 +118,7 @@ impl AgentConfig {
             video: true,
             h264_profile: None,
             audio: true,
+            audio_preference: None,
             fetch_turn_servers: true,
             stun_servers: Vec::new(),
             turn: None,

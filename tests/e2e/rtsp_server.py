@@ -6,7 +6,8 @@
 #   /usr/bin/python3 tests/e2e/rtsp_server.py --port 8554 [--path /cam] \
 #       [--width 640 --height 480 --fps 15 --gop 15 --bitrate 1000 --profile high|main|baseline] \
 #       [--audio pcmu|pcma|opus|none] [--protocols udp,tcp] \
-#       [--user U --password P [--auth basic|digest]]
+#       [--user U --password P [--auth basic|digest]] \
+#       [--backchannel pcmu|pcma --backchannel-out PATH]
 #
 #   stdout: exactly one line, once the socket is listening:  READY rtsp://127.0.0.1:PORT/cam
 #   (--port 0 picks a free port; READY then carries the real one).
@@ -23,6 +24,15 @@
 # --user/--password: every request on the mount needs credentials (401 otherwise), Basic or
 # (--auth digest) Digest, never both (a Basic header on a digest server gets 401).
 # Start-up to READY: ~60-120 ms; the pipeline is built at the first DESCRIBE (answers in ~10-20 ms).
+# --backchannel pcmu|pcma: an ONVIF camera with a speaker (RTSPOnvifServer and
+# RTSPOnvifMediaFactory): a client that sends `Require: www.onvif.org/ver20/backchannel` gets
+# a third, sendonly audio stream in DESCRIBE (PCMU pt 0 or PCMA pt 8, 8 kHz), the "camera's
+# speaker". What it receives is depayloaded, decoded and appended to --backchannel-out as raw
+# signed 16-bit little-endian mono PCM at 8 kHz (no header; the file is created at start, so
+# an empty file means nothing was heard). Media is then not shared between clients (each
+# client gets its own pipeline, as gst-rtsp-server's ONVIF examples do), and the camera's
+# own sources sit behind `tee allow-not-linked=true`: a speaker-only client leaves them
+# unlinked, which would otherwise error its media (speaker included) by a race.
 # SIGTERM/SIGINT: exit 0 at once. Errors (port in use, missing GStreamer element, bad
 # arguments): a message on stderr, exit 1 (2 for argument errors).
 # The listening socket has SO_REUSEADDR (gst-rtsp-server binds with allow_reuse), so a
@@ -90,6 +100,23 @@ AUDIO = {
     "none": ("", []),
 }
 
+# --backchannel -> (caps encoding name, payload type, depayloader, decoder)
+BACKCHANNEL = {
+    "pcmu": ("PCMU", 0, "rtppcmudepay", "mulawdec"),
+    "pcma": ("PCMA", 8, "rtppcmadepay", "alawdec"),
+}
+
+
+def backchannel_launch(a):
+    name, pt, depay, dec = BACKCHANNEL[a.backchannel]
+    # gst-rtsp-server feeds the client's RTP into the element named depay_backchannel.
+    return (
+        '( capsfilter caps="application/x-rtp,media=audio,payload={pt},clock-rate=8000,'
+        'encoding-name={name}" name=depay_backchannel ! {depay} ! {dec} ! '
+        "audio/x-raw,format=S16LE,rate=8000,channels=1 ! "
+        "filesink location={out} append=true buffer-mode=unbuffered sync=false async=false )"
+    ).format(pt=pt, name=name, depay=depay, dec=dec, out=a.backchannel_out)
+
 
 def die(msg, code=1):
     sys.stderr.write("rtsp_server: %s\n" % msg)
@@ -112,7 +139,13 @@ def parse_args():
     p.add_argument("--user")
     p.add_argument("--password")
     p.add_argument("--auth", choices=["basic", "digest"], default="basic")
+    p.add_argument("--backchannel", choices=sorted(BACKCHANNEL), default=None,
+                   help="ONVIF audio backchannel (the camera's speaker) in this codec")
+    p.add_argument("--backchannel-out", default=None,
+                   help="raw s16le 8 kHz mono file the backchannel audio is appended to")
     a = p.parse_args()
+    if (a.backchannel is None) != (a.backchannel_out is None):
+        p.error("--backchannel and --backchannel-out go together")
     if not 0 <= a.port <= 65535:
         p.error("--port must be 0..65535")
     if not a.path.startswith("/") or a.path == "/":
@@ -143,11 +176,21 @@ def launch_string(a):
     ).format(w=a.width, h=a.height, f=a.fps, g=a.gop, b=a.bitrate,
                p=PROFILES[a.profile][0], t=PROFILES[a.profile][1])
     audio = AUDIO[a.audio][0]
+    if a.backchannel is not None:
+        # A backchannel client sets up only the speaker's stream; the camera's own streams
+        # then have no receiver in its (unshared) media, and a source whose data is not
+        # linked errors the whole media, speaker included, depending on timing. A tee that
+        # allows not-linked keeps such sources quiet.
+        quiet = " ! tee allow-not-linked=true ! "
+        video = video.replace(" ! ", quiet, 1)
+        audio = audio.replace(" ! ", quiet, 1)
     return "( " + video + (" " + audio if audio else "") + " )"
 
 
 def check_elements(a):
     needed = ["videotestsrc", "x264enc", "rtph264pay"] + AUDIO[a.audio][1]
+    if a.backchannel is not None:
+        needed += list(BACKCHANNEL[a.backchannel][2:]) + ["capsfilter", "filesink", "tee"]
     missing = [e for e in needed if Gst.ElementFactory.find(e) is None]
     if missing:
         die(
@@ -166,13 +209,23 @@ def main():
     except GLib.Error as e:
         die("bad pipeline %r: %s" % (launch, e.message))
 
-    server = GstRtspServer.RTSPServer()
+    if a.backchannel is not None:
+        try:
+            open(a.backchannel_out, "wb").close()
+        except OSError as e:
+            die("cannot create --backchannel-out %s: %s" % (a.backchannel_out, e))
+        server = GstRtspServer.RTSPOnvifServer()
+        factory = GstRtspServer.RTSPOnvifMediaFactory()
+        factory.set_backchannel_launch(backchannel_launch(a))
+        factory.set_media_gtype(GstRtspServer.RTSPOnvifMedia)
+        factory.set_shared(False)
+    else:
+        server = GstRtspServer.RTSPServer()
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_shared(True)
     server.set_address(HOST)
     server.set_service(str(a.port))
-
-    factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch)
-    factory.set_shared(True)
     lower = GstRtsp.RTSPLowerTrans(0)
     if "udp" in a.protocols:
         lower |= GstRtsp.RTSPLowerTrans.UDP

@@ -1152,3 +1152,289 @@ fn the_pin_pressed_in_a_call_opens_the_door_through_the_webhook() {
     let stdout: Vec<String> = hub.events().iter().map(|e| e.value.to_string()).collect();
     assert!(!stderr.contains("1*9") && !stdout.concat().contains("1*9"));
 }
+
+/// Goertzel power of `freq` Hz in `x` (8 kHz samples), normalised by the signal's energy: near
+/// 1 for a pure tone at `freq`, near 0 far from it.
+fn tone_share(x: &[f64], freq: f64) -> f64 {
+    let n = x.len() as f64;
+    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in x {
+        let s = v + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    let energy: f64 = x.iter().map(|v| v * v).sum();
+    if energy == 0.0 {
+        0.0
+    } else {
+        2.0 * power / (n * energy)
+    }
+}
+
+/// The last `seconds` of what the test camera's speaker played (raw s16le, 8 kHz mono).
+fn speaker_tail(path: &Path, seconds: f64) -> Vec<f64> {
+    let raw = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let samples: Vec<f64> = raw
+        .chunks_exact(2)
+        .map(|b| f64::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    let n = (seconds * 8000.0) as usize;
+    samples[samples.len().saturating_sub(n)..].to_vec()
+}
+
+/// CPU time (user + system, in clock ticks) of process `pid` so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The last 2 s at the camera's speaker are the peer's 440 Hz sine.
+fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
+    let heard = speaker_tail(speaker, 2.0);
+    assert!(
+        heard.len() >= 12_000,
+        "the camera's speaker played {} samples in the last 2 s\n{}",
+        heard.len(),
+        hub.report()
+    );
+    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
+    let at_440 = tone_share(&heard, 440.0);
+    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
+        .iter()
+        .map(|&f| tone_share(&heard, f))
+        .collect();
+    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
+    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
+    assert!(
+        at_440 > 0.5,
+        "440 Hz share {at_440:.3}: not the peer's sine"
+    );
+    assert!(
+        elsewhere.iter().all(|s| *s < 0.05),
+        "energy away from 440 Hz: {elsewhere:?}"
+    );
+}
+
+/// Waits until the speaker file holds `seconds` of sound.
+fn wait_for_speaker(path: &Path, seconds: f64, timeout: Duration, hub: &Proc) {
+    let want = (seconds * 16_000.0) as u64;
+    let start = Instant::now();
+    while file_len(path) < want {
+        assert!(
+            start.elapsed() < timeout,
+            "the camera's speaker played {} bytes within {timeout:?}\n{}",
+            file_len(path),
+            hub.report()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
+    let name = "the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let cam_port = closed_port();
+    let speaker = live.dir.join("speaker.raw");
+    let speaker_s = speaker.display().to_string();
+    let camera_args = [
+        "--auth",
+        "digest",
+        "--backchannel",
+        "pcmu",
+        "--backchannel-out",
+        &speaker_s,
+    ];
+    let camera = rtsp_server_with(&live.dir, "rtsp", cam_port, &camera_args);
+    let pw = write(&live.dir.join("camera-password"), "secret\n");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
+         rtsp_password_file = \"{}\"\ntalkback = true\nanswer = [\"{}\"]\n",
+        pw.display(),
+        alice.id
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+    let ready = hub.wait_for("the camera speaker", READY, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    assert_eq!(
+        (&ready.value["codec"], &ready.value["station"]),
+        (&json!("Pcmu"), &json!("door")),
+        "{}",
+        ready.value
+    );
+    let (_, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(health["stations"][0]["talkback"], "ready", "{health}");
+    let (_, stations) = http(port, "GET", "/stations", None, None);
+    assert_eq!(stations[0]["talkback"], "ready", "{stations}");
+
+    // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "30", "--max-wait-s", "60"],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(call["talkback"], "unmuted", "{call}");
+    // No transcoding: the hub's answer put PCMU first, so the peer sends what the camera plays.
+    let speaking = hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "speaking"
+    });
+    assert_eq!(
+        (&speaking.value["codec"], &speaking.value["speaker_codec"]),
+        (&json!("Pcmu"), &json!("Pcmu")),
+        "{}",
+        speaking.value
+    );
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
+    assert_hears_the_sine(&speaker, &hub);
+
+    // Muted: nothing more reaches the door, the call goes on.
+    let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!((status, &m["talkback"]), (200, &json!("muted")), "{m}");
+    thread::sleep(Duration::from_millis(500));
+    let before = file_len(&speaker);
+    let cpu_muted = cpu_ticks(hub.pid());
+    thread::sleep(Duration::from_secs(3));
+    let cpu_muted = cpu_ticks(hub.pid()) - cpu_muted;
+    let muted_bytes = file_len(&speaker) - before;
+    assert!(
+        muted_bytes < 1600,
+        "{muted_bytes} bytes reached the speaker while muted"
+    );
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(
+        (&call["talkback"], &call["state"]),
+        (&json!("muted"), &json!("connected")),
+        "{call}"
+    );
+    // Unmuted: the first sound reaches the speaker file within (hub + camera) latency.
+    let before = file_len(&speaker);
+    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
+    let unmuted_at = Instant::now();
+    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    while file_len(&speaker) == before && unmuted_at.elapsed() < Duration::from_secs(2) {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let first_sound = unmuted_at.elapsed();
+    let before = file_len(&speaker);
+    let cpu_talking = cpu_ticks(hub.pid());
+    thread::sleep(Duration::from_secs(3));
+    let cpu_talking = cpu_ticks(hub.pid()) - cpu_talking;
+    let unmuted_bytes = file_len(&speaker) - before;
+    assert!(
+        unmuted_bytes > 40_000,
+        "only {unmuted_bytes} bytes reached the speaker in 3 s after unmute"
+    );
+    eprintln!(
+        "figures: unmute -> first sound at the camera speaker {} ms; hub CPU over 3 s: \
+         {} ticks muted, {} ticks talking (10 ms ticks)",
+        first_sound.as_millis(),
+        cpu_muted,
+        cpu_talking
+    );
+
+    // The camera dies and comes back: talkback is lost and returns, the call goes on.
+    signal(camera.pid(), "KILL");
+    hub.wait_for("the speaker lost", EXIT, |v| {
+        v["event"] == "talkback" && v["state"] == "lost"
+    });
+    let _camera2 = rtsp_server_with(&live.dir, "rtsp-2", cam_port, &camera_args);
+    let lost_at = Instant::now();
+    hub.wait_for_after("the speaker back", lost_at, CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    // The restarted camera builds its pipeline first (slow on a loaded machine).
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
+    assert_hears_the_sine(&speaker, &hub);
+    let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
+    assert_eq!(call["state"], "connected", "{call}");
+
+    assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
+    hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
+    let (status, _) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!(status, 409);
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let logs = fs::read_to_string(live.dir.join("hub.stderr")).unwrap_or_default();
+    assert!(!logs.contains("secret"), "the camera password was logged");
+}
+
+#[test]
+fn a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded() {
+    let name = "a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let cam_port = closed_port();
+    let speaker = live.dir.join("speaker.raw");
+    let speaker_s = speaker.display().to_string();
+    let _camera = rtsp_server_with(
+        &live.dir,
+        "rtsp",
+        cam_port,
+        &[
+            "--protocols",
+            "udp",
+            "--backchannel",
+            "pcma",
+            "--backchannel-out",
+            &speaker_s,
+        ],
+    );
+    let pw = write(&live.dir.join("camera-password"), "secret\n");
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
+         rtsp_password_file = \"{}\"\nrtsp_transport = \"udp\"\ntalkback = true\n\
+         answer = [\"{}\"]\n",
+        pw.display(),
+        alice.id
+    );
+    let (mut hub, _port) = start_hub(&live, &hub_user, &stations);
+    let ready = hub.wait_for("the camera speaker", READY, |v| {
+        v["event"] == "talkback" && v["state"] == "ready"
+    });
+    assert_eq!(ready.value["codec"], "Pcma", "{}", ready.value);
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "15", "--max-wait-s", "60"],
+    );
+    let speaking = hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "talkback" && v["state"] == "speaking"
+    });
+    assert_eq!(
+        (&speaking.value["codec"], &speaking.value["speaker_codec"]),
+        (&json!("Pcma"), &json!("Pcma")),
+        "{}",
+        speaking.value
+    );
+    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
+    assert_hears_the_sine(&speaker, &hub);
+    assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
+    hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}

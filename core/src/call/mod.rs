@@ -117,6 +117,8 @@ pub(crate) struct CallSetup {
     pub video: bool,
     pub h264_profile: Option<crate::h264::ProfileLevelId>,
     pub audio: bool,
+    /// Listed first among the audio codecs (see `AgentConfig::audio_preference`).
+    pub audio_preference: Option<Codec>,
     pub lifetime: Duration,
 }
 
@@ -134,6 +136,7 @@ impl CallSetup {
             video: true,
             h264_profile: None,
             audio: true,
+            audio_preference: None,
             lifetime: Duration::from_secs(60),
         }
     }
@@ -235,10 +238,22 @@ fn rtc_config(setup: &CallSetup) -> RtcConfig {
         .clear_codecs()
         .set_stats_interval(None);
     if setup.audio {
-        c = c
-            .enable_opus(true, false)
-            .enable_pcmu(true, false)
-            .enable_pcma(true, false);
+        // str0m keeps this order in offers and answers (narrowed to what the peer has), and a
+        // peer sends the first codec of our list it can.
+        c = match setup.audio_preference {
+            Some(Codec::Pcmu) => c
+                .enable_pcmu(true, false)
+                .enable_pcma(true, false)
+                .enable_opus(true, false),
+            Some(Codec::Pcma) => c
+                .enable_pcma(true, false)
+                .enable_pcmu(true, false)
+                .enable_opus(true, false),
+            _ => c
+                .enable_opus(true, false)
+                .enable_pcmu(true, false)
+                .enable_pcma(true, false),
+        };
         add_telephone_events(c.codec_config());
     }
     if setup.video {
@@ -1658,6 +1673,60 @@ mod tests {
         api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
         let (offer, _) = api.apply().unwrap();
         offer.to_sdp_string()
+    }
+
+    /// Audio codec names of an SDP's first audio m-line, in its order.
+    fn audio_codecs(sdp: &str) -> Vec<String> {
+        let m = sdp.lines().find(|l| l.starts_with("m=audio")).unwrap_or("");
+        m.split(' ')
+            .skip(3)
+            .filter_map(|pt| {
+                let map = format!("a=rtpmap:{pt} ");
+                let line = sdp.lines().find(|l| l.starts_with(&map))?;
+                Some(line.get(map.len()..)?.split('/').next()?.to_owned())
+            })
+            .filter(|c| c != "telephone-event")
+            .collect()
+    }
+
+    fn audio_offer(preference: Option<Codec>) -> String {
+        let setup = CallSetup {
+            video: false,
+            audio_preference: preference,
+            ..CallSetup::loopback()
+        };
+        let mut rtc = rtc_config(&setup).build(Instant::now());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, _) = api.apply().unwrap();
+        offer.to_sdp_string()
+    }
+
+    #[test]
+    fn a_g711_preference_puts_it_first_in_offers_and_answers() {
+        assert_eq!(audio_codecs(&audio_offer(None)), ["opus", "PCMU", "PCMA"]);
+        assert_eq!(
+            audio_codecs(&audio_offer(Some(Codec::Pcmu))),
+            ["PCMU", "PCMA", "opus"]
+        );
+        assert_eq!(
+            audio_codecs(&audio_offer(Some(Codec::Pcma))),
+            ["PCMA", "PCMU", "opus"]
+        );
+        // Answering a browser-like offer (Opus first): our preference leads the answer, so
+        // the peer sends G.711.
+        let theirs = audio_offer(None);
+        for (pref, first) in [(None, "opus"), (Some(Codec::Pcma), "PCMA")] {
+            let setup = CallSetup {
+                video: false,
+                audio_preference: pref,
+                ..CallSetup::loopback()
+            };
+            let mut rtc = rtc_config(&setup).build(Instant::now());
+            let offer = str0m::change::SdpOffer::from_sdp_string(&theirs).unwrap();
+            let answer = rtc.sdp_api().accept_offer(offer).unwrap().to_sdp_string();
+            assert_eq!(audio_codecs(&answer)[0], first, "{answer}");
+        }
     }
 
     #[test]

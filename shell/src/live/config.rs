@@ -266,6 +266,8 @@ pub struct MediaOptions {
     pub rtsp_transport: crate::media::rtsp::RtspTransport,
     pub record: Option<PathBuf>,
     pub forward_rtp: Option<SocketAddr>,
+    /// The remote side's audio goes to the camera's speaker (ONVIF backchannel).
+    pub talkback: bool,
 }
 
 /// Frame rate of an H.264 file source unless `--video-fps` says otherwise.
@@ -389,6 +391,7 @@ impl LiveOptions {
                     .map_err(|e| ConfigError(format!("--rtsp-transport: {e}")))?,
                 record: c.record.or(file.record),
                 forward_rtp: forward.map(|f| parse_forward(&f)).transpose()?,
+                talkback: false,
             },
             rtsp_password: env("CALL_ASSIST_RTSP_PASSWORD").map(Secret::new),
         })

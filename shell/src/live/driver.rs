@@ -30,6 +30,7 @@ use super::net::{self, Sockets};
 use super::session::{login_credentials, Account, Auth, SavedSession};
 use super::{exit, Lines};
 use crate::e2ee::{self, E2ee};
+use crate::media::backchannel::TalkbackEvent;
 use crate::media::live::{start_media, LiveMedia};
 use crate::media::pump::VideoChoice;
 use crate::media::rtsp::CameraEvent;
@@ -64,6 +65,8 @@ pub(crate) enum Msg<C> {
     },
     /// An event of the camera of station `.0`.
     Camera(usize, CameraEvent),
+    /// An event of the camera speaker (talkback) of station `.0`.
+    Talkback(usize, TalkbackEvent),
     Command(C),
 }
 
@@ -108,6 +111,8 @@ pub(crate) struct Station {
     pub media: LiveMedia,
     /// The H.264 profile the camera sends (it goes into the SDP of this station's calls).
     pub profile: Option<ProfileLevelId>,
+    /// The audio codec this station's calls list first: its camera speaker's (talkback).
+    pub audio_preference: Option<call_assist_core::Codec>,
 }
 
 /// How to start one station.
@@ -299,7 +304,9 @@ impl<C: Send + 'static> Driver<C> {
     /// Answers a ringing call with station `station`'s media.
     pub fn answer(&mut self, call_id: &str, station: usize, now: Instant) -> Result<(), ApiError> {
         self.use_station(station);
-        self.agent.answer(call_id, now)?;
+        let answered = self.agent.answer(call_id, now);
+        self.use_hub_audio();
+        answered?;
         self.call_station.insert(call_id.to_owned(), station);
         Ok(())
     }
@@ -312,7 +319,9 @@ impl<C: Send + 'static> Driver<C> {
         now: Instant,
     ) -> Result<CallId, ApiError> {
         self.use_station(station);
-        let call_id = self.agent.place_call(room, now)?;
+        let placed = self.agent.place_call(room, now);
+        self.use_hub_audio();
+        let call_id = placed?;
         self.call_station.insert(call_id.clone(), station);
         Ok(call_id)
     }
@@ -347,10 +356,19 @@ impl<C: Send + 'static> Driver<C> {
         self.dials.retain(|d| d.id != dial);
     }
 
-    /// The offer of the next call carries this station's H.264 profile.
+    /// The offer of the next call carries this station's H.264 profile and audio preference.
     fn use_station(&mut self, station: usize) {
         let profile = self.stations.get(station).and_then(|s| s.profile);
         self.agent.set_h264_profile(profile);
+        let audio = self.stations.get(station).and_then(|s| s.audio_preference);
+        self.agent.set_audio_preference(audio);
+    }
+
+    /// Incoming invites are prepared (their answer SDP) before a station is chosen: they list
+    /// first the codec of the first station whose camera speaker is up (talkback), if any.
+    fn use_hub_audio(&mut self) {
+        let audio = self.stations.iter().find_map(|s| s.audio_preference);
+        self.agent.set_audio_preference(audio);
     }
 
     /// A line with the call's station, where stations have names.
@@ -485,8 +503,12 @@ impl<C: Send + 'static> Driver<C> {
                     MediaKind::Video => self.counters.video_frames_received += 1,
                     MediaKind::Audio => self.counters.audio_frames_received += 1,
                 }
-                if let Some(s) = self.station_mut(&f.call_id) {
-                    s.media.remote_frame(f, now);
+                let station = self.station_of(&f.call_id);
+                let line = self
+                    .station_mut(&f.call_id)
+                    .and_then(|s| s.media.remote_frame(f, now));
+                if let Some(line) = line {
+                    self.emit_for(station, line);
                 }
             }
             AgentEvent::KeyframeRequested { call_id } => self.on_keyframe_request(call_id, now),
@@ -715,6 +737,18 @@ impl<C: Send + 'static> Driver<C> {
                     self.emit_for(Some(i), line);
                 }
             }
+            Msg::Talkback(i, e) => {
+                let Some(s) = self.stations.get_mut(i) else {
+                    return;
+                };
+                let (line, codec) = s.media.talkback_event(e);
+                if let Some(codec) = codec {
+                    // Calls from now on ask the peer for what the speaker plays.
+                    s.audio_preference = Some(codec);
+                    self.use_hub_audio();
+                }
+                self.emit_for(Some(i), line);
+            }
             Msg::Command(c) => p.on_command(self, c, now),
         }
     }
@@ -843,9 +877,15 @@ async fn start_stations<C: Send + 'static>(
                 None => "forward.sdp".to_owned(),
             });
         let password = st.rtsp_password.as_ref().map(Secret::expose);
-        let started = start_media(&st.media, st.video, password, sdp, tx, move |ev| {
-            Msg::Camera(i, ev)
-        });
+        let started = start_media(
+            &st.media,
+            st.video,
+            password,
+            sdp,
+            tx,
+            move |ev| Msg::Camera(i, ev),
+            move |ev| Msg::Talkback(i, ev),
+        );
         let (media, profile) = started.await.inspect_err(|_| {
             if let Some(name) = &st.name {
                 eprintln!("error: station {name:?} cannot start");
@@ -855,6 +895,7 @@ async fn start_stations<C: Send + 'static>(
             name: st.name,
             media,
             profile,
+            audio_preference: None,
         });
     }
     Ok(stations)

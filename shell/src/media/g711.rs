@@ -23,6 +23,49 @@ pub fn linear_to_ulaw(sample: i16) -> u8 {
     !(sign | ((exponent as u8) << 4) | mantissa)
 }
 
+/// G.711 A-law (PCMA) from a 16-bit linear sample.
+pub fn linear_to_alaw(sample: i16) -> u8 {
+    let mut pcm = i32::from(sample) >> 3; // 13-bit magnitude
+    let mask = if pcm >= 0 {
+        0xd5
+    } else {
+        pcm = -pcm - 1;
+        0x55
+    };
+    let pcm = pcm.min(0x0fff);
+    let seg = (0..8).find(|&s| pcm < (0x20 << s)).unwrap_or(7);
+    let aval = if seg == 0 {
+        (pcm >> 1) & 0x0f
+    } else {
+        ((seg << 4) | ((pcm >> seg) & 0x0f)) & 0x7f
+    };
+    (aval as u8) ^ mask
+}
+
+/// A 16-bit linear sample from G.711 A-law (PCMA).
+pub fn alaw_to_linear(alaw: u8) -> i16 {
+    let a = i32::from(alaw ^ 0x55);
+    let seg = (a & 0x70) >> 4;
+    let mut t = (a & 0x0f) << 4;
+    t = match seg {
+        0 => t + 8,
+        1 => t + 0x108,
+        _ => (t + 0x108) << (seg - 1),
+    };
+    let t = if a & 0x80 != 0 { t } else { -t };
+    t as i16
+}
+
+/// PCMU to PCMA, through linear.
+pub fn ulaw_to_alaw(u: u8) -> u8 {
+    linear_to_alaw(ulaw_to_linear(u))
+}
+
+/// PCMA to PCMU, through linear.
+pub fn alaw_to_ulaw(a: u8) -> u8 {
+    linear_to_ulaw(alaw_to_linear(a))
+}
+
 /// Decodes one G.711 mu-law byte to 16-bit linear PCM.
 pub fn ulaw_to_linear(ulaw: u8) -> i16 {
     let u = !ulaw;
@@ -118,6 +161,26 @@ impl ToneGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alaw_known_values_and_round_trips() {
+        assert_eq!(linear_to_alaw(0), 0xd5);
+        assert_eq!(alaw_to_linear(0xd5), 8);
+        assert_eq!(alaw_to_linear(0x55), -8);
+        for x in (-32768i32..32768).step_by(97) {
+            let x = x as i16;
+            let back = i32::from(alaw_to_linear(linear_to_alaw(x)));
+            // A-law's step is at most 1/32 of the magnitude (and 16 near zero).
+            let tol = (i32::from(x).abs() / 16).max(16);
+            assert!((back - i32::from(x)).abs() <= tol, "{x} -> {back}");
+        }
+        // mu-law -> A-law -> mu-law keeps the tone.
+        for u in 0..=255u8 {
+            let a = ulaw_to_linear(u) as i32;
+            let b = ulaw_to_linear(alaw_to_ulaw(ulaw_to_alaw(u))) as i32;
+            assert!((a - b).abs() <= (a.abs() / 8).max(16), "{u}: {a} vs {b}");
+        }
+    }
 
     #[test]
     fn known_values() {

@@ -2,13 +2,13 @@
 //! frames fanned out to every call) and where the remote side's media goes (recordings, RTP
 //! forwarding).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use call_assist_core::h264::ProfileLevelId;
-use call_assist_core::{Agent, MediaFrame};
+use call_assist_core::{Agent, Codec, MediaFrame, MediaKind};
 use futures_lite::FutureExt;
 use serde_json::json;
 use smol::channel::Sender;
@@ -16,6 +16,8 @@ use tracing::{info, warn};
 
 use crate::live::config::MediaOptions;
 use crate::live::exit;
+use crate::media::backchannel::{TalkbackEvent, TalkbackPacket, TalkbackSender};
+use crate::media::g711;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
@@ -25,6 +27,27 @@ use crate::media::sink::{Recorder, RtpForwarder};
 const CAMERA_START_WAIT: Duration = Duration::from_secs(10);
 /// Camera events queued before the camera task waits.
 const CAMERA_QUEUE: usize = 256;
+
+/// The camera's speaker: the call's audio goes there (one call at a time).
+#[derive(Debug)]
+pub struct Talkback {
+    queue: TalkbackSender,
+    /// The speaker's codec, while its session is up.
+    codec: Option<Codec>,
+    /// The call whose audio the speaker plays: the first unmuted call that sends audio,
+    /// until it ends or is muted.
+    speaker: Option<String>,
+    /// Calls whose audio must not reach the door (`POST /calls/ID/mute`).
+    muted: BTreeSet<String>,
+    /// Calls told that their audio cannot reach the speaker (Opus only).
+    unavailable: BTreeSet<String>,
+    /// The camera has no usable speaker at all.
+    pub gone: bool,
+}
+
+/// Why a call cannot be muted or unmuted: its station has no talkback.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NoTalkback;
 
 /// Media of every call of the process.
 pub struct LiveMedia {
@@ -39,6 +62,8 @@ pub struct LiveMedia {
     pub camera_up: bool,
     /// Camera frames received (video + audio).
     pub camera_frames: u64,
+    /// The camera's speaker, for a station with `talkback`.
+    pub talkback: Option<Talkback>,
 }
 
 impl LiveMedia {
@@ -57,6 +82,7 @@ impl LiveMedia {
             forwarders: BTreeMap::new(),
             camera_up: false,
             camera_frames: 0,
+            talkback: None,
         }
     }
 
@@ -104,6 +130,13 @@ impl LiveMedia {
     /// A call ended: stop sending, close its recording.
     pub fn end_call(&mut self, call_id: &str) -> Option<serde_json::Value> {
         self.calls.remove(call_id);
+        if let Some(t) = &mut self.talkback {
+            if t.speaker.as_deref() == Some(call_id) {
+                t.speaker = None;
+            }
+            t.muted.remove(call_id);
+            t.unavailable.remove(call_id);
+        }
         self.forwarders.remove(call_id);
         let r = self.recorders.remove(call_id)?;
         match r.finish() {
@@ -120,8 +153,118 @@ impl LiveMedia {
         }
     }
 
-    /// Remote media of a call.
-    pub fn remote_frame(&mut self, f: &MediaFrame, now: Instant) {
+    /// Gates a call's audio toward the door (`muted`), for a station with talkback.
+    pub fn set_muted(&mut self, call_id: &str, muted: bool) -> Result<(), NoTalkback> {
+        let t = self.talkback.as_mut().ok_or(NoTalkback)?;
+        if muted {
+            t.muted.insert(call_id.to_owned());
+            if t.speaker.as_deref() == Some(call_id) {
+                t.speaker = None;
+            }
+        } else {
+            t.muted.remove(call_id);
+        }
+        Ok(())
+    }
+
+    /// The camera speaker's state for `/health` (`None`: no talkback).
+    pub fn talkback_state(&self) -> Option<&'static str> {
+        let t = self.talkback.as_ref()?;
+        Some(if t.gone {
+            "unavailable"
+        } else if t.codec.is_some() {
+            "ready"
+        } else {
+            "down"
+        })
+    }
+
+    /// Whether a call's audio is kept from the door (`None`: no talkback).
+    pub fn muted(&self, call_id: &str) -> Option<bool> {
+        self.talkback.as_ref().map(|t| t.muted.contains(call_id))
+    }
+
+    /// The backchannel task's news: the line to print, and the codec the hub's calls
+    /// should prefer from now on (`Some` when the speaker came up).
+    pub fn talkback_event(&mut self, e: TalkbackEvent) -> (serde_json::Value, Option<Codec>) {
+        let Some(t) = &mut self.talkback else {
+            return (json!({"event": "talkback", "state": "unexpected"}), None);
+        };
+        match e {
+            TalkbackEvent::Ready { codec } => {
+                t.codec = Some(codec);
+                (
+                    json!({"event": "talkback", "state": "ready", "codec": format!("{codec:?}")}),
+                    Some(codec),
+                )
+            }
+            TalkbackEvent::Lost { error, retry_in } => {
+                t.codec = None;
+                (
+                    json!({"event": "talkback", "state": "lost", "message": error.to_string(),
+                        "retry_in_ms": retry_in.as_millis() as u64}),
+                    None,
+                )
+            }
+            TalkbackEvent::Unavailable { message } => {
+                t.codec = None;
+                t.gone = true;
+                (
+                    json!({"event": "talkback", "state": "unavailable", "message": message}),
+                    None,
+                )
+            }
+        }
+    }
+
+    /// A call's remote audio toward the camera's speaker; a line when the call learns that
+    /// its audio cannot go there.
+    fn talk(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
+        let t = self.talkback.as_mut()?;
+        let call_id = f.call_id.as_str();
+        if f.kind != MediaKind::Audio || t.muted.contains(call_id) {
+            return None;
+        }
+        let camera = t.codec?;
+        let data: Vec<u8> = match (f.codec, camera) {
+            (a, b) if a == b => f.data.to_vec(),
+            (Codec::Pcmu, Codec::Pcma) => f.data.iter().map(|&u| g711::ulaw_to_alaw(u)).collect(),
+            (Codec::Pcma, Codec::Pcmu) => f.data.iter().map(|&a| g711::alaw_to_ulaw(a)).collect(),
+            (theirs, _) => {
+                if !t.unavailable.insert(call_id.to_owned()) {
+                    return None;
+                }
+                warn!(%call_id, codec = ?theirs, camera = ?camera,
+                    "talkback unavailable for this call: the peer sends {theirs:?} only and the camera's speaker plays {camera:?} (no transcoding)");
+                return Some(
+                    json!({"event": "talkback", "state": "unavailable", "call_id": call_id,
+                    "message": format!("the peer sends {theirs:?}; the camera's speaker plays {camera:?}")}),
+                );
+            }
+        };
+        let (restart, line) = match &t.speaker {
+            Some(s) if s == call_id => (false, None),
+            Some(_) => return None,
+            None => {
+                t.speaker = Some(call_id.to_owned());
+                let converted = f.codec != camera;
+                info!(%call_id, codec = ?f.codec, converted, "talkback: this call's audio goes to the camera's speaker");
+                let line = json!({"event": "talkback", "state": "speaking", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec), "speaker_codec": format!("{camera:?}")});
+                (true, Some(line))
+            }
+        };
+        t.queue.send(TalkbackPacket {
+            data,
+            rtp_time: f.rtp_time,
+            restart: restart || !f.contiguous,
+        });
+        line
+    }
+
+    /// Remote media of a call; a line to print when there is news.
+    pub fn remote_frame(&mut self, f: &MediaFrame, now: Instant) -> Option<serde_json::Value> {
+        let line = self.talk(f);
         if let Some(r) = self.recorders.get_mut(f.call_id.as_str()) {
             if let Err(e) = r.write(f, now) {
                 warn!(call_id = %f.call_id, "recording: {e}");
@@ -140,6 +283,7 @@ impl LiveMedia {
                 }
             }
         }
+        line
     }
 
     /// The peer of a call asked for a keyframe: how it was answered (`None`: no such call).
@@ -259,6 +403,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
     forward_sdp: PathBuf,
     tx: &Sender<M>,
     wrap: impl Fn(CameraEvent) -> M + Send + 'static,
+    wrap_talkback: impl Fn(TalkbackEvent) -> M + Send + 'static,
 ) -> Result<(LiveMedia, Option<ProfileLevelId>), u8> {
     let sources = crate::media::source::plan(
         &m.video,
@@ -285,8 +430,33 @@ pub(crate) async fn start_media<M: Send + 'static>(
     }
     let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
     let Some(camera) = sources.camera else {
+        if m.talkback {
+            eprintln!("error: talkback needs an rtsp:// camera (its speaker) as the video source");
+            return Err(exit::USAGE);
+        }
         return Ok((live, profile));
     };
+    if m.talkback {
+        let (ev_tx, ev_rx) = smol::channel::bounded(CAMERA_QUEUE);
+        let queue = crate::media::backchannel::spawn(camera.clone(), ev_tx);
+        live.talkback = Some(Talkback {
+            queue: TalkbackSender::new(queue),
+            codec: None,
+            speaker: None,
+            muted: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            gone: false,
+        });
+        let tx = tx.clone();
+        smol::spawn(async move {
+            while let Ok(ev) = ev_rx.recv().await {
+                if tx.send(wrap_talkback(ev)).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
     info!(camera = %camera, transport = ?camera.transport, "connecting to the camera");
     let (cam_tx, cam_rx) = smol::channel::bounded(CAMERA_QUEUE);
     smol::spawn(async_compat::Compat::new(crate::media::rtsp::run(
@@ -343,4 +513,99 @@ pub(crate) async fn start_media<M: Send + 'static>(
     })
     .detach();
     Ok((live, profile))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A station's media with a talkback queue (no task behind it) whose speaker plays
+    /// `codec`; the queue's receiving end.
+    fn with_speaker(codec: Codec) -> (LiveMedia, smol::channel::Receiver<TalkbackPacket>) {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        let (tx, rx) = smol::channel::bounded(8);
+        m.talkback = Some(Talkback {
+            queue: TalkbackSender::new(tx),
+            codec: None,
+            speaker: None,
+            muted: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            gone: false,
+        });
+        let (line, pref) = m.talkback_event(TalkbackEvent::Ready { codec });
+        assert_eq!((line["state"].as_str(), pref), (Some("ready"), Some(codec)));
+        (m, rx)
+    }
+
+    fn audio(call: &str, codec: Codec, data: &[u8], rtp_time: u64) -> MediaFrame {
+        MediaFrame {
+            call_id: call.into(),
+            kind: MediaKind::Audio,
+            codec,
+            rtp_time,
+            clock_rate: if codec == Codec::Opus { 48_000 } else { 8_000 },
+            contiguous: true,
+            data: Arc::from(data),
+        }
+    }
+
+    #[test]
+    fn one_call_at_a_time_reaches_the_speaker_and_mute_gates_it() {
+        let (mut m, rx) = with_speaker(Codec::Pcmu);
+        let now = Instant::now();
+        let line = m.remote_frame(&audio("a", Codec::Pcmu, &[1, 2], 0), now);
+        assert_eq!(line.unwrap()["state"], "speaking");
+        // A second call does not talk over the first.
+        assert!(m
+            .remote_frame(&audio("b", Codec::Pcmu, &[3], 0), now)
+            .is_none());
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcmu, &[4], 160), now)
+            .is_none());
+        let got: Vec<Vec<u8>> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|p| p.data)
+            .collect();
+        assert_eq!(got, [vec![1, 2], vec![4]]);
+        // Muting the speaker's call hands the speaker to the next call that talks.
+        assert_eq!(m.set_muted("a", true), Ok(()));
+        assert_eq!(m.muted("a"), Some(true));
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcmu, &[5], 320), now)
+            .is_none());
+        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[6], 160), now);
+        assert_eq!(line.unwrap()["call_id"], "b");
+        let p = rx.try_recv().unwrap();
+        assert_eq!((p.data, p.restart), (vec![6], true));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn opus_only_is_one_unavailable_line_and_the_other_law_is_converted() {
+        let (mut m, rx) = with_speaker(Codec::Pcma);
+        let now = Instant::now();
+        let line = m
+            .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 0), now)
+            .unwrap();
+        assert_eq!(
+            (&line["state"], &line["call_id"]),
+            (&json!("unavailable"), &json!("a"))
+        );
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 960), now)
+            .is_none());
+        assert!(rx.try_recv().is_err(), "no Opus reaches a G.711 speaker");
+        // PCMU silence (0xff) becomes PCMA silence (0xd5).
+        m.end_call("a");
+        m.remote_frame(&audio("b", Codec::Pcmu, &[0xff, 0xff], 0), now);
+        assert_eq!(rx.try_recv().unwrap().data, vec![0xd5, 0xd5]);
+    }
+
+    #[test]
+    fn a_station_without_talkback_cannot_mute() {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        assert_eq!(m.set_muted("a", true), Err(NoTalkback));
+        assert_eq!(m.muted("a"), None);
+        assert_eq!(m.talkback_state(), None);
+    }
 }

@@ -13,6 +13,7 @@
     )
 )]
 
+pub mod backchannel;
 pub mod g711;
 pub mod h264;
 pub mod ivf;

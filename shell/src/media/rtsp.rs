@@ -159,6 +159,20 @@ impl RtspSource {
     }
 }
 
+impl RtspSource {
+    /// The URL without credentials.
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    /// User name and password, if any (never to be logged).
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.creds
+            .as_ref()
+            .map(|c| (c.username.as_str(), c.password.as_str()))
+    }
+}
+
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

@@ -75,6 +75,11 @@ pub enum Command {
     Hangup(String),
     /// Ask the peer of a call for a video keyframe (PLI/FIR).
     RequestKeyframe(String),
+    /// Keep a call's audio from the camera's speaker (`true`), or let it through again.
+    Mute {
+        id: String,
+        muted: bool,
+    },
     /// Press DTMF digits in a call.
     SendDtmf {
         id: String,
@@ -306,6 +311,13 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Command, RouteError> {
         },
         ["calls", id, "keyframe"] => match method {
             "POST" => Ok(Command::RequestKeyframe((*id).to_owned())),
+            _ => wrong(vec!["POST"]),
+        },
+        ["calls", id, verb @ ("mute" | "unmute")] => match method {
+            "POST" => Ok(Command::Mute {
+                id: (*id).to_owned(),
+                muted: *verb == "mute",
+            }),
             _ => wrong(vec!["POST"]),
         },
         ["calls", id, "dtmf"] => match method {
@@ -561,6 +573,13 @@ mod tests {
         assert!(e.0 == 400 && e.1.contains(r#"{"digits": "12#"}"#), "{e:?}");
         assert_eq!(route("POST", "/calls/abc/dtmf", b"12#").unwrap_err().0, 400);
         assert_eq!(route("GET", "/calls/abc/dtmf", b"").unwrap_err().0, 405);
+        assert!(
+            matches!(route("POST", "/calls/abc/mute", b""), Ok(Command::Mute { id, muted: true }) if id == "abc")
+        );
+        assert!(
+            matches!(route("POST", "/calls/abc/unmute", b""), Ok(Command::Mute { id, muted: false }) if id == "abc")
+        );
+        assert_eq!(route("GET", "/calls/abc/mute", b"").unwrap_err().0, 405);
         assert!(matches!(
             route("GET", "/calls/", b""),
             Ok(Command::ListCalls)

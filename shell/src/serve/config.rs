@@ -115,6 +115,8 @@ struct StationSection {
     pin: Option<Spanned<String>>,
     /// A file holding the PIN, so it need not be in the config (like the other secrets).
     pin_file: Option<Spanned<PathBuf>>,
+    /// The caller's voice at the door: the call's audio to the camera's speaker.
+    talkback: Option<Spanned<bool>>,
 }
 
 /// The local HTTP API.
@@ -663,6 +665,14 @@ fn station(
     };
     let (answer, may_call) = people(s, &key, at, earlier)?;
     let pin = station_pin(s, &key, at)?;
+    let talkback = s.talkback.as_ref().is_some_and(|t| *t.get_ref());
+    if talkback && !video.starts_with("rtsp://") {
+        return Err(at(
+            s.talkback.as_ref().map(Spanned::span),
+            &key("talkback"),
+            "needs an rtsp:// camera as video (talkback plays through the camera's speaker)",
+        ));
+    }
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -672,6 +682,7 @@ fn station(
             rtsp_transport,
             record: s.record.clone(),
             forward_rtp,
+            talkback,
         },
         video: video_choice,
         rtsp_password,
@@ -843,6 +854,29 @@ answer = ["@you:localhost"]
         );
         assert!(c.network.relay_only);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn talkback_is_off_by_default_and_needs_a_camera() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.stations.iter().all(|s| !s.media.talkback));
+        let e = err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\ntalkback = true"));
+        assert!(
+            e.contains("line 21")
+                && e.contains("station \"garden\" talkback")
+                && e.contains("rtsp://"),
+            "{e}"
+        );
+        let c = parse(&GOOD.replace(
+            "name = \"garden\"",
+            "name = \"garden\"\nvideo = \"rtsp://cam@192.0.2.7/s\"\ntalkback = true",
+        ))
+        .unwrap();
+        assert!(c.stations[1].media.talkback);
+        assert!(
+            err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\ntalkback = 1"))
+                .contains("talkback")
+        );
     }
 
     #[test]

@@ -225,6 +225,7 @@ impl Policy for Serve {
             Command::Hangup(id) => self.hangup(d, &id, now),
             Command::RequestKeyframe(id) => self.request_keyframe(d, &id, now),
             Command::SendDtmf { id, digits } => self.send_dtmf(d, &id, &digits, now),
+            Command::Mute { id, muted } => self.mute(d, &id, muted),
             Command::Subscribe => match d.lines.subscribe(MAX_SUBSCRIBERS, api::EVENT_QUEUE) {
                 Some(rx) => Reply::Events(rx),
                 None => Reply::error(
@@ -309,6 +310,8 @@ impl Serve {
                 .map(|t| now.saturating_duration_since(t).as_secs()),
             "reason": rec.ended.as_ref().map(|e| e.0.clone()),
             "ended_by": rec.ended.as_ref().map(|e| e.1),
+            "talkback": d.stations.get(rec.station).and_then(|s| s.media.muted(id))
+                .map(|m| if m { "muted" } else { "unmuted" }),
             "stats": {
                 "frames_sent": info.as_ref().map_or(0, |i| i.frames_sent),
                 "frames_received": info.as_ref().map_or(0, |i| i.frames_received),
@@ -329,7 +332,10 @@ impl Serve {
             .stations
             .iter()
             .zip(&d.stations)
-            .map(|(c, s)| json!({"name": c.name, "camera_up": s.media.camera_up}))
+            .map(|(c, s)| {
+                json!({"name": c.name, "camera_up": s.media.camera_up,
+                    "talkback": s.media.talkback_state()})
+            })
             .collect();
         Reply::Json(
             if ok { 200 } else { 503 },
@@ -357,6 +363,7 @@ impl Serve {
                     "name": c.name,
                     "video": c.media_video(),
                     "camera_up": s.media.camera_up,
+                    "talkback": s.media.talkback_state(),
                     "answer": c.answer,
                     "may_call": c.may_call,
                 })
@@ -403,6 +410,35 @@ impl Serve {
                 Reply::Json(200, json!({"id": id, "requested": sent}))
             }
             Err(e) => Reply::error(409, format!("cannot ask {id:?} for a keyframe: {e}")),
+        }
+    }
+
+    /// `POST /calls/ID/mute` and `/unmute`: the call's audio toward the door only (the call
+    /// itself and what the owner hears are not touched). 409 for a station without talkback.
+    fn mute(&mut self, d: &mut Hub, id: &str, muted: bool) -> Reply {
+        if let Err(r) = self.live_call(id) {
+            return r;
+        }
+        let Some(station) = self.calls.get(id).map(|r| r.station) else {
+            return Reply::error(404, format!("no call {id:?}"));
+        };
+        let name = self.station_name(station).to_owned();
+        let Some(s) = d.stations.get_mut(station) else {
+            return Reply::error(404, format!("no station {name:?}"));
+        };
+        match s.media.set_muted(id, muted) {
+            Ok(()) => {
+                info!(call_id = %id, muted, "talkback (API)");
+                let state = if muted { "muted" } else { "unmuted" };
+                d.lines.emit(
+                    json!({"event": "talkback", "state": state, "call_id": id, "station": name}),
+                );
+                Reply::Json(200, json!({"id": id, "talkback": state}))
+            }
+            Err(_) => Reply::error(
+                409,
+                format!("station {name:?} has no talkback (set talkback = true)"),
+            ),
         }
     }
 

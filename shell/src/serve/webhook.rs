@@ -33,6 +33,7 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "dtmf",
     "door",
     "camera",
+    "talkback",
     "homeserver",
 ];
 
