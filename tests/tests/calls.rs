@@ -419,3 +419,18 @@ fn renegotiation_works_in_both_directions() {
         );
     }
 }
+
+#[test]
+fn the_pair_in_use_is_named_by_the_kinds_written_in_the_sdp() {
+    // The candidates came in the invite and answer, not in m.call.candidates: the pair is
+    // still host/host, not "prflx" (an address we had not been told about).
+    let BasicCall { scene, call_id, .. } = scenarios::basic_call(config(1));
+    for i in [scene.alice, scene.bob] {
+        let info = scene.world.agents[i]
+            .agent
+            .call_info(&call_id)
+            .expect("call known");
+        assert_eq!(info.local_candidate.as_deref(), Some("host"));
+        assert_eq!(info.remote_candidate.as_deref(), Some("host"));
+    }
+}

@@ -535,6 +535,7 @@ impl Call {
             e => InviteRefused::Sdp(format!("offer refused: {e}")),
         })?;
         call.prepared_answer = Some(answer.to_sdp_string());
+        call.note_sdp_candidates(offer_sdp);
         call.timers.set(Timer::Lifetime, now + remaining);
         Ok(call)
     }
@@ -885,6 +886,7 @@ impl Call {
             }
         }
         self.rtc_deadline = Some(now);
+        self.note_sdp_candidates(sdp);
         self.peer_v0 = party.is_none();
         self.remote_video = invite_has_video(sdp);
         if let Some(p) = &party {
@@ -937,6 +939,20 @@ impl Call {
 
     pub fn remote_candidate_count(&self) -> usize {
         self.remote_candidates
+    }
+
+    /// Kinds of the candidates written in the peer's offer or answer (str0m took the
+    /// candidates themselves), for naming the pair in use.
+    fn note_sdp_candidates(&mut self, sdp: &str) {
+        let lines = sdp.lines().filter_map(|l| l.trim().strip_prefix("a="));
+        for line in lines.filter(|l| l.starts_with("candidate:")) {
+            if self.remote_kinds.len() >= limits::MAX_REMOTE_CANDIDATES {
+                break;
+            }
+            if let Ok(c) = Candidate::from_sdp_string(line) {
+                self.remote_kinds.push((c.addr(), c.kind()));
+            }
+        }
     }
 
     pub fn add_remote_candidate(&mut self, line: &str) {
