@@ -123,6 +123,36 @@ fn hub_connected(hub: &Proc) -> bool {
             .any(|e| e.value["event"] == "ended" || live::is_state(&e.value, "ended"))
 }
 
+/// The hub's wake-ups per second of connected call, by cause, from its first and last
+/// `stats` lines (one a second while a call has media).
+fn wakeups_per_s(hub: &Proc) -> Value {
+    let stats: Vec<_> = hub
+        .events()
+        .into_iter()
+        .filter(|e| e.value["event"] == "stats" && e.value["wakeups"].is_object())
+        .collect();
+    let (Some(first), Some(last)) = (stats.first(), stats.last()) else {
+        return Value::Null;
+    };
+    let secs = last.at.duration_since(first.at).as_secs_f64();
+    if secs <= 0.0 {
+        return Value::Null;
+    }
+    let per_s = |k: &str| {
+        let d = last.value["wakeups"][k].as_u64().unwrap_or(0)
+            - first.value["wakeups"][k].as_u64().unwrap_or(0);
+        (d as f64 / secs).round()
+    };
+    let rx = |e: &live::Event| e.value["packets_received"].as_u64().unwrap_or(0);
+    let tx = |e: &live::Event| e.value["packets_sent"].as_u64().unwrap_or(0);
+    json!({
+        "agent_timer": per_s("agent_timer"), "shell_timer": per_s("shell_timer"),
+        "socket": per_s("socket"), "message": per_s("message"),
+        "datagrams_received": ((rx(last) - rx(first)) as f64 / secs).round(),
+        "datagrams_sent": ((tx(last) - tx(first)) as f64 / secs).round(),
+    })
+}
+
 /// ms from the js peer's mark `from` to its first decoded video frame.
 fn first_frame_ms(peer: &Proc, from: &str) -> Option<i64> {
     let r = peer.last_json();
@@ -155,6 +185,7 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) 
         "bench": "live_call", "call": "peer_calls_hub",
         "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
         "first_frame_at_peer_ms": first_frame_ms(&peer, "placing"),
+        "hub_wakeups_per_s": wakeups_per_s(&bob),
         "peer_connected_ms": first_frame_ms_mark(&peer, "placing", "connected"),
     })
 }
@@ -179,6 +210,7 @@ fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str, tck: f64) 
         "bench": "live_call", "call": "hub_calls_peer",
         "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
         "first_frame_at_peer_ms": first_frame_ms(&peer, "incoming"),
+        "hub_wakeups_per_s": wakeups_per_s(&bob),
         "peer_connected_ms": first_frame_ms_mark(&peer, "incoming", "connected"),
     })
 }

@@ -241,5 +241,11 @@ fn stats<C>(d: &mut Driver<C>) {
         "camera_up": camera_up,
         "camera_frames": camera_frames,
         "panics_caught": d.agent.panics_caught(),
+        "wakeups": {
+            "agent_timer": c.wakeups.agent_timer,
+            "shell_timer": c.wakeups.shell_timer,
+            "socket": c.wakeups.socket,
+            "message": c.wakeups.message,
+        },
     }));
 }

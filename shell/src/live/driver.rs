@@ -169,6 +169,21 @@ pub(crate) struct Counters {
     pub bytes_received: u64,
     pub video_frames_received: u64,
     pub audio_frames_received: u64,
+    /// What woke the loop (issue #19's live bench reports these per second).
+    pub wakeups: Wakeups,
+}
+
+/// The loop's wake-ups by cause.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Wakeups {
+    /// The core's own deadline (str0m, Matrix, STUN/TURN timers).
+    pub agent_timer: u64,
+    /// A media frame (or another shell deadline) was due.
+    pub shell_timer: u64,
+    /// A socket was readable.
+    pub socket: u64,
+    /// A message: an HTTP answer, a command, a camera event, a signal.
+    pub message: u64,
 }
 
 pub(crate) struct Driver<C> {
@@ -808,6 +823,7 @@ impl<C: Send + 'static> Driver<C> {
                 timer.set_at(deadline);
                 armed = Some(deadline);
             }
+            let for_agent = deadline == agent_at;
             let wake = async { rx.recv().await.map_or(Wake::Timer, Wake::Msg) }
                 .or(async {
                     net::readable(&sockets).await;
@@ -818,6 +834,13 @@ impl<C: Send + 'static> Driver<C> {
                     Wake::Timer
                 })
                 .await;
+            let w = &mut self.counters.wakeups;
+            match wake {
+                Wake::Msg(_) => w.message += 1,
+                Wake::Readable => w.socket += 1,
+                Wake::Timer if for_agent => w.agent_timer += 1,
+                Wake::Timer => w.shell_timer += 1,
+            }
             match wake {
                 Wake::Msg(msg) => self.on_msg(p, msg, Instant::now()),
                 Wake::Readable => self.read_datagrams(p, &sockets, &mut buf),
