@@ -23,6 +23,7 @@ pub mod pump;
 pub mod rtsp;
 pub mod sink;
 pub mod source;
+pub mod speaker;
 
 use std::fmt;
 use std::time::Duration;
