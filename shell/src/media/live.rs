@@ -21,6 +21,7 @@ use crate::media::g711;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
+use crate::media::speaker::SpeakerEvent;
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
 /// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
@@ -45,6 +46,22 @@ pub struct Talkback {
     pub gone: bool,
 }
 
+/// The hub's own speaker (ALSA): the first call that sends G.711 audio plays there until it
+/// ends.
+#[derive(Debug)]
+pub struct HubSpeaker {
+    #[cfg(feature = "alsa")]
+    device: crate::media::speaker::Speaker,
+    /// The call at the speaker.
+    call: Option<String>,
+    /// Calls told that their audio cannot play (Opus only).
+    unavailable: BTreeSet<String>,
+    /// The device is open (false between `lost` and `ready`).
+    pub up: bool,
+    /// Samples decoded for the speaker (what the tests and `/health` can watch).
+    pub samples: u64,
+}
+
 /// Why a call cannot be muted or unmuted: its station has no talkback.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NoTalkback;
@@ -64,6 +81,8 @@ pub struct LiveMedia {
     pub camera_frames: u64,
     /// The camera's speaker, for a station with `talkback`.
     pub talkback: Option<Talkback>,
+    /// The hub's own speaker, for `--speaker` / station `speaker`.
+    pub speaker: Option<HubSpeaker>,
 }
 
 impl LiveMedia {
@@ -83,6 +102,7 @@ impl LiveMedia {
             camera_up: false,
             camera_frames: 0,
             talkback: None,
+            speaker: None,
         }
     }
 
@@ -136,6 +156,12 @@ impl LiveMedia {
             }
             t.muted.remove(call_id);
             t.unavailable.remove(call_id);
+        }
+        if let Some(sp) = &mut self.speaker {
+            if sp.call.as_deref() == Some(call_id) {
+                sp.call = None;
+            }
+            sp.unavailable.remove(call_id);
         }
         self.forwarders.remove(call_id);
         let r = self.recorders.remove(call_id)?;
@@ -262,9 +288,69 @@ impl LiveMedia {
         line
     }
 
+    /// The speaker thread's news: the line to print.
+    pub fn speaker_event(&mut self, e: SpeakerEvent) -> serde_json::Value {
+        let Some(sp) = &mut self.speaker else {
+            return json!({"event": "speaker", "state": "unexpected"});
+        };
+        match e {
+            SpeakerEvent::Ready => {
+                sp.up = true;
+                json!({"event": "speaker", "state": "ready"})
+            }
+            SpeakerEvent::Lost { message } => {
+                sp.up = false;
+                json!({"event": "speaker", "state": "lost", "message": message})
+            }
+        }
+    }
+
+    /// A call's remote audio toward the hub's speaker: G.711 decoded into its buffer; a line
+    /// when a call starts playing there or learns that it cannot.
+    fn play(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
+        let sp = self.speaker.as_mut()?;
+        let call_id = f.call_id.as_str();
+        if f.kind != MediaKind::Audio {
+            return None;
+        }
+        let decode: fn(u8) -> i16 = match f.codec {
+            Codec::Pcmu => g711::ulaw_to_linear,
+            Codec::Pcma => g711::alaw_to_linear,
+            theirs => {
+                if !sp.unavailable.insert(call_id.to_owned()) {
+                    return None;
+                }
+                warn!(%call_id, codec = ?theirs,
+                    "speaker: the peer sends {theirs:?} only; the hub's speaker plays G.711 (PCMU/PCMA)");
+                return Some(
+                    json!({"event": "speaker", "state": "unavailable", "call_id": call_id,
+                    "message": format!("the peer sends {theirs:?}; the hub's speaker plays PCMU or PCMA")}),
+                );
+            }
+        };
+        let line = match &sp.call {
+            Some(c) if c == call_id => None,
+            Some(_) => return None,
+            None => {
+                sp.call = Some(call_id.to_owned());
+                #[cfg(feature = "alsa")]
+                sp.device.clear();
+                info!(%call_id, codec = ?f.codec, "speaker: this call's audio plays on the hub's speaker");
+                Some(json!({"event": "speaker", "state": "playing", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec)}))
+            }
+        };
+        let samples: Vec<i16> = f.data.iter().map(|&b| decode(b)).collect();
+        sp.samples += samples.len() as u64;
+        #[cfg(feature = "alsa")]
+        sp.device.push(&samples);
+        line
+    }
+
     /// Remote media of a call; a line to print when there is news.
     pub fn remote_frame(&mut self, f: &MediaFrame, now: Instant) -> Option<serde_json::Value> {
         let line = self.talk(f);
+        let line = self.play(f).or(line);
         if let Some(r) = self.recorders.get_mut(f.call_id.as_str()) {
             if let Err(e) = r.write(f, now) {
                 warn!(call_id = %f.call_id, "recording: {e}");
@@ -392,10 +478,53 @@ impl LiveMedia {
     }
 }
 
+/// Opens the hub's speaker; its events reach `tx`. `Err` is the exit code, after a clear
+/// message (a missing device is a start-up error, like a missing file).
+#[cfg(feature = "alsa")]
+fn open_speaker<M: Send + 'static>(
+    device: &str,
+    tx: &Sender<M>,
+    wrap: impl Fn(SpeakerEvent) -> M + Send + 'static,
+) -> Result<HubSpeaker, u8> {
+    let (ev_tx, ev_rx) = smol::channel::bounded(CAMERA_QUEUE);
+    let speaker = crate::media::speaker::Speaker::open(device, ev_tx).map_err(|e| {
+        eprintln!("error: --speaker: {e}");
+        exit::USAGE
+    })?;
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = ev_rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok(HubSpeaker {
+        device: speaker,
+        call: None,
+        unavailable: BTreeSet::new(),
+        up: true,
+        samples: 0,
+    })
+}
+
+#[cfg(not(feature = "alsa"))]
+fn open_speaker<M: Send + 'static>(
+    _device: &str,
+    _tx: &Sender<M>,
+    _wrap: impl Fn(SpeakerEvent) -> M + Send + 'static,
+) -> Result<HubSpeaker, u8> {
+    eprintln!("error: --speaker: this build has no ALSA support (cargo feature `alsa`)");
+    Err(exit::USAGE)
+}
+
 /// Reads the media options: files are loaded and checked, a camera is connected to and its
 /// first keyframe awaited (for its H.264 profile). Camera events reach `tx` wrapped by `wrap`;
 /// a forwarder writes its SDP file at `forward_sdp`. `Err` is the exit code, after a clear
 /// message.
+// One wrapper per kind of task event, so each task stays unaware of the driver's messages.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_media<M: Send + 'static>(
     m: &MediaOptions,
     video: VideoChoice,
@@ -404,6 +533,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
     tx: &Sender<M>,
     wrap: impl Fn(CameraEvent) -> M + Send + 'static,
     wrap_talkback: impl Fn(TalkbackEvent) -> M + Send + 'static,
+    wrap_speaker: impl Fn(SpeakerEvent) -> M + Send + 'static,
 ) -> Result<(LiveMedia, Option<ProfileLevelId>), u8> {
     let sources = crate::media::source::plan(
         &m.video,
@@ -429,6 +559,9 @@ pub(crate) async fn start_media<M: Send + 'static>(
         let _ = std::fs::create_dir_all(dir);
     }
     let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
+    if let Some(device) = &m.speaker {
+        live.speaker = Some(open_speaker(device, tx, wrap_speaker)?);
+    }
     let Some(camera) = sources.camera else {
         if m.talkback {
             eprintln!("error: talkback needs an rtsp:// camera (its speaker) as the video source");

@@ -117,6 +117,8 @@ struct StationSection {
     pin_file: Option<Spanned<PathBuf>>,
     /// The caller's voice at the door: the call's audio to the camera's speaker.
     talkback: Option<Spanned<bool>>,
+    /// The caller's voice from the hub's own speaker: an ALSA device.
+    speaker: Option<Spanned<String>>,
 }
 
 /// The local HTTP API.
@@ -673,6 +675,16 @@ fn station(
             "needs an rtsp:// camera as video (talkback plays through the camera's speaker)",
         ));
     }
+    let speaker = match &s.speaker {
+        Some(d) if d.get_ref().trim().is_empty() => {
+            return Err(at(
+                Some(d.span()),
+                &key("speaker"),
+                "needs an ALSA device name (e.g. \"default\")",
+            ))
+        }
+        d => d.as_ref().map(|d| d.get_ref().clone()),
+    };
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -683,6 +695,7 @@ fn station(
             record: s.record.clone(),
             forward_rtp,
             talkback,
+            speaker,
         },
         video: video_choice,
         rtsp_password,
