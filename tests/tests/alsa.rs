@@ -24,13 +24,19 @@ const READY: Duration = Duration::from_secs(30);
 /// From placing a call to connected with media flowing, on loopback.
 const CONNECT: Duration = Duration::from_secs(40);
 
-/// An ALSA config in `dir` whose PCM `hubspeaker` writes what is played to `out`.
+/// An ALSA config in `dir` whose PCM `hubspeaker` writes what is played to `out`, and whose
+/// PCM `hubmic` records `dir/mic.raw` (the `file` plugin's `infile`; what it hands out is
+/// copied to `dir/mic-copy.raw`).
 fn alsa_config(dir: &Path, out: &Path) -> PathBuf {
     let conf = dir.join("asound.conf");
     let text = format!(
         "pcm.hubspeaker {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
-         file \"{}\"\n  format \"raw\"\n}}\n",
-        out.display()
+         file \"{}\"\n  format \"raw\"\n}}\n\
+         pcm.hubmic {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
+         file \"{}\"\n  infile \"{}\"\n  format \"raw\"\n}}\n",
+        out.display(),
+        dir.join("mic-copy.raw").display(),
+        dir.join("mic.raw").display()
     );
     fs::write(&conf, text).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
     conf
@@ -139,4 +145,71 @@ fn the_hub_speaker_plays_the_callers_sine() {
 
     assert_eq!(peer.wait_exit(Duration::from_secs(60)), 0, "{}", peer.report());
     assert_eq!(hub.wait_exit(Duration::from_secs(20)), 0, "{}", hub.report());
+}
+
+/// `seconds` of a `freq` Hz sine as raw s16le, 8 kHz mono.
+fn sine_file(path: &Path, freq: f64, seconds: usize) {
+    let bytes: Vec<u8> = (0..seconds * 8000)
+        .flat_map(|i| {
+            let t = i as f64 / 8000.0;
+            let v = (8000.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16;
+            v.to_le_bytes()
+        })
+        .collect();
+    fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+#[test]
+fn the_hub_microphone_reaches_the_caller() {
+    let name = "the_hub_microphone_reaches_the_caller";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let alice = live.user("alice");
+    let hub_user = live.user("hub");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let conf = alsa_config(&live.dir, &live.dir.join("unused.raw"));
+    // 1 kHz, not the hub's 440 Hz tone: what the peer hears is the microphone.
+    sine_file(&live.dir.join("mic.raw"), 1000.0, 60);
+    let conf_s = conf.display().to_string();
+    let mut hub = live.listen_with_env(
+        &hub_user,
+        &[
+            "--allow",
+            &alice.id,
+            "--max-calls",
+            "1",
+            "--video",
+            "none",
+            "--audio",
+            "alsa:hubmic",
+        ],
+        &[("ALSA_CONFIG_PATH", &conf_s)],
+    );
+    hub.wait_event("ready", READY);
+    let mut peer = live.js_peer(
+        &alice,
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "6",
+            "--max-wait-s",
+            "60",
+            "--require",
+            "audio",
+        ],
+    );
+    assert_eq!(peer.wait_exit(Duration::from_secs(75)), 0, "{}\n{}", peer.report(), hub.report());
+    assert_eq!(hub.wait_exit(Duration::from_secs(20)), 0, "{}", hub.report());
+    let r = peer.last_json();
+    let packets = r["rtp"]["inbound"]["audio"]["packets"].as_u64().unwrap_or(0);
+    assert!(packets >= 150, "{packets} audio packets reached the peer: {r}");
+    let tone = &r["audio_tone"];
+    eprintln!("peer heard: {tone}");
+    let share = |f: &str| tone["shares"][f].as_f64().unwrap_or(0.0);
+    assert!(tone["rms"].as_f64().unwrap_or(0.0) > 300.0, "silence at the peer: {tone}");
+    assert!(share("1000") > 0.5, "not the microphone's 1 kHz: {tone}");
+    assert!(share("440") < 0.05, "the hub's tone, not the microphone: {tone}");
 }

@@ -53,7 +53,7 @@ pub struct FileConfig {
     pub relay_only: Option<bool>,
     /// Video source: `testclip`, `file:PATH` (H.264 Annex B), `rtsp://...`, `none`.
     pub video: Option<String>,
-    /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `none`.
+    /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `alsa:DEVICE`, `none`.
     pub audio: Option<String>,
     /// Frame rate an H.264 file is played at.
     pub video_fps: Option<u32>,
@@ -127,7 +127,8 @@ pub struct CommonArgs {
     /// Video source: testclip, file:PATH (H.264 Annex B), rtsp://..., none [default: testclip]
     #[arg(long, value_name = "SOURCE")]
     pub video: Option<String>,
-    /// Audio source: tone, file:PATH (Ogg Opus), camera, none [default: the camera's, else tone]
+    /// Audio source: tone, file:PATH (Ogg Opus), camera, alsa:DEVICE (a microphone), none
+    /// [default: the camera's, else tone]
     #[arg(long, value_name = "SOURCE")]
     pub audio: Option<String>,
     /// Frame rate an H.264 file is played at [default: 25]

@@ -69,6 +69,8 @@ pub(crate) enum Msg<C> {
     Talkback(usize, TalkbackEvent),
     /// An event of the hub's own speaker of station `.0`.
     Speaker(usize, crate::media::speaker::SpeakerEvent),
+    /// A period or event of the hub's microphone of station `.0`.
+    Mic(usize, crate::media::mic::MicEvent),
     Command(C),
 }
 
@@ -760,6 +762,15 @@ impl<C: Send + 'static> Driver<C> {
                 let line = s.media.speaker_event(e);
                 self.emit_for(Some(i), line);
             }
+            Msg::Mic(i, e) => {
+                let line = self
+                    .stations
+                    .get_mut(i)
+                    .and_then(|s| s.media.mic_event(&mut self.agent, e, now));
+                if let Some(line) = line {
+                    self.emit_for(Some(i), line);
+                }
+            }
             Msg::Command(c) => p.on_command(self, c, now),
         }
     }
@@ -897,6 +908,7 @@ async fn start_stations<C: Send + 'static>(
             move |ev| Msg::Camera(i, ev),
             move |ev| Msg::Talkback(i, ev),
             move |ev| Msg::Speaker(i, ev),
+            move |ev| Msg::Mic(i, ev),
         );
         let (media, profile) = started.await.inspect_err(|_| {
             if let Some(name) = &st.name {

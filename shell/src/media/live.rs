@@ -21,6 +21,8 @@ use crate::media::g711;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
+use crate::media::mic::MicEvent;
+use crate::media::pump::AudioSource;
 use crate::media::speaker::SpeakerEvent;
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
@@ -83,6 +85,9 @@ pub struct LiveMedia {
     pub talkback: Option<Talkback>,
     /// The hub's own speaker, for `--speaker` / station `speaker`.
     pub speaker: Option<HubSpeaker>,
+    /// The hub's microphone (`--audio alsa:DEVICE`), kept open while the process runs.
+    #[cfg(feature = "alsa")]
+    mic: Option<crate::media::mic::Mic>,
 }
 
 impl LiveMedia {
@@ -103,6 +108,8 @@ impl LiveMedia {
             camera_frames: 0,
             talkback: None,
             speaker: None,
+            #[cfg(feature = "alsa")]
+            mic: None,
         }
     }
 
@@ -286,6 +293,28 @@ impl LiveMedia {
             restart: restart || !f.contiguous,
         });
         line
+    }
+
+    /// The microphone thread's news: a period goes to every call; a line when the device
+    /// is lost or back.
+    pub fn mic_event(
+        &mut self,
+        agent: &mut Agent,
+        e: MicEvent,
+        now: Instant,
+    ) -> Option<serde_json::Value> {
+        match e {
+            MicEvent::Frame { samples, rtp_time } => {
+                for m in self.calls.values_mut() {
+                    m.mic_audio(agent, &samples, rtp_time, now);
+                }
+                None
+            }
+            MicEvent::Ready => Some(json!({"event": "microphone", "state": "ready"})),
+            MicEvent::Lost { message } => {
+                Some(json!({"event": "microphone", "state": "lost", "message": message}))
+            }
+        }
     }
 
     /// The speaker thread's news: the line to print.
@@ -478,6 +507,44 @@ impl LiveMedia {
     }
 }
 
+/// Opens the hub's microphone; its periods and events reach `tx`. `Err` is the exit code,
+/// after a clear message.
+#[cfg(feature = "alsa")]
+fn open_mic<M: Send + 'static>(
+    live: &mut LiveMedia,
+    device: &str,
+    tx: &Sender<M>,
+    wrap: impl Fn(MicEvent) -> M + Send + 'static,
+) -> Result<(), u8> {
+    let (ev_tx, ev_rx) = smol::channel::bounded(crate::media::mic::MIC_QUEUE);
+    let mic = crate::media::mic::Mic::open(device, ev_tx).map_err(|e| {
+        eprintln!("error: --audio alsa:{device}: {e}");
+        exit::USAGE
+    })?;
+    live.mic = Some(mic);
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = ev_rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+#[cfg(not(feature = "alsa"))]
+fn open_mic<M: Send + 'static>(
+    _live: &mut LiveMedia,
+    device: &str,
+    _tx: &Sender<M>,
+    _wrap: impl Fn(MicEvent) -> M + Send + 'static,
+) -> Result<(), u8> {
+    eprintln!("error: --audio alsa:{device}: this build has no ALSA support (cargo feature `alsa`)");
+    Err(exit::USAGE)
+}
+
 /// Opens the hub's speaker; its events reach `tx`. `Err` is the exit code, after a clear
 /// message (a missing device is a start-up error, like a missing file).
 #[cfg(feature = "alsa")]
@@ -534,6 +601,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
     wrap: impl Fn(CameraEvent) -> M + Send + 'static,
     wrap_talkback: impl Fn(TalkbackEvent) -> M + Send + 'static,
     wrap_speaker: impl Fn(SpeakerEvent) -> M + Send + 'static,
+    wrap_mic: impl Fn(MicEvent) -> M + Send + 'static,
 ) -> Result<(LiveMedia, Option<ProfileLevelId>), u8> {
     let sources = crate::media::source::plan(
         &m.video,
@@ -558,7 +626,14 @@ pub(crate) async fn start_media<M: Send + 'static>(
     if let Some(dir) = forward.as_ref().and_then(|(_, sdp)| sdp.parent()) {
         let _ = std::fs::create_dir_all(dir);
     }
+    let mic_device = match &sources.plan.audio {
+        AudioSource::Mic(d) => Some(d.clone()),
+        _ => None,
+    };
     let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
+    if let Some(device) = mic_device {
+        open_mic(&mut live, &device, tx, wrap_mic)?;
+    }
     if let Some(device) = &m.speaker {
         live.speaker = Some(open_speaker(device, tx, wrap_speaker)?);
     }

@@ -18,6 +18,7 @@ pub mod g711;
 pub mod h264;
 pub mod ivf;
 pub mod live;
+pub mod mic;
 pub mod ogg;
 pub mod pump;
 pub mod rtsp;
