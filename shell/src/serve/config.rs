@@ -565,12 +565,16 @@ fn sources(
         }
     }
     if let (Some(a), Some(span)) = (&audio, s.audio.as_ref().map(Spanned::span)) {
-        let ok = matches!(a.as_str(), "tone" | "camera" | "none") || a.starts_with("file:");
+        let ok = matches!(a.as_str(), "tone" | "camera" | "none")
+            || a.starts_with("file:")
+            || a.strip_prefix("alsa:").is_some_and(|d| !d.is_empty());
         if !ok {
             return Err(at(
                 Some(span),
                 &key("audio"),
-                &format!("{a:?}: use tone, camera, none or file:PATH (Ogg Opus)"),
+                &format!(
+                    "{a:?}: use tone, camera, none, file:PATH (Ogg Opus) or alsa:DEVICE (a microphone)"
+                ),
             ));
         }
     }
@@ -867,6 +871,24 @@ answer = ["@you:localhost"]
         );
         assert!(c.network.relay_only);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_station_names_its_speaker_and_microphone() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.stations.iter().all(|s| s.media.speaker.is_none()));
+        let c = parse(&GOOD.replace(
+            "name = \"garden\"",
+            "name = \"garden\"\nspeaker = \"default\"\naudio = \"alsa:plughw:1\"",
+        ))
+        .unwrap();
+        assert_eq!(c.stations[1].media.speaker.as_deref(), Some("default"));
+        assert_eq!(c.stations[1].media.audio.as_deref(), Some("alsa:plughw:1"));
+        let e = err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\nspeaker = \" \""));
+        assert!(
+            e.contains("station \"garden\" speaker") && e.contains("ALSA device"),
+            "{e}"
+        );
     }
 
     #[test]
