@@ -559,7 +559,16 @@ pub fn agent(
     subcommand: &str,
     args: &[&str],
 ) -> Proc {
-    agent_with_env(dir, name, homeserver, user_id, password, subcommand, args, &[])
+    agent_with_env(
+        dir,
+        name,
+        homeserver,
+        user_id,
+        password,
+        subcommand,
+        args,
+        &[],
+    )
 }
 
 /// [`agent`] with `env` set besides (e.g. `ALSA_CONFIG_PATH`).

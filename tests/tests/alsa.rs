@@ -68,7 +68,13 @@ fn a_missing_speaker_device_is_a_start_up_error() {
     let out = run(
         Command::new(agent_binary())
             .args(["listen", "--homeserver", "http://127.0.0.1:9"])
-            .args(["--user", "@hub:localhost", "--allow-anyone", "--allow-loopback", "--state-dir"])
+            .args([
+                "--user",
+                "@hub:localhost",
+                "--allow-anyone",
+                "--allow-loopback",
+                "--state-dir",
+            ])
             .arg(dir.join("state"))
             .args(["--speaker", "no-such-speaker"])
             .env("CALL_ASSIST_PASSWORD", "x")
@@ -125,7 +131,10 @@ fn the_hub_speaker_plays_the_callers_sine() {
     thread::sleep(Duration::from_secs(1));
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let (t0, c0) = (Instant::now(), thread_cpu_ticks(hub.pid(), "speaker"));
-    let (h0, s0) = (cpu_ticks(hub.pid()), fs::metadata(&speaker).map_or(0, |m| m.len()));
+    let (h0, s0) = (
+        cpu_ticks(hub.pid()),
+        fs::metadata(&speaker).map_or(0, |m| m.len()),
+    );
     thread::sleep(Duration::from_secs(5));
     let secs = t0.elapsed().as_secs_f64();
     let thread_ms = (thread_cpu_ticks(hub.pid(), "speaker") - c0) as f64 * 1000.0 / ticks_per_s;
@@ -143,8 +152,18 @@ fn the_hub_speaker_plays_the_callers_sine() {
     assert!((7000.0..9000.0).contains(&rate), "{rate} samples/s");
     assert_hears_the_sine(&speaker, &hub);
 
-    assert_eq!(peer.wait_exit(Duration::from_secs(60)), 0, "{}", peer.report());
-    assert_eq!(hub.wait_exit(Duration::from_secs(20)), 0, "{}", hub.report());
+    assert_eq!(
+        peer.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        peer.report()
+    );
+    assert_eq!(
+        hub.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        hub.report()
+    );
 }
 
 /// `seconds` of a `freq` Hz sine as raw s16le, 8 kHz mono.
@@ -201,15 +220,37 @@ fn the_hub_microphone_reaches_the_caller() {
             "audio",
         ],
     );
-    assert_eq!(peer.wait_exit(Duration::from_secs(75)), 0, "{}\n{}", peer.report(), hub.report());
-    assert_eq!(hub.wait_exit(Duration::from_secs(20)), 0, "{}", hub.report());
+    assert_eq!(
+        peer.wait_exit(Duration::from_secs(75)),
+        0,
+        "{}\n{}",
+        peer.report(),
+        hub.report()
+    );
+    assert_eq!(
+        hub.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        hub.report()
+    );
     let r = peer.last_json();
-    let packets = r["rtp"]["inbound"]["audio"]["packets"].as_u64().unwrap_or(0);
-    assert!(packets >= 150, "{packets} audio packets reached the peer: {r}");
+    let packets = r["rtp"]["inbound"]["audio"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        packets >= 150,
+        "{packets} audio packets reached the peer: {r}"
+    );
     let tone = &r["audio_tone"];
     eprintln!("peer heard: {tone}");
     let share = |f: &str| tone["shares"][f].as_f64().unwrap_or(0.0);
-    assert!(tone["rms"].as_f64().unwrap_or(0.0) > 300.0, "silence at the peer: {tone}");
+    assert!(
+        tone["rms"].as_f64().unwrap_or(0.0) > 300.0,
+        "silence at the peer: {tone}"
+    );
     assert!(share("1000") > 0.5, "not the microphone's 1 kHz: {tone}");
-    assert!(share("440") < 0.05, "the hub's tone, not the microphone: {tone}");
+    assert!(
+        share("440") < 0.05,
+        "the hub's tone, not the microphone: {tone}"
+    );
 }

@@ -916,7 +916,10 @@ async fn start_stations<C: Send + 'static>(
             }
         })?;
         // The hub's speaker plays G.711: calls ask the peer for PCMU first (no Opus decoder).
-        let audio_preference = media.speaker.is_some().then_some(call_assist_core::Codec::Pcmu);
+        let audio_preference = media
+            .speaker
+            .is_some()
+            .then_some(call_assist_core::Codec::Pcmu);
         stations.push(Station {
             name: st.name,
             media,

@@ -18,11 +18,11 @@ use crate::live::config::MediaOptions;
 use crate::live::exit;
 use crate::media::backchannel::{TalkbackEvent, TalkbackPacket, TalkbackSender};
 use crate::media::g711;
+use crate::media::mic::MicEvent;
+use crate::media::pump::AudioSource;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
-use crate::media::mic::MicEvent;
-use crate::media::pump::AudioSource;
 use crate::media::speaker::SpeakerEvent;
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
@@ -52,10 +52,13 @@ pub struct Talkback {
 /// ends.
 #[derive(Debug)]
 pub struct HubSpeaker {
+    /// `None` only in unit tests (no device behind the gate).
     #[cfg(feature = "alsa")]
-    device: crate::media::speaker::Speaker,
+    device: Option<crate::media::speaker::Speaker>,
     /// The call at the speaker.
     call: Option<String>,
+    /// Calls whose audio must not play (`POST /calls/ID/mute`).
+    muted: BTreeSet<String>,
     /// Calls told that their audio cannot play (Opus only).
     unavailable: BTreeSet<String>,
     /// The device is open (false between `lost` and `ready`).
@@ -64,7 +67,7 @@ pub struct HubSpeaker {
     pub samples: u64,
 }
 
-/// Why a call cannot be muted or unmuted: its station has no talkback.
+/// Why a call cannot be muted or unmuted: its station has neither talkback nor the hub's speaker.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NoTalkback;
 
@@ -169,6 +172,7 @@ impl LiveMedia {
                 sp.call = None;
             }
             sp.unavailable.remove(call_id);
+            sp.muted.remove(call_id);
         }
         self.forwarders.remove(call_id);
         let r = self.recorders.remove(call_id)?;
@@ -186,16 +190,31 @@ impl LiveMedia {
         }
     }
 
-    /// Gates a call's audio toward the door (`muted`), for a station with talkback.
+    /// Gates a call's audio toward the door (`muted`): the camera's speaker (talkback) and the
+    /// hub's own, whichever the station has.
     pub fn set_muted(&mut self, call_id: &str, muted: bool) -> Result<(), NoTalkback> {
-        let t = self.talkback.as_mut().ok_or(NoTalkback)?;
-        if muted {
-            t.muted.insert(call_id.to_owned());
-            if t.speaker.as_deref() == Some(call_id) {
-                t.speaker = None;
+        if self.talkback.is_none() && self.speaker.is_none() {
+            return Err(NoTalkback);
+        }
+        if let Some(t) = &mut self.talkback {
+            if muted {
+                t.muted.insert(call_id.to_owned());
+                if t.speaker.as_deref() == Some(call_id) {
+                    t.speaker = None;
+                }
+            } else {
+                t.muted.remove(call_id);
             }
-        } else {
-            t.muted.remove(call_id);
+        }
+        if let Some(sp) = &mut self.speaker {
+            if muted {
+                sp.muted.insert(call_id.to_owned());
+                if sp.call.as_deref() == Some(call_id) {
+                    sp.call = None;
+                }
+            } else {
+                sp.muted.remove(call_id);
+            }
         }
         Ok(())
     }
@@ -212,9 +231,13 @@ impl LiveMedia {
         })
     }
 
-    /// Whether a call's audio is kept from the door (`None`: no talkback).
+    /// Whether a call's audio is kept from the door (`None`: no speaker of either kind).
     pub fn muted(&self, call_id: &str) -> Option<bool> {
-        self.talkback.as_ref().map(|t| t.muted.contains(call_id))
+        match (&self.talkback, &self.speaker) {
+            (Some(t), _) => Some(t.muted.contains(call_id)),
+            (None, Some(sp)) => Some(sp.muted.contains(call_id)),
+            (None, None) => None,
+        }
     }
 
     /// The backchannel task's news: the line to print, and the codec the hub's calls
@@ -339,7 +362,7 @@ impl LiveMedia {
     fn play(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
         let sp = self.speaker.as_mut()?;
         let call_id = f.call_id.as_str();
-        if f.kind != MediaKind::Audio {
+        if f.kind != MediaKind::Audio || sp.muted.contains(call_id) {
             return None;
         }
         let decode: fn(u8) -> i16 = match f.codec {
@@ -363,16 +386,22 @@ impl LiveMedia {
             None => {
                 sp.call = Some(call_id.to_owned());
                 #[cfg(feature = "alsa")]
-                sp.device.clear();
+                if let Some(d) = &sp.device {
+                    d.clear();
+                }
                 info!(%call_id, codec = ?f.codec, "speaker: this call's audio plays on the hub's speaker");
-                Some(json!({"event": "speaker", "state": "playing", "call_id": call_id,
-                    "codec": format!("{:?}", f.codec)}))
+                Some(
+                    json!({"event": "speaker", "state": "playing", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec)}),
+                )
             }
         };
         let samples: Vec<i16> = f.data.iter().map(|&b| decode(b)).collect();
         sp.samples += samples.len() as u64;
         #[cfg(feature = "alsa")]
-        sp.device.push(&samples);
+        if let Some(d) = &sp.device {
+            d.push(&samples);
+        }
         line
     }
 
@@ -541,7 +570,9 @@ fn open_mic<M: Send + 'static>(
     _tx: &Sender<M>,
     _wrap: impl Fn(MicEvent) -> M + Send + 'static,
 ) -> Result<(), u8> {
-    eprintln!("error: --audio alsa:{device}: this build has no ALSA support (cargo feature `alsa`)");
+    eprintln!(
+        "error: --audio alsa:{device}: this build has no ALSA support (cargo feature `alsa`)"
+    );
     Err(exit::USAGE)
 }
 
@@ -568,8 +599,9 @@ fn open_speaker<M: Send + 'static>(
     })
     .detach();
     Ok(HubSpeaker {
-        device: speaker,
+        device: Some(speaker),
         call: None,
+        muted: BTreeSet::new(),
         unavailable: BTreeSet::new(),
         up: true,
         samples: 0,
@@ -807,6 +839,66 @@ mod tests {
         m.end_call("a");
         m.remote_frame(&audio("b", Codec::Pcmu, &[0xff, 0xff], 0), now);
         assert_eq!(rx.try_recv().unwrap().data, vec![0xd5, 0xd5]);
+    }
+
+    /// A station with the hub's speaker only (no device behind the gate).
+    fn with_hub_speaker() -> LiveMedia {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        m.speaker = Some(HubSpeaker {
+            #[cfg(feature = "alsa")]
+            device: None,
+            call: None,
+            muted: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            up: true,
+            samples: 0,
+        });
+        m
+    }
+
+    #[test]
+    fn the_hub_speaker_plays_one_g711_call_and_mute_gates_it() {
+        let mut m = with_hub_speaker();
+        let now = Instant::now();
+        let samples = |m: &LiveMedia| m.speaker.as_ref().map_or(0, |s| s.samples);
+        let line = m.remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 0), now);
+        let line = line.unwrap();
+        assert_eq!(
+            (&line["event"], &line["state"]),
+            (&json!("speaker"), &json!("playing"))
+        );
+        assert_eq!(line["codec"], "Pcma");
+        assert!(m
+            .remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 0), now)
+            .is_none());
+        assert_eq!(samples(&m), 160, "only the first call plays");
+        // Opus-only: one line for that call, nothing played.
+        let line = m
+            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 0), now)
+            .unwrap();
+        assert_eq!(
+            (&line["state"], &line["call_id"]),
+            (&json!("unavailable"), &json!("c"))
+        );
+        assert!(m
+            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 960), now)
+            .is_none());
+        // Muting the playing call hands the speaker to the next call that talks.
+        assert_eq!(m.set_muted("a", true), Ok(()));
+        assert_eq!(m.muted("a"), Some(true));
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 160), now)
+            .is_none());
+        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 160), now);
+        assert_eq!(line.unwrap()["call_id"], "b");
+        assert_eq!(samples(&m), 320);
+        let line = m.speaker_event(SpeakerEvent::Lost {
+            message: "gone".into(),
+        });
+        assert_eq!(
+            (&line["state"], &line["message"]),
+            (&json!("lost"), &json!("gone"))
+        );
     }
 
     #[test]

@@ -221,7 +221,10 @@ mod tests {
         assert!(p("webcam", None).unwrap_err().0.contains("--video must be"));
         let s = p("none", Some("alsa:plughw:1")).unwrap();
         assert!(matches!(&s.plan.audio, AudioSource::Mic(d) if d == "plughw:1"));
-        assert!(p("none", Some("alsa:")).unwrap_err().0.contains("needs an ALSA device"));
+        assert!(p("none", Some("alsa:"))
+            .unwrap_err()
+            .0
+            .contains("needs an ALSA device"));
         assert!(p("testclip", Some("mic"))
             .unwrap_err()
             .0

@@ -367,9 +367,17 @@ mod tests {
             assert!(max_len <= HIGH + PERIOD, "{label}: queue grew to {max_len}");
             assert_eq!(b.stats.underruns, 0, "{label}: {:?}", b.stats);
             if sender_ppm > 0 {
-                assert!(b.stats.dropped > 0 && b.stats.inserted == 0, "{:?}", b.stats);
+                assert!(
+                    b.stats.dropped > 0 && b.stats.inserted == 0,
+                    "{:?}",
+                    b.stats
+                );
             } else {
-                assert!(b.stats.inserted > 0 && b.stats.dropped == 0, "{:?}", b.stats);
+                assert!(
+                    b.stats.inserted > 0 && b.stats.dropped == 0,
+                    "{:?}",
+                    b.stats
+                );
             }
         }
     }

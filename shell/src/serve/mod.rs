@@ -414,7 +414,8 @@ impl Serve {
     }
 
     /// `POST /calls/ID/mute` and `/unmute`: the call's audio toward the door only (the call
-    /// itself and what the owner hears are not touched). 409 for a station without talkback.
+    /// itself and what the owner hears are not touched). 409 for a station with neither
+    /// talkback nor the hub's speaker.
     fn mute(&mut self, d: &mut Hub, id: &str, muted: bool) -> Reply {
         if let Err(r) = self.live_call(id) {
             return r;
@@ -437,7 +438,7 @@ impl Serve {
             }
             Err(_) => Reply::error(
                 409,
-                format!("station {name:?} has no talkback (set talkback = true)"),
+                format!("station {name:?} has no speaker (set talkback = true or speaker)"),
             ),
         }
     }
