@@ -3,10 +3,14 @@
 //!
 //! The call's packets arrive at the sender's clock and in bursts; the device takes samples at
 //! its own clock. Between the two sits a [`JitterBuffer`]: playback starts once
-//! [`TARGET`] samples are queued, and while playing, one sample is dropped from a period when
-//! the queue runs long ([`HIGH`]) or repeated when it runs short ([`LOW`]), so clock drift
-//! of either side never grows the delay nor starves the device (0.6 % correction at most,
-//! inaudible on speech). An empty queue plays silence and waits for [`TARGET`] again.
+//! [`TARGET`] samples are queued. Drift is judged over a [`WINDOW`] of pulls, not per packet
+//! (jitter alone must not cause corrections, each of which is a small phase jump): a window
+//! in which the queue never fell to the target plus [`HIGH_MARGIN`] holds latency it does not
+//! need, so the next window drops one sample per period; a window in which it never got back
+//! up to the target is running dry, so the next window repeats one per period (0.6 % at most,
+//! inaudible on speech). Clock drift of either side thus never grows the delay nor starves
+//! the device. An empty queue plays silence and waits for the target again, which grows by a
+//! period (up to [`MAX_TARGET`]) so that the path's jitter fits from then on.
 //!
 //! The device is driven by its own thread (ALSA's calls block): every [`PERIOD`] of wall
 //! time it pulls a period from the buffer and writes it. A write error the device cannot
@@ -19,14 +23,17 @@ use std::collections::VecDeque;
 pub const RATE: usize = 8000;
 /// One period: 20 ms, what a G.711 packet carries.
 pub const PERIOD: usize = 160;
-/// Queued samples before playback starts (60 ms of added latency at most on start).
+/// Queued samples before playback starts, at first (60 ms).
 pub const TARGET: usize = 3 * PERIOD;
-/// Above this at a pull the queue is running long: one sample is dropped.
-pub const HIGH: usize = 4 * PERIOD;
-/// Below this at a pull the queue is running short: one sample is repeated.
-pub const LOW: usize = 2 * PERIOD;
+/// Each underrun (packets later than the queue) raises the target by a period, up to this
+/// (200 ms): a jittery path buys a deeper buffer once instead of a gap every few seconds.
+pub const MAX_TARGET: usize = 10 * PERIOD;
+/// A window whose smallest queue (at a pull) stays above the target plus this runs long.
+pub const HIGH_MARGIN: usize = PERIOD;
+/// Pulls over which drift is judged (1 s).
+pub const WINDOW: u32 = 50;
 /// The bound: a push past this (a burst after a stall) drops the oldest samples down to
-/// [`TARGET`], so the speaker never lags the caller by more than half a second.
+/// the target, so the speaker never lags the caller by more than half a second.
 pub const MAX: usize = 25 * PERIOD;
 
 /// What the buffer did, for logs and tests.
@@ -46,7 +53,23 @@ pub struct JitterBuffer {
     queue: VecDeque<i16>,
     playing: bool,
     last: i16,
+    /// This window's pulls so far and the smallest and largest queue seen at them.
+    pulls: u32,
+    min_len: usize,
+    max_len: usize,
+    /// What this window does, decided by the last one.
+    correction: Correction,
+    /// Queued samples before playback (re)starts; 0 until the first pull ([`TARGET`]).
+    target: usize,
     pub stats: JitterStats,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Correction {
+    #[default]
+    None,
+    Drop,
+    Insert,
 }
 
 impl JitterBuffer {
@@ -67,7 +90,7 @@ impl JitterBuffer {
     pub fn push(&mut self, samples: &[i16]) {
         self.queue.extend(samples.iter().copied());
         if self.queue.len() > MAX {
-            let excess = self.queue.len() - TARGET;
+            let excess = self.queue.len() - self.target();
             self.queue.drain(..excess);
             self.stats.dropped += excess as u64;
         }
@@ -77,26 +100,66 @@ impl JitterBuffer {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.playing = false;
+        self.target = 0;
+        self.restart_window();
+    }
+
+    fn restart_window(&mut self) {
+        self.pulls = 0;
+        self.min_len = usize::MAX;
+        self.max_len = 0;
+        self.correction = Correction::None;
+    }
+
+    /// Queued samples playback (re)starts at, and the level drift is judged against.
+    pub fn target(&self) -> usize {
+        self.target.max(TARGET)
+    }
+
+    /// Counts a pull that found `len` queued; at the window's end, decides the next one: a
+    /// window that never fell to the target plus [`HIGH_MARGIN`] runs long, one that never
+    /// got back up to the target runs short.
+    fn observe(&mut self, len: usize) {
+        if self.pulls == 0 {
+            self.min_len = usize::MAX;
+            self.max_len = 0;
+        }
+        self.pulls += 1;
+        self.min_len = self.min_len.min(len);
+        self.max_len = self.max_len.max(len);
+        if self.pulls >= WINDOW {
+            self.correction = if self.min_len > self.target() + HIGH_MARGIN {
+                Correction::Drop
+            } else if self.max_len < self.target() {
+                Correction::Insert
+            } else {
+                Correction::None
+            };
+            self.pulls = 0;
+        }
     }
 
     /// Fills `out` (one period) with the next samples, or silence.
     pub fn pull(&mut self, out: &mut [i16]) {
         let n = out.len();
         if !self.playing {
-            if self.queue.len() < TARGET {
+            if self.queue.len() < self.target() {
                 out.fill(0);
                 return;
             }
             self.playing = true;
+            self.restart_window();
         }
         if self.queue.len() < n {
             self.stats.underruns += 1;
+            self.target = (self.target() + PERIOD).min(MAX_TARGET);
             self.playing = false;
             out.fill(0);
             return;
         }
         let len = self.queue.len();
-        if len > HIGH && len > n {
+        self.observe(len);
+        if self.correction == Correction::Drop && len > n {
             // Running long: skip one sample in the middle of the period.
             for (i, slot) in out.iter_mut().enumerate() {
                 if i == n / 2 {
@@ -105,7 +168,7 @@ impl JitterBuffer {
                 }
                 *slot = self.queue.pop_front().unwrap_or(self.last);
             }
-        } else if len < LOW && n > 1 {
+        } else if self.correction == Correction::Insert && n > 1 {
             // Running short: say one sample twice.
             for (i, slot) in out.iter_mut().enumerate() {
                 *slot = if i == n / 2 {
@@ -341,10 +404,15 @@ mod tests {
         assert_eq!(b.stats.underruns, 1);
         b.push(&packet(5));
         assert_eq!(pull(&mut b), vec![0; PERIOD], "waits for the target again");
+        assert_eq!(b.target(), TARGET + PERIOD, "a deeper target after the underrun");
+        b.push(&packet(6));
+        b.push(&packet(7));
+        b.push(&packet(8));
+        assert_eq!(pull(&mut b), packet(5), "four periods queued: plays");
     }
 
-    /// Sender and device at different clocks: the queue stays between LOW and HIGH (plus a
-    /// period) and the correction is one sample per period at most.
+    /// Sender and device at different clocks: the queue stays within a period or two of
+    /// the thresholds and the correction is one sample per period at most.
     #[test]
     fn drift_either_way_keeps_the_queue_bounded() {
         for (sender_ppm, label) in [(5_000i64, "sender fast"), (-5_000, "sender slow")] {
@@ -364,7 +432,8 @@ mod tests {
                     max_len = max_len.max(b.len());
                 }
             }
-            assert!(max_len <= HIGH + PERIOD, "{label}: queue grew to {max_len}");
+            let bound = TARGET + HIGH_MARGIN + 2 * PERIOD;
+            assert!(max_len <= bound, "{label}: queue grew to {max_len}");
             assert_eq!(b.stats.underruns, 0, "{label}: {:?}", b.stats);
             if sender_ppm > 0 {
                 assert!(
@@ -380,6 +449,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Same clocks, packets in bursts of three (60 ms late, then all at once): jitter alone
+    /// never drops or repeats a sample.
+    #[test]
+    fn jitter_without_drift_is_never_corrected() {
+        let mut b = JitterBuffer::new();
+        for k in 0..3000 {
+            if k % 3 == 0 {
+                for _ in 0..3 {
+                    b.push(&packet(9));
+                }
+            }
+            pull(&mut b);
+        }
+        assert_eq!(b.stats, JitterStats::default());
     }
 
     #[test]
