@@ -231,6 +231,14 @@ impl LiveMedia {
         })
     }
 
+    /// The hub speaker's state for `/health` and `/stations`: `ready` or `lost` (`None`: no
+    /// speaker).
+    pub fn speaker_state(&self) -> Option<&'static str> {
+        self.speaker
+            .as_ref()
+            .map(|sp| if sp.up { "ready" } else { "lost" })
+    }
+
     /// Whether a call's audio is kept from the door (`None`: no speaker of either kind).
     pub fn muted(&self, call_id: &str) -> Option<bool> {
         match (&self.talkback, &self.speaker) {

@@ -404,7 +404,11 @@ mod tests {
         assert_eq!(b.stats.underruns, 1);
         b.push(&packet(5));
         assert_eq!(pull(&mut b), vec![0; PERIOD], "waits for the target again");
-        assert_eq!(b.target(), TARGET + PERIOD, "a deeper target after the underrun");
+        assert_eq!(
+            b.target(),
+            TARGET + PERIOD,
+            "a deeper target after the underrun"
+        );
         b.push(&packet(6));
         b.push(&packet(7));
         b.push(&packet(8));

@@ -334,7 +334,8 @@ impl Serve {
             .zip(&d.stations)
             .map(|(c, s)| {
                 json!({"name": c.name, "camera_up": s.media.camera_up,
-                    "talkback": s.media.talkback_state()})
+                    "talkback": s.media.talkback_state(),
+                    "speaker": s.media.speaker_state()})
             })
             .collect();
         Reply::Json(
@@ -364,6 +365,7 @@ impl Serve {
                     "video": c.media_video(),
                     "camera_up": s.media.camera_up,
                     "talkback": s.media.talkback_state(),
+                    "speaker": s.media.speaker_state(),
                     "answer": c.answer,
                     "may_call": c.may_call,
                 })
