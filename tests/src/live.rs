@@ -1184,3 +1184,21 @@ pub fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
         "energy away from 440 Hz: {elsewhere:?}"
     );
 }
+
+/// An ALSA config in `dir` whose PCM `hubspeaker` writes what is played to `out`, and whose
+/// PCM `hubmic` records `dir/mic.raw` (the `file` plugin's `infile`; what it hands out is
+/// copied to `dir/mic-copy.raw`).
+pub fn alsa_config(dir: &Path, out: &Path) -> PathBuf {
+    let conf = dir.join("asound.conf");
+    let text = format!(
+        "pcm.hubspeaker {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
+         file \"{}\"\n  format \"raw\"\n}}\n\
+         pcm.hubmic {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
+         file \"{}\"\n  infile \"{}\"\n  format \"raw\"\n}}\n",
+        out.display(),
+        dir.join("mic-copy.raw").display(),
+        dir.join("mic.raw").display()
+    );
+    fs::write(&conf, text).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
+    conf
+}

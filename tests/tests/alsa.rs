@@ -11,7 +11,7 @@
 //! ```
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,24 +23,6 @@ use serde_json::json;
 const READY: Duration = Duration::from_secs(30);
 /// From placing a call to connected with media flowing, on loopback.
 const CONNECT: Duration = Duration::from_secs(40);
-
-/// An ALSA config in `dir` whose PCM `hubspeaker` writes what is played to `out`, and whose
-/// PCM `hubmic` records `dir/mic.raw` (the `file` plugin's `infile`; what it hands out is
-/// copied to `dir/mic-copy.raw`).
-fn alsa_config(dir: &Path, out: &Path) -> PathBuf {
-    let conf = dir.join("asound.conf");
-    let text = format!(
-        "pcm.hubspeaker {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
-         file \"{}\"\n  format \"raw\"\n}}\n\
-         pcm.hubmic {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
-         file \"{}\"\n  infile \"{}\"\n  format \"raw\"\n}}\n",
-        out.display(),
-        dir.join("mic-copy.raw").display(),
-        dir.join("mic.raw").display()
-    );
-    fs::write(&conf, text).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
-    conf
-}
 
 /// CPU ticks (user + system) of the hub's thread named `name` so far.
 fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {

@@ -186,7 +186,8 @@ fn write(path: &Path, text: &str) -> PathBuf {
     path.to_path_buf()
 }
 
-/// `call-assist serve --config FILE --json` with the password in the environment.
+/// `call-assist serve --config FILE --json` with the password in the environment; an ALSA
+/// configuration the test wrote as `dir/asound.conf` (see `alsa_config`) is the hub's.
 fn serve(dir: &Path, config: &Path, password: &str) -> Proc {
     let mut cmd = Command::new(agent_binary());
     cmd.args(["serve", "--json", "--config"])
@@ -195,6 +196,10 @@ fn serve(dir: &Path, config: &Path, password: &str) -> Proc {
         .env_remove("CALL_ASSIST_ACCESS_TOKEN")
         .env_remove("CALL_ASSIST_API_TOKEN")
         .env("NO_COLOR", "1");
+    let alsa = dir.join("asound.conf");
+    if alsa.exists() {
+        cmd.env("ALSA_CONFIG_PATH", alsa);
+    }
     if std::env::var_os("CALL_ASSIST_LOG").is_none() {
         cmd.env("CALL_ASSIST_LOG", "info");
     }
@@ -1367,4 +1372,60 @@ fn a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded() {
     hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}
+
+#[test]
+fn a_station_speaker_plays_the_caller_and_mute_silences_it() {
+    let name = "a_station_speaker_plays_the_caller_and_mute_silences_it";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let speaker = live.dir.join("hub-speaker.raw");
+    alsa_config(&live.dir, &speaker);
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"none\"\nspeaker = \"hubspeaker\"\n\
+         answer = [\"{}\"]\n",
+        alice.id
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+    let (_, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(health["stations"][0]["speaker"], "ready", "{health}");
+
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "30", "--max-wait-s", "60"],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+    let playing = hub.wait_for("the call at the hub's speaker", CONNECT, |v| {
+        v["event"] == "speaker" && v["state"] == "playing"
+    });
+    assert_eq!(
+        (&playing.value["codec"], &playing.value["station"]),
+        (&json!("Pcmu"), &json!("door")),
+        "{}",
+        playing.value
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
+
+    // Muted: the speaker plays silence; unmuted: the sine again.
+    let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!((status, &m["talkback"]), (200, &json!("muted")), "{m}");
+    thread::sleep(Duration::from_secs(1));
+    let quiet = speaker_tail(&speaker, 0.5);
+    let rms = (quiet.iter().map(|v| v * v).sum::<f64>() / quiet.len().max(1) as f64).sqrt();
+    assert!(rms < 10.0, "muted, the speaker still played (rms {rms:.0})");
+    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
+    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
+
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let _ = peer.wait_exit(EXIT);
 }
