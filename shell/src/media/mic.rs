@@ -93,6 +93,8 @@ mod device {
         while got < buf.len() {
             let rest = buf.get_mut(got..).unwrap_or_default();
             match io.readi(rest) {
+                // A blocking read returns data or an error; nothing at all would spin here.
+                Ok(0) => return Err(alsa::Error::new("snd_pcm_readi", -5)),
                 Ok(n) => got += n,
                 Err(e) => {
                     // An overrun (EPIPE) or a suspend: recovered here; anything else is lost.
