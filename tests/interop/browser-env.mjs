@@ -148,13 +148,25 @@ function every(ms, track, fn) {
     timers.add(timer);
 }
 
-/** 440 Hz sine, 48 kHz mono s16, fed 10 ms at a time every 10 ms. */
+/**
+ * 440 Hz sine, 48 kHz mono s16, fed 10 ms at a time: as many chunks as the wall clock says
+ * are due (Node's setInterval runs late, so one chunk per tick would send a few percent
+ * less than 48 000 samples a second, a clock drift no real microphone has).
+ */
 export function syntheticAudioTrack() {
     const source = new RTCAudioSource();
     const track = source.createTrack();
     let phase = 0;
     const step = (2 * Math.PI * 440) / AUDIO_RATE;
+    const start = performance.now();
+    let sent = 0;
     every(10, track, () => {
+        const due = Math.floor((performance.now() - start) / 10) + 1;
+        // After a long stall, skip ahead rather than flood (at most 50 ms at once).
+        if (due - sent > 5) sent = due - 5;
+        for (; sent < due; sent++) sendChunk();
+    });
+    function sendChunk() {
         const samples = new Int16Array(AUDIO_CHUNK);
         for (let i = 0; i < AUDIO_CHUNK; i++) {
             samples[i] = Math.round(Math.sin(phase) * 8000);
@@ -168,7 +180,7 @@ export function syntheticAudioTrack() {
             channelCount: 1,
             numberOfFrames: AUDIO_CHUNK,
         });
-    });
+    }
     return track;
 }
 

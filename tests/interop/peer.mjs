@@ -167,6 +167,48 @@ const mark = (name) => {
 };
 
 const sinks = new Map(); // track id -> sink
+
+// The last 2 s of received audio (first channel), for `result.audio_tone`: what share of the
+// energy of its first second sits at a few frequencies (Goertzel), so a test can tell which
+// tone the other side sent.
+const audioTail = { rate: 0, chunks: [], samples: 0 };
+function keepAudio(d) {
+    const ch = d.channelCount || 1;
+    const mono = new Float64Array(Math.floor(d.samples.length / ch));
+    for (let i = 0; i < mono.length; i++) mono[i] = d.samples[i * ch];
+    audioTail.rate = d.sampleRate;
+    audioTail.chunks.push(mono);
+    audioTail.samples += mono.length;
+    while (audioTail.chunks.length > 1 && audioTail.samples - audioTail.chunks[0].length >= 2 * d.sampleRate) {
+        audioTail.samples -= audioTail.chunks.shift().length;
+    }
+}
+function toneShare(x, freq, rate) {
+    const coeff = 2 * Math.cos((2 * Math.PI * freq) / rate);
+    let s1 = 0, s2 = 0, energy = 0;
+    for (const v of x) {
+        const s = v + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+        energy += v * v;
+    }
+    const power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    return energy === 0 ? 0 : (2 * power) / (x.length * energy);
+}
+function audioTone() {
+    if (audioTail.rate === 0) return null;
+    const all = new Float64Array(audioTail.samples);
+    let off = 0;
+    for (const c of audioTail.chunks) {
+        all.set(c, off);
+        off += c.length;
+    }
+    const x = all.subarray(0, Math.min(all.length, audioTail.rate));
+    const rms = Math.sqrt(x.reduce((a, v) => a + v * v, 0) / Math.max(1, x.length));
+    const shares = {};
+    for (const f of [300, 440, 600, 1000, 1500]) shares[f] = toneShare(x, f, audioTail.rate);
+    return { sample_rate: audioTail.rate, samples: x.length, rms, shares };
+}
 function attachSink(track) {
     if (!track || sinks.has(track.id)) return;
     if (track.kind === "video") {
@@ -185,6 +227,7 @@ function attachSink(track) {
                 mark("first_audio_frame");
                 progress(`first remote audio frame (${d.sampleRate} Hz, ${d.channelCount} ch)`);
             }
+            keepAudio(d);
         };
         sinks.set(track.id, sink);
     }
@@ -322,6 +365,7 @@ async function finish(error) {
     result.historical_undecryptable = historical.size;
     result.timings_ms.total = Date.now() - T0;
     for (const s of sinks.values()) s.stop();
+    result.audio_tone = audioTone();
     stopSyntheticMedia();
     try {
         client?.stopClient();

@@ -482,6 +482,20 @@ impl Live {
         );
     }
 
+    /// `call-assist listen` as `user` with `env` set besides.
+    pub fn listen_with_env(&self, user: &User, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        agent_with_env(
+            &self.dir,
+            &user.localpart,
+            &self.hs.base_url,
+            &user.id,
+            &user.password,
+            "listen",
+            args,
+            env,
+        )
+    }
+
     /// `call-assist <subcommand>` as `user`, logging in with `password`.
     pub fn agent(&self, user: &User, password: &str, subcommand: &str, args: &[&str]) -> Proc {
         agent(
@@ -545,6 +559,30 @@ pub fn agent(
     subcommand: &str,
     args: &[&str],
 ) -> Proc {
+    agent_with_env(
+        dir,
+        name,
+        homeserver,
+        user_id,
+        password,
+        subcommand,
+        args,
+        &[],
+    )
+}
+
+/// [`agent`] with `env` set besides (e.g. `ALSA_CONFIG_PATH`).
+#[allow(clippy::too_many_arguments)]
+pub fn agent_with_env(
+    dir: &Path,
+    name: &str,
+    homeserver: &str,
+    user_id: &str,
+    password: &str,
+    subcommand: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let state = dir.join(format!("{name}-state"));
     let mut cmd = Command::new(agent_binary());
     cmd.arg(subcommand)
@@ -559,6 +597,7 @@ pub fn agent(
     if std::env::var_os("CALL_ASSIST_LOG").is_none() {
         cmd.env("CALL_ASSIST_LOG", "info");
     }
+    cmd.envs(env.iter().copied());
     Proc::spawn(name, cmd, dir)
 }
 
@@ -1072,4 +1111,94 @@ pub fn rtsp_server_with(dir: &Path, name: &str, port: u16, extra: &[&str]) -> Pr
         thread::sleep(Duration::from_millis(50));
     }
     p
+}
+
+// ---------------------------------------------------------------- sound and CPU
+
+/// Goertzel power of `freq` Hz in `x` (8 kHz samples), normalised by the signal's energy: near
+/// 1 for a pure tone at `freq`, near 0 far from it.
+pub fn tone_share(x: &[f64], freq: f64) -> f64 {
+    let n = x.len() as f64;
+    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in x {
+        let s = v + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    let energy: f64 = x.iter().map(|v| v * v).sum();
+    if energy == 0.0 {
+        0.0
+    } else {
+        2.0 * power / (n * energy)
+    }
+}
+
+/// The last `seconds` of what a speaker played (raw s16le, 8 kHz mono).
+pub fn speaker_tail(path: &Path, seconds: f64) -> Vec<f64> {
+    let raw = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let samples: Vec<f64> = raw
+        .chunks_exact(2)
+        .map(|b| f64::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    let n = (seconds * 8000.0) as usize;
+    samples[samples.len().saturating_sub(n)..].to_vec()
+}
+
+/// CPU time (user + system, in clock ticks) of process `pid` so far.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The last 2 s at a speaker (a camera's or the hub's) are the peer's 440 Hz sine.
+pub fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
+    let heard = speaker_tail(speaker, 2.0);
+    assert!(
+        heard.len() >= 12_000,
+        "the speaker played {} samples in the last 2 s\n{}",
+        heard.len(),
+        hub.report()
+    );
+    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
+    let at_440 = tone_share(&heard, 440.0);
+    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
+        .iter()
+        .map(|&f| tone_share(&heard, f))
+        .collect();
+    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
+    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
+    assert!(
+        at_440 > 0.5,
+        "440 Hz share {at_440:.3}: not the peer's sine"
+    );
+    assert!(
+        elsewhere.iter().all(|s| *s < 0.05),
+        "energy away from 440 Hz: {elsewhere:?}"
+    );
+}
+
+/// An ALSA config in `dir` whose PCM `hubspeaker` writes what is played to `out`, and whose
+/// PCM `hubmic` records `dir/mic.raw` (the `file` plugin's `infile`; what it hands out is
+/// copied to `dir/mic-copy.raw`).
+pub fn alsa_config(dir: &Path, out: &Path) -> PathBuf {
+    let conf = dir.join("asound.conf");
+    let text = format!(
+        "pcm.hubspeaker {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
+         file \"{}\"\n  format \"raw\"\n}}\n\
+         pcm.hubmic {{\n  type file\n  slave {{ pcm {{ type null }} }}\n  \
+         file \"{}\"\n  infile \"{}\"\n  format \"raw\"\n}}\n",
+        out.display(),
+        dir.join("mic-copy.raw").display(),
+        dir.join("mic.raw").display()
+    );
+    fs::write(&conf, text).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
+    conf
 }

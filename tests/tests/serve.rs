@@ -186,7 +186,8 @@ fn write(path: &Path, text: &str) -> PathBuf {
     path.to_path_buf()
 }
 
-/// `call-assist serve --config FILE --json` with the password in the environment.
+/// `call-assist serve --config FILE --json` with the password in the environment; an ALSA
+/// configuration the test wrote as `dir/asound.conf` (see `alsa_config`) is the hub's.
 fn serve(dir: &Path, config: &Path, password: &str) -> Proc {
     let mut cmd = Command::new(agent_binary());
     cmd.args(["serve", "--json", "--config"])
@@ -195,6 +196,10 @@ fn serve(dir: &Path, config: &Path, password: &str) -> Proc {
         .env_remove("CALL_ASSIST_ACCESS_TOKEN")
         .env_remove("CALL_ASSIST_API_TOKEN")
         .env("NO_COLOR", "1");
+    let alsa = dir.join("asound.conf");
+    if alsa.exists() {
+        cmd.env("ALSA_CONFIG_PATH", alsa);
+    }
     if std::env::var_os("CALL_ASSIST_LOG").is_none() {
         cmd.env("CALL_ASSIST_LOG", "info");
     }
@@ -1153,76 +1158,6 @@ fn the_pin_pressed_in_a_call_opens_the_door_through_the_webhook() {
     assert!(!stderr.contains("1*9") && !stdout.concat().contains("1*9"));
 }
 
-/// Goertzel power of `freq` Hz in `x` (8 kHz samples), normalised by the signal's energy: near
-/// 1 for a pure tone at `freq`, near 0 far from it.
-fn tone_share(x: &[f64], freq: f64) -> f64 {
-    let n = x.len() as f64;
-    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for &v in x {
-        let s = v + coeff * s1 - s2;
-        s2 = s1;
-        s1 = s;
-    }
-    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
-    let energy: f64 = x.iter().map(|v| v * v).sum();
-    if energy == 0.0 {
-        0.0
-    } else {
-        2.0 * power / (n * energy)
-    }
-}
-
-/// The last `seconds` of what the test camera's speaker played (raw s16le, 8 kHz mono).
-fn speaker_tail(path: &Path, seconds: f64) -> Vec<f64> {
-    let raw = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let samples: Vec<f64> = raw
-        .chunks_exact(2)
-        .map(|b| f64::from(i16::from_le_bytes([b[0], b[1]])))
-        .collect();
-    let n = (seconds * 8000.0) as usize;
-    samples[samples.len().saturating_sub(n)..].to_vec()
-}
-
-/// CPU time (user + system, in clock ticks) of process `pid` so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
-/// The last 2 s at the camera's speaker are the peer's 440 Hz sine.
-fn assert_hears_the_sine(speaker: &Path, hub: &Proc) {
-    let heard = speaker_tail(speaker, 2.0);
-    assert!(
-        heard.len() >= 12_000,
-        "the camera's speaker played {} samples in the last 2 s\n{}",
-        heard.len(),
-        hub.report()
-    );
-    let rms = (heard.iter().map(|v| v * v).sum::<f64>() / heard.len() as f64).sqrt();
-    let at_440 = tone_share(&heard, 440.0);
-    let elsewhere: Vec<f64> = [300.0, 600.0, 1000.0]
-        .iter()
-        .map(|&f| tone_share(&heard, f))
-        .collect();
-    eprintln!("speaker: rms {rms:.0}, 440 Hz share {at_440:.3}, elsewhere {elsewhere:?}");
-    assert!(rms > 300.0, "the speaker heard silence (rms {rms:.0})");
-    assert!(
-        at_440 > 0.5,
-        "440 Hz share {at_440:.3}: not the peer's sine"
-    );
-    assert!(
-        elsewhere.iter().all(|s| *s < 0.05),
-        "energy away from 440 Hz: {elsewhere:?}"
-    );
-}
-
 /// Waits until the speaker file holds `seconds` of sound.
 fn wait_for_speaker(path: &Path, seconds: f64, timeout: Duration, hub: &Proc) {
     let want = (seconds * 16_000.0) as u64;
@@ -1437,4 +1372,60 @@ fn a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded() {
     hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
     hub.terminate();
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+}
+
+#[test]
+fn a_station_speaker_plays_the_caller_and_mute_silences_it() {
+    let name = "a_station_speaker_plays_the_caller_and_mute_silences_it";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let alice = live.user("alice");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let speaker = live.dir.join("hub-speaker.raw");
+    alsa_config(&live.dir, &speaker);
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"none\"\nspeaker = \"hubspeaker\"\n\
+         answer = [\"{}\"]\n",
+        alice.id
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+    let (_, health) = http(port, "GET", "/health", None, None);
+    assert_eq!(health["stations"][0]["speaker"], "ready", "{health}");
+
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "30", "--max-wait-s", "60"],
+    );
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+    let playing = hub.wait_for("the call at the hub's speaker", CONNECT, |v| {
+        v["event"] == "speaker" && v["state"] == "playing"
+    });
+    assert_eq!(
+        (&playing.value["codec"], &playing.value["station"]),
+        (&json!("Pcmu"), &json!("door")),
+        "{}",
+        playing.value
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
+
+    // Muted: the speaker plays silence; unmuted: the sine again.
+    let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
+    assert_eq!((status, &m["talkback"]), (200, &json!("muted")), "{m}");
+    thread::sleep(Duration::from_secs(1));
+    let quiet = speaker_tail(&speaker, 0.5);
+    let rms = (quiet.iter().map(|v| v * v).sum::<f64>() / quiet.len().max(1) as f64).sqrt();
+    assert!(rms < 10.0, "muted, the speaker still played (rms {rms:.0})");
+    let (status, u) = http(port, "POST", &format!("/calls/{id}/unmute"), None, None);
+    assert_eq!((status, &u["talkback"]), (200, &json!("unmuted")), "{u}");
+    thread::sleep(Duration::from_secs(3));
+    assert_hears_the_sine(&speaker, &hub);
+
+    hub.terminate();
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+    let _ = peer.wait_exit(EXIT);
 }

@@ -53,7 +53,7 @@ pub struct FileConfig {
     pub relay_only: Option<bool>,
     /// Video source: `testclip`, `file:PATH` (H.264 Annex B), `rtsp://...`, `none`.
     pub video: Option<String>,
-    /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `none`.
+    /// Audio source: `tone`, `file:PATH` (Ogg Opus), `camera`, `alsa:DEVICE`, `none`.
     pub audio: Option<String>,
     /// Frame rate an H.264 file is played at.
     pub video_fps: Option<u32>,
@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub forward_rtp: Option<String>,
     /// A direct room `call` creates is not end-to-end encrypted.
     pub unencrypted_dm: Option<bool>,
+    /// ALSA device the remote side's audio plays through.
+    pub speaker: Option<String>,
 }
 
 impl FileConfig {
@@ -81,7 +83,7 @@ pub struct CommonArgs {
     /// TOML file with the same settings (keys: homeserver, user, room, to, allow, state_dir,
     /// allow_loopback, interfaces, exclude_interfaces, video_codec, max_calls, duration_s,
     /// port, stun, turn, turn_user, relay_only, video, audio, video_fps, rtsp_transport,
-    /// record, forward_rtp, unencrypted_dm); a flag replaces the file's value, lists included
+    /// record, forward_rtp, unencrypted_dm, speaker); a flag replaces the file's value, lists included
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Homeserver base URL (http:// or https://)
@@ -125,7 +127,8 @@ pub struct CommonArgs {
     /// Video source: testclip, file:PATH (H.264 Annex B), rtsp://..., none [default: testclip]
     #[arg(long, value_name = "SOURCE")]
     pub video: Option<String>,
-    /// Audio source: tone, file:PATH (Ogg Opus), camera, none [default: the camera's, else tone]
+    /// Audio source: tone, file:PATH (Ogg Opus), camera, alsa:DEVICE (a microphone), none
+    /// [default: the camera's, else tone]
     #[arg(long, value_name = "SOURCE")]
     pub audio: Option<String>,
     /// Frame rate an H.264 file is played at [default: 25]
@@ -137,6 +140,9 @@ pub struct CommonArgs {
     /// Directory for recordings of the remote side, one file per call
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
+    /// Play the remote side's audio through this ALSA device (e.g. default, plughw:1)
+    #[arg(long, value_name = "DEVICE")]
+    pub speaker: Option<String>,
     /// Re-send the remote media as plain RTP to IP:PORT (audio at PORT+2, plus an SDP file)
     #[arg(long, value_name = "IP:PORT")]
     pub forward_rtp: Option<String>,
@@ -268,6 +274,8 @@ pub struct MediaOptions {
     pub forward_rtp: Option<SocketAddr>,
     /// The remote side's audio goes to the camera's speaker (ONVIF backchannel).
     pub talkback: bool,
+    /// The remote side's audio plays through this ALSA device (the hub's own speaker).
+    pub speaker: Option<String>,
 }
 
 /// Frame rate of an H.264 file source unless `--video-fps` says otherwise.
@@ -392,6 +400,7 @@ impl LiveOptions {
                 record: c.record.or(file.record),
                 forward_rtp: forward.map(|f| parse_forward(&f)).transpose()?,
                 talkback: false,
+                speaker: c.speaker.or(file.speaker),
             },
             rtsp_password: env("CALL_ASSIST_RTSP_PASSWORD").map(Secret::new),
         })

@@ -67,6 +67,10 @@ pub(crate) enum Msg<C> {
     Camera(usize, CameraEvent),
     /// An event of the camera speaker (talkback) of station `.0`.
     Talkback(usize, TalkbackEvent),
+    /// An event of the hub's own speaker of station `.0`.
+    Speaker(usize, crate::media::speaker::SpeakerEvent),
+    /// A period or event of the hub's microphone of station `.0`.
+    Mic(usize, crate::media::mic::MicEvent),
     Command(C),
 }
 
@@ -253,7 +257,7 @@ impl<C: Send + 'static> Driver<C> {
         if let Some((device, token)) = token {
             e2ee.start_with_token(s.account.user.as_str(), device, token);
         }
-        let driver = Driver {
+        let mut driver = Driver {
             agent,
             lines: s.lines,
             stations,
@@ -277,6 +281,8 @@ impl<C: Send + 'static> Driver<C> {
             shutdown: None,
             exit: None,
         };
+        // A station with the hub's speaker wants G.711 from the first invite on.
+        driver.use_hub_audio();
         Ok((driver, rx))
     }
 
@@ -764,6 +770,22 @@ impl<C: Send + 'static> Driver<C> {
                 }
                 self.emit_for(Some(i), line);
             }
+            Msg::Speaker(i, e) => {
+                let Some(s) = self.stations.get_mut(i) else {
+                    return;
+                };
+                let line = s.media.speaker_event(e);
+                self.emit_for(Some(i), line);
+            }
+            Msg::Mic(i, e) => {
+                let line = self
+                    .stations
+                    .get_mut(i)
+                    .and_then(|s| s.media.mic_event(&mut self.agent, e, now));
+                if let Some(line) = line {
+                    self.emit_for(Some(i), line);
+                }
+            }
             Msg::Command(c) => p.on_command(self, c, now),
         }
     }
@@ -908,17 +930,24 @@ async fn start_stations<C: Send + 'static>(
             tx,
             move |ev| Msg::Camera(i, ev),
             move |ev| Msg::Talkback(i, ev),
+            move |ev| Msg::Speaker(i, ev),
+            move |ev| Msg::Mic(i, ev),
         );
         let (media, profile) = started.await.inspect_err(|_| {
             if let Some(name) = &st.name {
                 eprintln!("error: station {name:?} cannot start");
             }
         })?;
+        // The hub's speaker plays G.711: calls ask the peer for PCMU first (no Opus decoder).
+        let audio_preference = media
+            .speaker
+            .is_some()
+            .then_some(call_assist_core::Codec::Pcmu);
         stations.push(Station {
             name: st.name,
             media,
             profile,
-            audio_preference: None,
+            audio_preference,
         });
     }
     Ok(stations)

@@ -18,9 +18,12 @@ use crate::live::config::MediaOptions;
 use crate::live::exit;
 use crate::media::backchannel::{TalkbackEvent, TalkbackPacket, TalkbackSender};
 use crate::media::g711;
+use crate::media::mic::MicEvent;
+use crate::media::pump::AudioSource;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
+use crate::media::speaker::SpeakerEvent;
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
 /// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
@@ -45,7 +48,26 @@ pub struct Talkback {
     pub gone: bool,
 }
 
-/// Why a call cannot be muted or unmuted: its station has no talkback.
+/// The hub's own speaker (ALSA): the first call that sends G.711 audio plays there until it
+/// ends.
+#[derive(Debug)]
+pub struct HubSpeaker {
+    /// `None` only in unit tests (no device behind the gate).
+    #[cfg(feature = "alsa")]
+    device: Option<crate::media::speaker::Speaker>,
+    /// The call at the speaker.
+    call: Option<String>,
+    /// Calls whose audio must not play (`POST /calls/ID/mute`).
+    muted: BTreeSet<String>,
+    /// Calls told that their audio cannot play (Opus only).
+    unavailable: BTreeSet<String>,
+    /// The device is open (false between `lost` and `ready`).
+    pub up: bool,
+    /// Samples decoded for the speaker (what the tests and `/health` can watch).
+    pub samples: u64,
+}
+
+/// Why a call cannot be muted or unmuted: its station has neither talkback nor the hub's speaker.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NoTalkback;
 
@@ -64,6 +86,11 @@ pub struct LiveMedia {
     pub camera_frames: u64,
     /// The camera's speaker, for a station with `talkback`.
     pub talkback: Option<Talkback>,
+    /// The hub's own speaker, for `--speaker` / station `speaker`.
+    pub speaker: Option<HubSpeaker>,
+    /// The hub's microphone (`--audio alsa:DEVICE`), kept open while the process runs.
+    #[cfg(feature = "alsa")]
+    mic: Option<crate::media::mic::Mic>,
 }
 
 impl LiveMedia {
@@ -83,6 +110,9 @@ impl LiveMedia {
             camera_up: false,
             camera_frames: 0,
             talkback: None,
+            speaker: None,
+            #[cfg(feature = "alsa")]
+            mic: None,
         }
     }
 
@@ -137,6 +167,13 @@ impl LiveMedia {
             t.muted.remove(call_id);
             t.unavailable.remove(call_id);
         }
+        if let Some(sp) = &mut self.speaker {
+            if sp.call.as_deref() == Some(call_id) {
+                sp.call = None;
+            }
+            sp.unavailable.remove(call_id);
+            sp.muted.remove(call_id);
+        }
         self.forwarders.remove(call_id);
         let r = self.recorders.remove(call_id)?;
         match r.finish() {
@@ -153,16 +190,31 @@ impl LiveMedia {
         }
     }
 
-    /// Gates a call's audio toward the door (`muted`), for a station with talkback.
+    /// Gates a call's audio toward the door (`muted`): the camera's speaker (talkback) and the
+    /// hub's own, whichever the station has.
     pub fn set_muted(&mut self, call_id: &str, muted: bool) -> Result<(), NoTalkback> {
-        let t = self.talkback.as_mut().ok_or(NoTalkback)?;
-        if muted {
-            t.muted.insert(call_id.to_owned());
-            if t.speaker.as_deref() == Some(call_id) {
-                t.speaker = None;
+        if self.talkback.is_none() && self.speaker.is_none() {
+            return Err(NoTalkback);
+        }
+        if let Some(t) = &mut self.talkback {
+            if muted {
+                t.muted.insert(call_id.to_owned());
+                if t.speaker.as_deref() == Some(call_id) {
+                    t.speaker = None;
+                }
+            } else {
+                t.muted.remove(call_id);
             }
-        } else {
-            t.muted.remove(call_id);
+        }
+        if let Some(sp) = &mut self.speaker {
+            if muted {
+                sp.muted.insert(call_id.to_owned());
+                if sp.call.as_deref() == Some(call_id) {
+                    sp.call = None;
+                }
+            } else {
+                sp.muted.remove(call_id);
+            }
         }
         Ok(())
     }
@@ -179,9 +231,21 @@ impl LiveMedia {
         })
     }
 
-    /// Whether a call's audio is kept from the door (`None`: no talkback).
+    /// The hub speaker's state for `/health` and `/stations`: `ready` or `lost` (`None`: no
+    /// speaker).
+    pub fn speaker_state(&self) -> Option<&'static str> {
+        self.speaker
+            .as_ref()
+            .map(|sp| if sp.up { "ready" } else { "lost" })
+    }
+
+    /// Whether a call's audio is kept from the door (`None`: no speaker of either kind).
     pub fn muted(&self, call_id: &str) -> Option<bool> {
-        self.talkback.as_ref().map(|t| t.muted.contains(call_id))
+        match (&self.talkback, &self.speaker) {
+            (Some(t), _) => Some(t.muted.contains(call_id)),
+            (None, Some(sp)) => Some(sp.muted.contains(call_id)),
+            (None, None) => None,
+        }
     }
 
     /// The backchannel task's news: the line to print, and the codec the hub's calls
@@ -262,9 +326,97 @@ impl LiveMedia {
         line
     }
 
+    /// The microphone thread's news: a period goes to every call; a line when the device
+    /// is lost or back.
+    pub fn mic_event(
+        &mut self,
+        agent: &mut Agent,
+        e: MicEvent,
+        now: Instant,
+    ) -> Option<serde_json::Value> {
+        match e {
+            MicEvent::Frame { samples, rtp_time } => {
+                for m in self.calls.values_mut() {
+                    m.mic_audio(agent, &samples, rtp_time, now);
+                }
+                None
+            }
+            MicEvent::Ready => Some(json!({"event": "microphone", "state": "ready"})),
+            MicEvent::Lost { message } => {
+                Some(json!({"event": "microphone", "state": "lost", "message": message}))
+            }
+        }
+    }
+
+    /// The speaker thread's news: the line to print.
+    pub fn speaker_event(&mut self, e: SpeakerEvent) -> serde_json::Value {
+        let Some(sp) = &mut self.speaker else {
+            return json!({"event": "speaker", "state": "unexpected"});
+        };
+        match e {
+            SpeakerEvent::Ready => {
+                sp.up = true;
+                json!({"event": "speaker", "state": "ready"})
+            }
+            SpeakerEvent::Lost { message } => {
+                sp.up = false;
+                json!({"event": "speaker", "state": "lost", "message": message})
+            }
+        }
+    }
+
+    /// A call's remote audio toward the hub's speaker: G.711 decoded into its buffer; a line
+    /// when a call starts playing there or learns that it cannot.
+    fn play(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
+        let sp = self.speaker.as_mut()?;
+        let call_id = f.call_id.as_str();
+        if f.kind != MediaKind::Audio || sp.muted.contains(call_id) {
+            return None;
+        }
+        let decode: fn(u8) -> i16 = match f.codec {
+            Codec::Pcmu => g711::ulaw_to_linear,
+            Codec::Pcma => g711::alaw_to_linear,
+            theirs => {
+                if !sp.unavailable.insert(call_id.to_owned()) {
+                    return None;
+                }
+                warn!(%call_id, codec = ?theirs,
+                    "speaker: the peer sends {theirs:?} only; the hub's speaker plays G.711 (PCMU/PCMA)");
+                return Some(
+                    json!({"event": "speaker", "state": "unavailable", "call_id": call_id,
+                    "message": format!("the peer sends {theirs:?}; the hub's speaker plays PCMU or PCMA")}),
+                );
+            }
+        };
+        let line = match &sp.call {
+            Some(c) if c == call_id => None,
+            Some(_) => return None,
+            None => {
+                sp.call = Some(call_id.to_owned());
+                #[cfg(feature = "alsa")]
+                if let Some(d) = &sp.device {
+                    d.clear();
+                }
+                info!(%call_id, codec = ?f.codec, "speaker: this call's audio plays on the hub's speaker");
+                Some(
+                    json!({"event": "speaker", "state": "playing", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec)}),
+                )
+            }
+        };
+        let samples: Vec<i16> = f.data.iter().map(|&b| decode(b)).collect();
+        sp.samples += samples.len() as u64;
+        #[cfg(feature = "alsa")]
+        if let Some(d) = &sp.device {
+            d.push(&samples);
+        }
+        line
+    }
+
     /// Remote media of a call; a line to print when there is news.
     pub fn remote_frame(&mut self, f: &MediaFrame, now: Instant) -> Option<serde_json::Value> {
         let line = self.talk(f);
+        let line = self.play(f).or(line);
         if let Some(r) = self.recorders.get_mut(f.call_id.as_str()) {
             if let Err(e) = r.write(f, now) {
                 warn!(call_id = %f.call_id, "recording: {e}");
@@ -392,10 +544,94 @@ impl LiveMedia {
     }
 }
 
+/// Opens the hub's microphone; its periods and events reach `tx`. `Err` is the exit code,
+/// after a clear message.
+#[cfg(feature = "alsa")]
+fn open_mic<M: Send + 'static>(
+    live: &mut LiveMedia,
+    device: &str,
+    tx: &Sender<M>,
+    wrap: impl Fn(MicEvent) -> M + Send + 'static,
+) -> Result<(), u8> {
+    let (ev_tx, ev_rx) = smol::channel::bounded(crate::media::mic::MIC_QUEUE);
+    let mic = crate::media::mic::Mic::open(device, ev_tx).map_err(|e| {
+        eprintln!("error: --audio alsa:{device}: {e}");
+        exit::USAGE
+    })?;
+    live.mic = Some(mic);
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = ev_rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+#[cfg(not(feature = "alsa"))]
+fn open_mic<M: Send + 'static>(
+    _live: &mut LiveMedia,
+    device: &str,
+    _tx: &Sender<M>,
+    _wrap: impl Fn(MicEvent) -> M + Send + 'static,
+) -> Result<(), u8> {
+    eprintln!(
+        "error: --audio alsa:{device}: this build has no ALSA support (cargo feature `alsa`)"
+    );
+    Err(exit::USAGE)
+}
+
+/// Opens the hub's speaker; its events reach `tx`. `Err` is the exit code, after a clear
+/// message (a missing device is a start-up error, like a missing file).
+#[cfg(feature = "alsa")]
+fn open_speaker<M: Send + 'static>(
+    device: &str,
+    tx: &Sender<M>,
+    wrap: impl Fn(SpeakerEvent) -> M + Send + 'static,
+) -> Result<HubSpeaker, u8> {
+    let (ev_tx, ev_rx) = smol::channel::bounded(CAMERA_QUEUE);
+    let speaker = crate::media::speaker::Speaker::open(device, ev_tx).map_err(|e| {
+        eprintln!("error: --speaker: {e}");
+        exit::USAGE
+    })?;
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = ev_rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok(HubSpeaker {
+        device: Some(speaker),
+        call: None,
+        muted: BTreeSet::new(),
+        unavailable: BTreeSet::new(),
+        up: true,
+        samples: 0,
+    })
+}
+
+#[cfg(not(feature = "alsa"))]
+fn open_speaker<M: Send + 'static>(
+    _device: &str,
+    _tx: &Sender<M>,
+    _wrap: impl Fn(SpeakerEvent) -> M + Send + 'static,
+) -> Result<HubSpeaker, u8> {
+    eprintln!("error: --speaker: this build has no ALSA support (cargo feature `alsa`)");
+    Err(exit::USAGE)
+}
+
 /// Reads the media options: files are loaded and checked, a camera is connected to and its
 /// first keyframe awaited (for its H.264 profile). Camera events reach `tx` wrapped by `wrap`;
 /// a forwarder writes its SDP file at `forward_sdp`. `Err` is the exit code, after a clear
 /// message.
+// One wrapper per kind of task event, so each task stays unaware of the driver's messages.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_media<M: Send + 'static>(
     m: &MediaOptions,
     video: VideoChoice,
@@ -404,6 +640,8 @@ pub(crate) async fn start_media<M: Send + 'static>(
     tx: &Sender<M>,
     wrap: impl Fn(CameraEvent) -> M + Send + 'static,
     wrap_talkback: impl Fn(TalkbackEvent) -> M + Send + 'static,
+    wrap_speaker: impl Fn(SpeakerEvent) -> M + Send + 'static,
+    wrap_mic: impl Fn(MicEvent) -> M + Send + 'static,
 ) -> Result<(LiveMedia, Option<ProfileLevelId>), u8> {
     let sources = crate::media::source::plan(
         &m.video,
@@ -428,7 +666,17 @@ pub(crate) async fn start_media<M: Send + 'static>(
     if let Some(dir) = forward.as_ref().and_then(|(_, sdp)| sdp.parent()) {
         let _ = std::fs::create_dir_all(dir);
     }
+    let mic_device = match &sources.plan.audio {
+        AudioSource::Mic(d) => Some(d.clone()),
+        _ => None,
+    };
     let mut live = LiveMedia::new(sources.plan, m.record.clone(), forward);
+    if let Some(device) = mic_device {
+        open_mic(&mut live, &device, tx, wrap_mic)?;
+    }
+    if let Some(device) = &m.speaker {
+        live.speaker = Some(open_speaker(device, tx, wrap_speaker)?);
+    }
     let Some(camera) = sources.camera else {
         if m.talkback {
             eprintln!("error: talkback needs an rtsp:// camera (its speaker) as the video source");
@@ -599,6 +847,66 @@ mod tests {
         m.end_call("a");
         m.remote_frame(&audio("b", Codec::Pcmu, &[0xff, 0xff], 0), now);
         assert_eq!(rx.try_recv().unwrap().data, vec![0xd5, 0xd5]);
+    }
+
+    /// A station with the hub's speaker only (no device behind the gate).
+    fn with_hub_speaker() -> LiveMedia {
+        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
+        m.speaker = Some(HubSpeaker {
+            #[cfg(feature = "alsa")]
+            device: None,
+            call: None,
+            muted: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            up: true,
+            samples: 0,
+        });
+        m
+    }
+
+    #[test]
+    fn the_hub_speaker_plays_one_g711_call_and_mute_gates_it() {
+        let mut m = with_hub_speaker();
+        let now = Instant::now();
+        let samples = |m: &LiveMedia| m.speaker.as_ref().map_or(0, |s| s.samples);
+        let line = m.remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 0), now);
+        let line = line.unwrap();
+        assert_eq!(
+            (&line["event"], &line["state"]),
+            (&json!("speaker"), &json!("playing"))
+        );
+        assert_eq!(line["codec"], "Pcma");
+        assert!(m
+            .remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 0), now)
+            .is_none());
+        assert_eq!(samples(&m), 160, "only the first call plays");
+        // Opus-only: one line for that call, nothing played.
+        let line = m
+            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 0), now)
+            .unwrap();
+        assert_eq!(
+            (&line["state"], &line["call_id"]),
+            (&json!("unavailable"), &json!("c"))
+        );
+        assert!(m
+            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 960), now)
+            .is_none());
+        // Muting the playing call hands the speaker to the next call that talks.
+        assert_eq!(m.set_muted("a", true), Ok(()));
+        assert_eq!(m.muted("a"), Some(true));
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 160), now)
+            .is_none());
+        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 160), now);
+        assert_eq!(line.unwrap()["call_id"], "b");
+        assert_eq!(samples(&m), 320);
+        let line = m.speaker_event(SpeakerEvent::Lost {
+            message: "gone".into(),
+        });
+        assert_eq!(
+            (&line["state"], &line["message"]),
+            (&json!("lost"), &json!("gone"))
+        );
     }
 
     #[test]

@@ -18,11 +18,13 @@ pub mod g711;
 pub mod h264;
 pub mod ivf;
 pub mod live;
+pub mod mic;
 pub mod ogg;
 pub mod pump;
 pub mod rtsp;
 pub mod sink;
 pub mod source;
+pub mod speaker;
 
 use std::fmt;
 use std::time::Duration;

@@ -21,7 +21,7 @@ use call_assist_core::{Agent, Codec, MediaKind, OutgoingFrame};
 use tracing::{debug, info, warn};
 
 use super::ogg::LoopingOpus;
-use super::{LoopingVideo, ToneAudio};
+use super::{g711, LoopingVideo, ToneAudio};
 
 /// Which clip to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +54,8 @@ pub enum AudioSource {
     Opus(LoopingOpus),
     /// The RTSP camera's G.711 or Opus (frames pushed by the shell).
     Camera,
+    /// The hub's microphone: this ALSA device (periods pushed by the shell, G.711-encoded).
+    Mic(String),
     None,
 }
 
@@ -189,6 +191,8 @@ enum Audio {
     Opus(LoopingOpus),
     /// The camera's G.711 or Opus; the codec last checked against what the call negotiated.
     Camera(Option<Codec>),
+    /// The hub's microphone, encoded in this G.711 law.
+    Mic(Codec),
     Off,
 }
 
@@ -269,6 +273,8 @@ impl CallMedia {
             }
             AudioSource::Opus(o) if audio_codecs.contains(&Codec::Opus) => Audio::Opus(o.clone()),
             AudioSource::Camera => Audio::Camera(None),
+            AudioSource::Mic(_) if audio_codecs.contains(&Codec::Pcmu) => Audio::Mic(Codec::Pcmu),
+            AudioSource::Mic(_) if audio_codecs.contains(&Codec::Pcma) => Audio::Mic(Codec::Pcma),
             AudioSource::None => Audio::Off,
             _ => {
                 warn!(%call_id, ?audio_codecs, "the peer takes none of the source's audio codecs; sending no audio");
@@ -422,6 +428,27 @@ impl CallMedia {
         }
     }
 
+    /// A period of the hub's microphone (8 kHz samples), encoded in the call's G.711 law.
+    pub fn mic_audio(&mut self, agent: &mut Agent, samples: &[i16], rtp_time: u64, now: Instant) {
+        let Audio::Mic(codec) = self.audio else {
+            return;
+        };
+        let encode = match codec {
+            Codec::Pcma => g711::linear_to_alaw,
+            _ => g711::linear_to_ulaw,
+        };
+        let data: Vec<u8> = samples.iter().map(|&s| encode(s)).collect();
+        let frame = OutgoingFrame {
+            kind: MediaKind::Audio,
+            codec,
+            rtp_time,
+            data: &data,
+        };
+        if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
+            self.frames_sent += 1;
+        }
+    }
+
     /// Writes every paced frame due at `now`; returns how many the agent took.
     pub fn pump(&mut self, agent: &mut Agent, now: Instant) -> u64 {
         let mut sent = 0;
@@ -455,7 +482,7 @@ impl CallMedia {
                         d.max(Duration::from_millis(2)),
                     )
                 }
-                Audio::Camera(_) | Audio::Off => break,
+                Audio::Camera(_) | Audio::Mic(_) | Audio::Off => break,
             };
             let frame = OutgoingFrame {
                 kind: MediaKind::Audio,
@@ -510,6 +537,7 @@ fn describe_audio(a: &Audio) -> Option<String> {
         Audio::Tone(_, c) => Some(format!("{c:?} tone")),
         Audio::Opus(_) => Some("Opus file".into()),
         Audio::Camera(_) => Some("camera".into()),
+        Audio::Mic(c) => Some(format!("{c:?} microphone")),
         Audio::Off => None,
     }
 }

@@ -120,9 +120,18 @@ pub fn plan(
                     .map_err(|e| SourceError(format!("--audio: {}: {e}", path.display())))?,
             )
         }
+        Some(s) if s.starts_with("alsa:") => {
+            let device = s.trim_start_matches("alsa:");
+            if device.is_empty() {
+                return Err(SourceError(
+                    "--audio alsa:DEVICE needs an ALSA device (e.g. alsa:default)".into(),
+                ));
+            }
+            AudioSource::Mic(device.to_owned())
+        }
         Some(other) => {
             return Err(SourceError(format!(
-                "--audio must be tone, none, camera or file:PATH (Ogg Opus), got {other:?}"
+                "--audio must be tone, none, camera, file:PATH (Ogg Opus) or alsa:DEVICE, got {other:?}"
             )))
         }
     };
@@ -210,6 +219,12 @@ mod tests {
         let s = p("none", Some(&format!("file:{}", ogg.display()))).unwrap();
         assert!(matches!(s.plan.audio, AudioSource::Opus(_)));
         assert!(p("webcam", None).unwrap_err().0.contains("--video must be"));
+        let s = p("none", Some("alsa:plughw:1")).unwrap();
+        assert!(matches!(&s.plan.audio, AudioSource::Mic(d) if d == "plughw:1"));
+        assert!(p("none", Some("alsa:"))
+            .unwrap_err()
+            .0
+            .contains("needs an ALSA device"));
         assert!(p("testclip", Some("mic"))
             .unwrap_err()
             .0

@@ -117,6 +117,8 @@ struct StationSection {
     pin_file: Option<Spanned<PathBuf>>,
     /// The caller's voice at the door: the call's audio to the camera's speaker.
     talkback: Option<Spanned<bool>>,
+    /// The caller's voice from the hub's own speaker: an ALSA device.
+    speaker: Option<Spanned<String>>,
 }
 
 /// The local HTTP API.
@@ -563,12 +565,16 @@ fn sources(
         }
     }
     if let (Some(a), Some(span)) = (&audio, s.audio.as_ref().map(Spanned::span)) {
-        let ok = matches!(a.as_str(), "tone" | "camera" | "none") || a.starts_with("file:");
+        let ok = matches!(a.as_str(), "tone" | "camera" | "none")
+            || a.starts_with("file:")
+            || a.strip_prefix("alsa:").is_some_and(|d| !d.is_empty());
         if !ok {
             return Err(at(
                 Some(span),
                 &key("audio"),
-                &format!("{a:?}: use tone, camera, none or file:PATH (Ogg Opus)"),
+                &format!(
+                    "{a:?}: use tone, camera, none, file:PATH (Ogg Opus) or alsa:DEVICE (a microphone)"
+                ),
             ));
         }
     }
@@ -673,6 +679,16 @@ fn station(
             "needs an rtsp:// camera as video (talkback plays through the camera's speaker)",
         ));
     }
+    let speaker = match &s.speaker {
+        Some(d) if d.get_ref().trim().is_empty() => {
+            return Err(at(
+                Some(d.span()),
+                &key("speaker"),
+                "needs an ALSA device name (e.g. \"default\")",
+            ))
+        }
+        d => d.as_ref().map(|d| d.get_ref().clone()),
+    };
     Ok(StationConfig {
         name,
         media: MediaOptions {
@@ -683,6 +699,7 @@ fn station(
             record: s.record.clone(),
             forward_rtp,
             talkback,
+            speaker,
         },
         video: video_choice,
         rtsp_password,
@@ -854,6 +871,24 @@ answer = ["@you:localhost"]
         );
         assert!(c.network.relay_only);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_station_names_its_speaker_and_microphone() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.stations.iter().all(|s| s.media.speaker.is_none()));
+        let c = parse(&GOOD.replace(
+            "name = \"garden\"",
+            "name = \"garden\"\nspeaker = \"default\"\naudio = \"alsa:plughw:1\"",
+        ))
+        .unwrap();
+        assert_eq!(c.stations[1].media.speaker.as_deref(), Some("default"));
+        assert_eq!(c.stations[1].media.audio.as_deref(), Some("alsa:plughw:1"));
+        let e = err(&GOOD.replace("name = \"garden\"", "name = \"garden\"\nspeaker = \" \""));
+        assert!(
+            e.contains("station \"garden\" speaker") && e.contains("ALSA device"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -334,7 +334,8 @@ impl Serve {
             .zip(&d.stations)
             .map(|(c, s)| {
                 json!({"name": c.name, "camera_up": s.media.camera_up,
-                    "talkback": s.media.talkback_state()})
+                    "talkback": s.media.talkback_state(),
+                    "speaker": s.media.speaker_state()})
             })
             .collect();
         Reply::Json(
@@ -364,6 +365,7 @@ impl Serve {
                     "video": c.media_video(),
                     "camera_up": s.media.camera_up,
                     "talkback": s.media.talkback_state(),
+                    "speaker": s.media.speaker_state(),
                     "answer": c.answer,
                     "may_call": c.may_call,
                 })
@@ -414,7 +416,8 @@ impl Serve {
     }
 
     /// `POST /calls/ID/mute` and `/unmute`: the call's audio toward the door only (the call
-    /// itself and what the owner hears are not touched). 409 for a station without talkback.
+    /// itself and what the owner hears are not touched). 409 for a station with neither
+    /// talkback nor the hub's speaker.
     fn mute(&mut self, d: &mut Hub, id: &str, muted: bool) -> Reply {
         if let Err(r) = self.live_call(id) {
             return r;
@@ -437,7 +440,7 @@ impl Serve {
             }
             Err(_) => Reply::error(
                 409,
-                format!("station {name:?} has no talkback (set talkback = true)"),
+                format!("station {name:?} has no speaker (set talkback = true or speaker)"),
             ),
         }
     }

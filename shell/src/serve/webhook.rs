@@ -34,6 +34,8 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "door",
     "camera",
     "talkback",
+    "speaker",
+    "microphone",
     "homeserver",
 ];
 

@@ -1,0 +1,238 @@
+//! The hub's own speaker through ALSA, with no sound card and no kernel module: the test
+//! writes an ALSA config (`ALSA_CONFIG_PATH`, the whole configuration alsa-lib reads) whose
+//! `hubspeaker` PCM is alsa-lib's `file` plugin over a `null` slave, so what the hub plays
+//! lands in a raw file (s16le, 8 kHz mono) the test analyses.
+//!
+//! Needs `libasound2` (and `libasound2-dev` to build), `tests/e2e/setup.sh` (Synapse venv),
+//! `npm ci` in tests/interop and `cargo build -p call-assist`. Run:
+//!
+//! ```sh
+//! tests/e2e/loopback-only.sh cargo test -p call-assist-tests --test alsa -- --test-threads=2
+//! ```
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use call_assist_tests::live::*;
+use serde_json::json;
+
+/// Logged in and through the first sync.
+const READY: Duration = Duration::from_secs(30);
+/// From placing a call to connected with media flowing, on loopback.
+const CONNECT: Duration = Duration::from_secs(40);
+
+/// CPU ticks (user + system) of the hub's thread named `name` so far.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("the hub's threads");
+    for t in tasks.flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        return f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    }
+    panic!("the hub has no thread named {name:?}");
+}
+
+#[test]
+fn a_missing_speaker_device_is_a_start_up_error() {
+    let dir = test_dir("a_missing_speaker_device_is_a_start_up_error");
+    let conf = alsa_config(&dir, &dir.join("unused.raw"));
+    let out = run(
+        Command::new(agent_binary())
+            .args(["listen", "--homeserver", "http://127.0.0.1:9"])
+            .args([
+                "--user",
+                "@hub:localhost",
+                "--allow-anyone",
+                "--allow-loopback",
+                "--state-dir",
+            ])
+            .arg(dir.join("state"))
+            .args(["--speaker", "no-such-speaker"])
+            .env("CALL_ASSIST_PASSWORD", "x")
+            .env("ALSA_CONFIG_PATH", &conf),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: --speaker: cannot open \"no-such-speaker\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_hub_speaker_plays_the_callers_sine() {
+    let name = "the_hub_speaker_plays_the_callers_sine";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let alice = live.user("alice");
+    let hub_user = live.user("hub");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let speaker = live.dir.join("speaker.raw");
+    let conf = alsa_config(&live.dir, &speaker);
+    let conf_s = conf.display().to_string();
+    let mut hub = live.listen_with_env(
+        &hub_user,
+        &[
+            "--allow",
+            &alice.id,
+            "--max-calls",
+            "1",
+            "--speaker",
+            "hubspeaker",
+        ],
+        &[("ALSA_CONFIG_PATH", &conf_s)],
+    );
+    hub.wait_event("ready", READY);
+
+    // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
+    let mut peer = live.js_peer(
+        &alice,
+        &["--call", &room, "--duration-s", "12", "--max-wait-s", "60"],
+    );
+    // No Opus decoder: the hub's answer put PCMU first, so the peer sends G.711.
+    let playing = hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "speaker" && v["state"] == "playing"
+    });
+    assert_eq!(playing.value["codec"], json!("Pcmu"), "{}", playing.value);
+
+    // CPU of the speaker's thread (decoded samples in, the device written) over 5 s.
+    thread::sleep(Duration::from_secs(1));
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let (t0, c0) = (Instant::now(), thread_cpu_ticks(hub.pid(), "speaker"));
+    let (h0, s0) = (
+        cpu_ticks(hub.pid()),
+        fs::metadata(&speaker).map_or(0, |m| m.len()),
+    );
+    thread::sleep(Duration::from_secs(5));
+    let secs = t0.elapsed().as_secs_f64();
+    let thread_ms = (thread_cpu_ticks(hub.pid(), "speaker") - c0) as f64 * 1000.0 / ticks_per_s;
+    let hub_ms = (cpu_ticks(hub.pid()) - h0) as f64 * 1000.0 / ticks_per_s;
+    let played = fs::metadata(&speaker).map_or(0, |m| m.len()) - s0;
+    println!(
+        "figure: hub speaker: speaker thread {:.1} ms CPU per second of playback; whole hub \
+         (call, video, tone, speaker) {:.1} ms/s; {:.0} samples/s reached the device",
+        thread_ms / secs,
+        hub_ms / secs,
+        played as f64 / 2.0 / secs
+    );
+    // The device is fed at its rate: 8000 samples a second, give or take a period's jitter.
+    let rate = played as f64 / 2.0 / secs;
+    assert!((7000.0..9000.0).contains(&rate), "{rate} samples/s");
+    assert_hears_the_sine(&speaker, &hub);
+
+    assert_eq!(
+        peer.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        peer.report()
+    );
+    assert_eq!(
+        hub.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        hub.report()
+    );
+}
+
+/// `seconds` of a `freq` Hz sine as raw s16le, 8 kHz mono.
+fn sine_file(path: &Path, freq: f64, seconds: usize) {
+    let bytes: Vec<u8> = (0..seconds * 8000)
+        .flat_map(|i| {
+            let t = i as f64 / 8000.0;
+            let v = (8000.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16;
+            v.to_le_bytes()
+        })
+        .collect();
+    fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+#[test]
+fn the_hub_microphone_reaches_the_caller() {
+    let name = "the_hub_microphone_reaches_the_caller";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let alice = live.user("alice");
+    let hub_user = live.user("hub");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let conf = alsa_config(&live.dir, &live.dir.join("unused.raw"));
+    // 1 kHz, not the hub's 440 Hz tone: what the peer hears is the microphone.
+    sine_file(&live.dir.join("mic.raw"), 1000.0, 60);
+    let conf_s = conf.display().to_string();
+    let mut hub = live.listen_with_env(
+        &hub_user,
+        &[
+            "--allow",
+            &alice.id,
+            "--max-calls",
+            "1",
+            "--video",
+            "none",
+            "--audio",
+            "alsa:hubmic",
+        ],
+        &[("ALSA_CONFIG_PATH", &conf_s)],
+    );
+    hub.wait_event("ready", READY);
+    let mut peer = live.js_peer(
+        &alice,
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "6",
+            "--max-wait-s",
+            "60",
+            "--require",
+            "audio",
+        ],
+    );
+    assert_eq!(
+        peer.wait_exit(Duration::from_secs(75)),
+        0,
+        "{}\n{}",
+        peer.report(),
+        hub.report()
+    );
+    assert_eq!(
+        hub.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        hub.report()
+    );
+    let r = peer.last_json();
+    let packets = r["rtp"]["inbound"]["audio"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        packets >= 150,
+        "{packets} audio packets reached the peer: {r}"
+    );
+    let tone = &r["audio_tone"];
+    eprintln!("peer heard: {tone}");
+    let share = |f: &str| tone["shares"][f].as_f64().unwrap_or(0.0);
+    assert!(
+        tone["rms"].as_f64().unwrap_or(0.0) > 300.0,
+        "silence at the peer: {tone}"
+    );
+    assert!(share("1000") > 0.5, "not the microphone's 1 kHz: {tone}");
+    assert!(
+        share("440") < 0.05,
+        "the hub's tone, not the microphone: {tone}"
+    );
+}
