@@ -74,6 +74,24 @@ pub(crate) enum Msg<C> {
     Command(C),
 }
 
+/// How long a core deadline may wait to share a wake-up with the shell's next one while
+/// media is sent: str0m's NACK (every 33 ms), TWCC (50 ms), RTCP and receive timers then
+/// ride along with the media pump's frames (every 20 ms for audio) instead of waking the
+/// loop ~100 more times a second (issue #19). Before any media (ICE, DTLS, ringing) nothing
+/// waits.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// When the loop wakes next: the core's deadline, or the shell's when that comes within
+/// [`COALESCE`] after it and media is being sent.
+fn coalesced(agent_at: Instant, shell_at: Option<Instant>, media: bool) -> Instant {
+    match shell_at {
+        None => agent_at,
+        Some(s) if s <= agent_at => s,
+        Some(s) if media && s - agent_at <= COALESCE => s,
+        Some(_) => agent_at,
+    }
+}
+
 /// What woke the loop.
 enum Wake<C> {
     Msg(Msg<C>),
@@ -714,7 +732,13 @@ impl<C: Send + 'static> Driver<C> {
         .detach();
     }
 
-    fn next_deadline(&self, agent_at: Instant) -> Instant {
+    /// A station is sending media (its pump has a frame due).
+    fn media_running(&self) -> bool {
+        self.stations.iter().any(|s| s.media.next_due().is_some())
+    }
+
+    /// The earliest of the shell's own deadlines (media frames, dials, shutdown, giving up).
+    fn next_shell_deadline(&self) -> Option<Instant> {
         let media = self.stations.iter().filter_map(|s| s.media.next_due());
         let dials = self.dials.iter().map(|d| d.since + PEER_JOIN_WAIT);
         let flush = self.shutdown.map(|(since, _)| since + SHUTDOWN_FLUSH);
@@ -722,11 +746,7 @@ impl<C: Send + 'static> Driver<C> {
             .unreachable_since
             .filter(|_| self.give_up_unreachable)
             .map(|t| t + STARTUP_UNREACHABLE_GRACE);
-        media
-            .chain(dials)
-            .chain(flush)
-            .chain(unreachable)
-            .fold(agent_at, Instant::min)
+        media.chain(dials).chain(flush).chain(unreachable).min()
     }
 
     /// Feeds one input to the agent (or to the driver's or the policy's own handling).
@@ -837,10 +857,11 @@ impl<C: Send + 'static> Driver<C> {
                 self.e2ee.close(E2EE_CLOSE).await;
                 return code;
             }
-            let mut deadline = self.next_deadline(agent_at);
+            let mut shell_at = self.next_shell_deadline();
             if let Some(t) = p.deadline() {
-                deadline = deadline.min(t);
+                shell_at = Some(shell_at.map_or(t, |s| s.min(t)));
             }
+            let deadline = coalesced(agent_at, shell_at, self.media_running());
             if armed != Some(deadline) {
                 timer.set_at(deadline);
                 armed = Some(deadline);
@@ -1053,4 +1074,24 @@ fn listen_for_signals<C: Send + 'static>(tx: &Sender<Msg<C>>, reload_on_hup: boo
         }
     })
     .detach();
+}
+
+#[cfg(test)]
+mod coalesce_tests {
+    use super::*;
+
+    #[test]
+    fn core_deadlines_ride_along_with_media_within_the_slack_only() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Media running: a core deadline 5 ms before the next frame waits for it.
+        assert_eq!(coalesced(t, Some(t + ms(5)), true), t + ms(5));
+        assert_eq!(coalesced(t, Some(t + COALESCE), true), t + COALESCE);
+        // Too far, no media, or no shell deadline: the core's own time.
+        assert_eq!(coalesced(t, Some(t + COALESCE + ms(1)), true), t);
+        assert_eq!(coalesced(t, Some(t + ms(5)), false), t);
+        assert_eq!(coalesced(t, None, true), t);
+        // The shell's deadline first: it wins either way.
+        assert_eq!(coalesced(t + ms(3), Some(t), false), t);
+    }
 }
