@@ -532,6 +532,30 @@ impl Live {
         (listener, peer)
     }
 
+    /// The browser peer (`tests/interop/browser-peer.mjs`): matrix-js-sdk in headless
+    /// Chromium with the browser's own WebRTC (RTCDTMFSender included), as `user` with `args`.
+    /// Chromium missing fails the test: `.ci/run` installs Debian's `chromium`.
+    pub fn browser_peer(&self, user: &User, args: &[&str]) -> Proc {
+        let interop = workspace_root().join("tests/interop");
+        assert!(
+            interop.join("node_modules/esbuild").exists(),
+            "no esbuild in {}/node_modules: run `npm ci` there first",
+            interop.display()
+        );
+        let chromium = std::env::var_os("CHROMIUM").unwrap_or_else(|| "/usr/bin/chromium".into());
+        assert!(
+            Path::new(&chromium).exists(),
+            "no Chromium at {chromium:?} (Debian: apt-get install chromium; or set CHROMIUM)"
+        );
+        let mut cmd = Command::new("node");
+        cmd.arg(interop.join("browser-peer.mjs"))
+            .args(["--homeserver", &self.hs.base_url, "--user", &user.id])
+            .env("PEER_PASSWORD", &user.password)
+            .env("CHROMIUM", &chromium)
+            .args(args);
+        Proc::spawn(&format!("{}-browser", user.localpart), cmd, &self.dir)
+    }
+
     pub fn js_peer(&self, user: &User, args: &[&str]) -> Proc {
         let interop = workspace_root().join("tests/interop");
         assert!(

@@ -793,7 +793,8 @@ fn dtmf_digits(p: &Proc) -> String {
 
 /// matrix-js-sdk sees our `m.call.dtmf` capability and the negotiated telephone-event, and
 /// presses digits with `MatrixCall.sendDtmfDigit`. @roamhq/wrtc 0.10 has no RTCDTMFSender
-/// (`sender.dtmf` is undefined), so js-sdk cannot send any: the peer reports why. Should a
+/// (`sender.dtmf` is undefined), so js-sdk cannot send any: the peer reports why (Chromium
+/// can: `serve.rs::a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door`). Should a
 /// wrtc ever send them, the hub must report exactly those digits, in order, once each.
 #[test]
 fn js_sdk_sees_dtmf_support_and_presses_digits() {

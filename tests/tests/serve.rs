@@ -1429,3 +1429,112 @@ fn a_station_speaker_plays_the_caller_and_mute_silences_it() {
     assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
     let _ = peer.wait_exit(EXIT);
 }
+
+/// The issue's "done when", with the browser itself: the door station calls its owner,
+/// matrix-js-sdk in Chromium (what Element Web runs) answers, and the owner presses a wrong
+/// PIN and then the right one with `MatrixCall.sendDtmfDigit`, the call Element's dial pad
+/// makes, through Chromium's RTCDTMFSender. The hub reports each press once and in order, the
+/// webhook (Home Assistant's trigger) gets them and exactly one `door_opened`.
+#[test]
+fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
+    let name = "a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door";
+    if !in_loopback_namespace(name) {
+        return;
+    }
+    let live = Live::start(name);
+    let hub_user = live.user("hub");
+    let owner = live.user("owner");
+    live.hs.create_dm(&hub_user, &owner);
+    let (receiver, received) = webhook_receiver();
+    let url = write(
+        &live.dir.join("webhook"),
+        &format!("http://{receiver}/api/webhook/s3cret-webhook-id"),
+    );
+    let stations = format!(
+        "[[station]]\nname = \"door\"\nvideo = \"testclip\"\naudio = \"tone\"\npin = \"1*9#\"\n\
+         may_call = [\"{}\"]\n\n[[webhook]]\nurl_file = \"{}\"\nevents = [\"dtmf\", \"door\"]\n",
+        owner.id,
+        url.display()
+    );
+    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+
+    let pressed = "1*8#1*9#";
+    let mut browser = live.browser_peer(
+        &owner,
+        &[
+            "--answer",
+            "--dtmf",
+            pressed,
+            "--dtmf-after-s",
+            "1",
+            "--max-wait-s",
+            "90",
+        ],
+    );
+    browser.wait_stderr("waiting for an incoming call", Duration::from_secs(60));
+    let (status, placed) = http(
+        port,
+        "POST",
+        "/calls",
+        None,
+        Some(&json!({"station": "door", "to": owner.id})),
+    );
+    assert_eq!(status, 201, "{placed}\n{}", hub.report());
+    let connected = hub.wait_state("connected", CONNECT);
+    let id = call_id(&connected.value);
+
+    let door = hub.wait_event("door", Duration::from_secs(30));
+    assert_eq!(
+        (
+            &door.value["action"],
+            &door.value["station"],
+            &door.value["call_id"]
+        ),
+        (&json!("door_opened"), &json!("door"), &json!(id)),
+        "{}\n{}",
+        door.value,
+        browser.report()
+    );
+    // The owner's automation hangs up once the door is open.
+    let (status, e) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
+    assert!(status == 200 || status == 204, "{status} {e}");
+    assert_eq!(browser.wait_exit(CONNECT), 0, "{}", browser.report());
+    let r = browser.last_json();
+    assert_eq!(r["dtmf"]["opponent_supports_dtmf"], true, "{r}");
+    assert_eq!(r["dtmf"]["error"], Value::Null, "{r}");
+    assert_eq!(r["dtmf"]["sent"], pressed, "{r}");
+    // Chromium's RTCDTMFSender played each digit (its tonechange events).
+    assert_eq!(r["dtmf"]["tone_change"], pressed, "{r}");
+    assert_eq!(r["telephone_event"], true, "{r}");
+    // And the owner saw the door: Chromium decoded the station's video.
+    assert!(
+        r["rtp"]["inbound"]["video"]["frames"].as_u64() > Some(0),
+        "{r}"
+    );
+
+    assert_eq!(hub.events_of("door").len(), 1, "{}", hub.report());
+    let dtmf = hub.events_of("dtmf");
+    assert_eq!(dtmf.len(), pressed.len(), "{}", hub.report());
+    assert!(dtmf
+        .iter()
+        .all(|v| v["station"] == "door" && v["call_id"] == id.as_str()));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let kinds = loop {
+        let got: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["event"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if got.len() > pressed.len() || Instant::now() > deadline {
+            break got;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut want = vec!["dtmf".to_owned(); pressed.len()];
+    want.push("door".to_owned());
+    assert_eq!(kinds, want);
+    hub.terminate();
+    hub.wait_exit(EXIT);
+}
