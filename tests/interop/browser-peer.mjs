@@ -4,7 +4,7 @@
 // (@roamhq/wrtc has none), so it presses dial-pad digits for real.
 //
 //   node browser-peer.mjs --homeserver URL --user @u:server (--answer | --call ROOM_ID)
-//        [--voice] [--dtmf DIGITS] [--dtmf-after-s 1] [--duration-s 5] [--max-wait-s 60]
+//        [--voice] [--e2ee] [--dtmf DIGITS] [--dtmf-after-s 1] [--duration-s 5] [--max-wait-s 60]
 //        [--verbose]
 //   The password comes from $PEER_PASSWORD (never a command line: Chromium's is readable by
 //   every user); Chromium from $CHROMIUM or /usr/bin/chromium (Debian's `chromium`).
@@ -15,7 +15,7 @@
 // opens the page. stdout: exactly one JSON line (the page's result); exit 0 iff connected.
 // Like peer.mjs it refuses to run where any interface but loopback has an address.
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:http";
 import { networkInterfaces, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -31,6 +31,7 @@ const { values: args } = parseArgs({
         answer: { type: "boolean", default: false },
         call: { type: "string" },
         voice: { type: "boolean", default: false },
+        e2ee: { type: "boolean", default: false },
         dtmf: { type: "string", default: "" },
         "dtmf-after-s": { type: "string", default: "1" },
         "duration-s": { type: "string", default: "5" },
@@ -68,6 +69,7 @@ const bundle = await esbuild.build({
     define: { global: "globalThis" },
 });
 const script = bundle.outputFiles[0].contents;
+const cryptoWasm = join(here, "node_modules/@matrix-org/matrix-sdk-crypto-wasm/pkg/matrix_sdk_crypto_wasm_bg.wasm");
 progress(`page bundled (${(script.length / 1e6).toFixed(1)} MB)`);
 
 const config = {
@@ -76,6 +78,7 @@ const config = {
     password,
     call: args.call ?? null,
     voice: args.voice,
+    e2ee: args.e2ee,
     dtmf: args.dtmf,
     dtmf_after_ms: Number(args["dtmf-after-s"]) * 1000,
     duration_ms: Number(args["duration-s"]) * 1000,
@@ -135,6 +138,9 @@ const server = createServer((req, res) => {
             if (!r) return void end({ error: "the page sent an unreadable result" }, 1);
             void end(r, r.connected ? 0 : 1);
         });
+    } else if (req.method === "GET" && req.url === "/pkg/matrix_sdk_crypto_wasm_bg.wasm") {
+        // --e2ee: matrix-sdk-crypto-wasm fetches its module next to the bundle.
+        reply(200, "application/wasm", readFileSync(cryptoWasm));
     } else if (req.method === "GET" && req.url === "/favicon.ico") {
         reply(404, "text/plain", "");
     } else {

@@ -1430,8 +1430,8 @@ fn a_station_speaker_plays_the_caller_and_mute_silences_it() {
     let _ = peer.wait_exit(EXIT);
 }
 
-/// The "done when", with the browser itself: the door station calls its owner,
-/// matrix-js-sdk in Chromium (what Element Web runs) answers, and the owner presses a wrong
+/// The "done when", with the browser itself: the door station calls its owner in an
+/// encrypted DM, matrix-js-sdk in Chromium with its Rust crypto (what Element Web runs) answers, and the owner presses a wrong
 /// PIN and then the right one with `MatrixCall.sendDtmfDigit`, the call Element's dial pad
 /// makes, through Chromium's RTCDTMFSender. The hub reports each press once and in order, the
 /// webhook (Home Assistant's trigger) gets them and exactly one `door_opened`.
@@ -1444,7 +1444,8 @@ fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
     let live = Live::start(name);
     let hub_user = live.user("hub");
     let owner = live.user("owner");
-    live.hs.create_dm(&hub_user, &owner);
+    // Encrypted, as every DM Element makes.
+    live.hs.create_encrypted_dm(&hub_user, &owner);
     let (receiver, received) = webhook_receiver();
     let url = write(
         &live.dir.join("webhook"),
@@ -1463,6 +1464,7 @@ fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
         &owner,
         &[
             "--answer",
+            "--e2ee",
             "--dtmf",
             pressed,
             "--dtmf-after-s",
@@ -1506,6 +1508,11 @@ fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
     // Chromium's RTCDTMFSender played each digit (its tonechange events).
     assert_eq!(r["dtmf"]["tone_change"], pressed, "{r}");
     assert_eq!(r["telephone_event"], true, "{r}");
+    assert_eq!(
+        (&r["room_encrypted"], &r["decryption_failures"]),
+        (&json!(true), &json!(0)),
+        "{r}"
+    );
     // And the owner saw the door: Chromium decoded the station's video.
     assert!(
         r["rtp"]["inbound"]["video"]["frames"].as_u64() > Some(0),

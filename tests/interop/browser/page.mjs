@@ -46,6 +46,9 @@ const result = {
     selected_pair: null,
     telephone_event: null,
     dtmf: null,
+    e2ee: cfg.e2ee,
+    room_encrypted: null,
+    decryption_failures: 0,
     error: null,
 };
 const mark = (name) => {
@@ -126,6 +129,7 @@ function finish(error) {
     clearInterval(statsTimer);
     if (activeCall) {
         result.call_id = activeCall.callId;
+        result.room_encrypted = client?.isRoomEncrypted?.(activeCall.roomId) ?? null;
         result.state = activeCall.state;
         result.hangup_reason ??= activeCall.hangupReason ?? null;
         result.hangup_party ??= activeCall.hangupParty ?? null;
@@ -214,6 +218,19 @@ async function main() {
         timelineSupport: false,
     });
     if (!client.callEventHandler) throw new Error("matrix-js-sdk says this browser cannot make calls");
+    if (cfg.e2ee) {
+        // As Element Web: the Rust crypto (matrix-sdk-crypto-wasm), here with an in-memory
+        // store, so every run is a new device.
+        await client.initRustCrypto({ useIndexedDB: false });
+        mark("crypto_ready");
+        progress(`Rust crypto ready (device ${login.device_id})`);
+        client.on(sdk.MatrixEventEvent.Decrypted, (ev) => {
+            if (ev.isDecryptionFailure() && !String(ev.decryptionFailureReason ?? "").startsWith("HISTORICAL")) {
+                result.decryption_failures += 1;
+                progress(`cannot decrypt ${ev.getId()}: ${ev.decryptionFailureReason ?? "?"}`);
+            }
+        });
+    }
     const prepared = new Promise((resolve) =>
         client.on(sdk.ClientEvent.Sync, (state) => state === "PREPARED" && resolve()),
     );
