@@ -4,7 +4,7 @@
 // (@roamhq/wrtc has none), so it presses dial-pad digits for real.
 //
 //   node browser-peer.mjs --homeserver URL --user @u:server (--answer | --call ROOM_ID)
-//        [--voice] [--e2ee] [--dtmf DIGITS] [--dtmf-after-s 1] [--duration-s 5] [--max-wait-s 60]
+//        [--voice] [--e2ee] [--audio-wav FILE [--raw-audio]] [--dtmf DIGITS] [--dtmf-after-s 1] [--duration-s 5] [--max-wait-s 60]
 //        [--verbose]
 //   The password comes from $PEER_PASSWORD (never a command line: Chromium's is readable by
 //   every user); Chromium from $CHROMIUM or /usr/bin/chromium (Debian's `chromium`).
@@ -32,6 +32,8 @@ const { values: args } = parseArgs({
         call: { type: "string" },
         voice: { type: "boolean", default: false },
         e2ee: { type: "boolean", default: false },
+        "audio-wav": { type: "string" },
+        "raw-audio": { type: "boolean", default: false },
         dtmf: { type: "string", default: "" },
         "dtmf-after-s": { type: "string", default: "1" },
         "duration-s": { type: "string", default: "5" },
@@ -79,6 +81,7 @@ const config = {
     call: args.call ?? null,
     voice: args.voice,
     e2ee: args.e2ee,
+    raw_audio: args["raw-audio"],
     dtmf: args.dtmf,
     dtmf_after_ms: Number(args["dtmf-after-s"]) * 1000,
     duration_ms: Number(args["duration-s"]) * 1000,
@@ -163,6 +166,8 @@ browser = spawn(
         // A fake camera (test pattern) and microphone (beeps), granted without a prompt.
         "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream",
+        // --audio-wav: the microphone plays this WAV (looped) instead of the fake beeps.
+        ...(args["audio-wav"] ? [`--use-file-for-fake-audio-capture=${args["audio-wav"]}`] : []),
         "--autoplay-policy=no-user-gesture-required",
         // Chromium leaves loopback out of WebRTC's networks; here it is the only one.
         "--allow-loopback-in-peer-connection",

@@ -1226,3 +1226,29 @@ pub fn alsa_config(dir: &Path, out: &Path) -> PathBuf {
     fs::write(&conf, text).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
     conf
 }
+
+/// Writes `seconds` of a `freq` Hz sine (48 kHz, mono, 16-bit PCM WAV, a whole number of
+/// periods so a looped file has no click): what Chromium's fake microphone plays.
+pub fn write_sine_wav(path: &Path, freq: u32, seconds: u32) {
+    let rate = 48_000u32;
+    let samples = rate * seconds;
+    let mut wav = Vec::with_capacity(44 + 2 * samples as usize);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + 2 * samples).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&rate.to_le_bytes());
+    wav.extend_from_slice(&(2 * rate).to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(2 * samples).to_le_bytes());
+    for i in 0..samples {
+        let t = f64::from(i) / f64::from(rate);
+        let v = (std::f64::consts::TAU * f64::from(freq) * t).sin() * 12_000.0;
+        wav.extend_from_slice(&(v as i16).to_le_bytes());
+    }
+    fs::write(path, wav).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}

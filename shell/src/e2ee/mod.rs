@@ -593,6 +593,11 @@ async fn feed_machine(
         serde_json::from_value(de("/to_device/events")).unwrap_or_default();
     let device_lists: ruma16::api::client::sync::sync_events::DeviceLists =
         serde_json::from_value(de("/device_lists")).unwrap_or_default();
+    // A member's new device gets this room's keys only from now on: worth a line when a
+    // call to a freshly logged-in device cannot be decrypted there.
+    for user in device_lists.changed.iter().take(16) {
+        info!(%user, "e2ee: devices changed; their keys are queried before the next share");
+    }
     let counts: BTreeMap<ruma16::OneTimeKeyAlgorithm, ruma16::UInt> =
         serde_json::from_value(de("/device_one_time_keys_count")).unwrap_or_default();
     let fallback: Option<Vec<ruma16::OneTimeKeyAlgorithm>> =

@@ -218,6 +218,15 @@ async function main() {
         timelineSupport: false,
     });
     if (!client.callEventHandler) throw new Error("matrix-js-sdk says this browser cannot make calls");
+    if (cfg.raw_audio) {
+        // Element's "voice processing" settings off: noise suppression and gain control
+        // would treat a steady test tone as noise.
+        await client.getMediaHandler().setAudioSettings({
+            autoGainControl: false,
+            echoCancellation: false,
+            noiseSuppression: false,
+        });
+    }
     if (cfg.e2ee) {
         // As Element Web: the Rust crypto (matrix-sdk-crypto-wasm), here with an in-memory
         // store, so every run is a new device.
