@@ -32,6 +32,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import wrtc from "@roamhq/wrtc";
+import { pressDigits, summarizeStats } from "./call-common.mjs";
 import {
     guardCallEvents,
     installBrowserGlobals,
@@ -248,60 +249,9 @@ async function snapshotStats(pc) {
     } catch (e) {
         return;
     }
-    const byId = new Map();
-    report.forEach((s) => byId.set(s.id, s));
-    const rtp = { inbound: {}, outbound: {} };
-    for (const s of byId.values()) {
-        if (s.type !== "inbound-rtp" && s.type !== "outbound-rtp") continue;
-        const kind = s.kind ?? s.mediaType;
-        const codec = byId.get(s.codecId)?.mimeType ?? null;
-        if (s.type === "inbound-rtp") {
-            rtp.inbound[kind] = {
-                codec,
-                packets: s.packetsReceived ?? 0,
-                bytes: s.bytesReceived ?? 0,
-                ...(kind === "video" ? { frames_decoded: s.framesDecoded ?? 0 } : {}),
-            };
-        } else {
-            rtp.outbound[kind] = {
-                codec,
-                packets: s.packetsSent ?? 0,
-                bytes: s.bytesSent ?? 0,
-                ...(kind === "video" ? { frames_encoded: s.framesEncoded ?? 0 } : {}),
-            };
-        }
-    }
+    const { rtp, selectedPair } = summarizeStats(report);
     result.rtp = rtp;
-    for (const s of byId.values()) {
-        if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
-            const l = byId.get(s.localCandidateId);
-            const r = byId.get(s.remoteCandidateId);
-            const addr = (c) => c && `${c.address ?? c.ip}:${c.port} ${c.candidateType}`;
-            result.selected_pair = { local: addr(l), remote: addr(r) };
-        }
-    }
-}
-
-// Presses --dtmf one digit at a time; records what the other side advertised and what went out.
-function pressDigits(call) {
-    const digits = [...args.dtmf];
-    const supports = call.opponentSupportsDTMF();
-    result.dtmf = { opponent_supports_dtmf: supports, sent: "", error: null };
-    progress(`opponentSupportsDTMF() = ${supports}; pressing ${digits.length} digits`);
-    const next = () => {
-        const digit = digits.shift();
-        if (digit === undefined || call.callHasEnded()) return;
-        try {
-            call.sendDtmfDigit(digit);
-            result.dtmf.sent += digit;
-            progress(`pressed ${digit}`);
-            setTimeout(next, 400);
-        } catch (e) {
-            result.dtmf.error = e.message;
-            progress(`sendDtmfDigit(${digit}) failed: ${e.message}`);
-        }
-    };
-    next();
+    if (selectedPair) result.selected_pair = selectedPair;
 }
 
 function describeFeeds(call) {
@@ -431,7 +381,9 @@ function watchCall(call) {
             statsTimer = setInterval(() => void snapshotStats(call.peerConn), 1000);
             const remoteSdp = call.peerConn?.remoteDescription?.sdp ?? "";
             result.telephone_event = /a=rtpmap:\d+ telephone-event\//.test(remoteSdp);
-            if (args.dtmf) setTimeout(() => pressDigits(call), Number(args["dtmf-after-s"]) * 1000);
+            if (args.dtmf) {
+                setTimeout(() => (result.dtmf = pressDigits(call, args.dtmf, progress)), Number(args["dtmf-after-s"]) * 1000);
+            }
             endTimer = setTimeout(() => {
                 describeFeeds(call);
                 if (args.call) {

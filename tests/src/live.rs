@@ -817,10 +817,28 @@ impl Proc {
         self.lock().stderr.iter().any(|l| l.contains(needle))
     }
 
+    /// The first stderr line that contains `needle`.
+    pub fn stderr_line(&self, needle: &str) -> Option<String> {
+        self.lock()
+            .stderr
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
     pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_stderr_all(&[needle], timeout);
+    }
+    /// Waits for one stderr line that contains every one of `needles`.
+    pub fn wait_stderr_all(&mut self, needles: &[&str], timeout: Duration) {
+        let needle = needles.join(" … ");
         let deadline = Instant::now() + timeout;
         loop {
-            if self.lock().stderr.iter().any(|l| l.contains(needle)) {
+            if self
+                .lock()
+                .stderr
+                .iter()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return;
             }
             if self.poll_exit().is_some() {

@@ -593,8 +593,8 @@ async fn feed_machine(
         serde_json::from_value(de("/to_device/events")).unwrap_or_default();
     let device_lists: ruma16::api::client::sync::sync_events::DeviceLists =
         serde_json::from_value(de("/device_lists")).unwrap_or_default();
-    // A member's new device gets this room's keys only from now on: worth a line when a
-    // call to a freshly logged-in device cannot be decrypted there.
+    // A member's new device gets this room's keys only once its keys are here (logged by
+    // the key query): worth a line when a freshly logged-in device cannot decrypt a call.
     for user in device_lists.changed.iter().take(16) {
         info!(%user, "e2ee: devices changed; their keys are queried before the next share");
     }

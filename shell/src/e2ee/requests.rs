@@ -15,7 +15,7 @@ use ruma16::api::{
     IncomingResponse, MatrixVersion, OutgoingRequest as RumaRequest, SupportedVersions,
 };
 use ruma16::OwnedTransactionId;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::E2eeError;
 use crate::live::net;
@@ -75,6 +75,12 @@ impl Io {
                 q.device_keys = req.device_keys.clone();
                 q.timeout = req.timeout;
                 let resp = self.call(q).await?;
+                // Which devices will get room keys from now on: what to read when a device
+                // says it cannot decrypt the hub's call.
+                for (user, devices) in resp.device_keys.iter().take(16) {
+                    let ids: Vec<&str> = devices.keys().map(|d| d.as_str()).collect();
+                    info!("e2ee: device keys of {user}: {}", ids.join(" "));
+                }
                 machine.mark_request_as_sent(id, &resp).await?;
             }
             AnyOutgoingRequest::KeysClaim(req) => {

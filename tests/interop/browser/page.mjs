@@ -6,6 +6,7 @@ import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 import { CallEvent, CallState, CallErrorCode } from "matrix-js-sdk/lib/webrtc/call.js";
 import { CallEventHandlerEvent } from "matrix-js-sdk/lib/webrtc/callEventHandler.js";
+import { pressDigits, summarizeStats } from "../call-common.mjs";
 
 const T0 = performance.now();
 const ms = () => Math.round(performance.now() - T0);
@@ -62,64 +63,27 @@ let statsTimer = null;
 
 async function snapshotStats(pc) {
     if (!pc || pc.connectionState === "closed") return;
-    let report;
     try {
-        report = await pc.getStats();
+        const { rtp, selectedPair } = summarizeStats(await pc.getStats());
+        result.rtp = rtp;
+        if (selectedPair) result.selected_pair = selectedPair;
     } catch {
-        return;
-    }
-    const byId = new Map();
-    report.forEach((s) => byId.set(s.id, s));
-    const rtp = { inbound: {}, outbound: {} };
-    for (const s of byId.values()) {
-        if (s.type !== "inbound-rtp" && s.type !== "outbound-rtp") continue;
-        const side = s.type === "inbound-rtp" ? rtp.inbound : rtp.outbound;
-        side[s.kind] = {
-            codec: byId.get(s.codecId)?.mimeType ?? null,
-            packets: s.packetsReceived ?? s.packetsSent ?? 0,
-            bytes: s.bytesReceived ?? s.bytesSent ?? 0,
-            ...(s.kind === "video" ? { frames: s.framesDecoded ?? s.framesEncoded ?? 0 } : {}),
-            ...(s.kind === "audio" && s.type === "inbound-rtp" ? { samples: s.totalSamplesReceived ?? 0 } : {}),
-        };
-    }
-    result.rtp = rtp;
-    for (const s of byId.values()) {
-        if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
-            const addr = (c) => c && `${c.address}:${c.port} ${c.candidateType}`;
-            result.selected_pair = { local: addr(byId.get(s.localCandidateId)), remote: addr(byId.get(s.remoteCandidateId)) };
-        }
+        /* closed meanwhile */
     }
 }
 
-// Presses cfg.dtmf as a user on Element's dial pad does: MatrixCall.sendDtmfDigit, which
-// hands each digit to the audio sender's RTCDTMFSender.
-function pressDigits(call) {
-    const digits = [...cfg.dtmf];
-    const supports = call.opponentSupportsDTMF();
-    result.dtmf = { opponent_supports_dtmf: supports, sent: "", tone_change: "", error: null };
+// Presses cfg.dtmf as a user on Element's dial pad does (MatrixCall.sendDtmfDigit, which
+// hands each digit to the audio sender's RTCDTMFSender) and records what Chromium's sender
+// really played (its tonechange events).
+function pressDialPad(call) {
     const sender = call.peerConn?.getSenders().find((s) => s.track?.kind === "audio");
-    if (sender?.dtmf) {
-        // What the browser really put on the wire, digit by digit ("" after the last one).
-        sender.dtmf.addEventListener("tonechange", (e) => {
-            if (e.tone) result.dtmf.tone_change += e.tone;
-        });
-        result.dtmf.can_insert_dtmf = sender.dtmf.canInsertDTMF;
-    }
-    progress(`opponentSupportsDTMF() = ${supports}; pressing ${digits.length} digits`);
-    const next = () => {
-        const digit = digits.shift();
-        if (digit === undefined || call.callHasEnded()) return;
-        try {
-            call.sendDtmfDigit(digit);
-            result.dtmf.sent += digit;
-            progress(`pressed ${digit}`);
-            setTimeout(next, 400);
-        } catch (e) {
-            result.dtmf.error = e.message;
-            progress(`sendDtmfDigit(${digit}) failed: ${e.message}`);
-        }
-    };
-    next();
+    const dtmf = pressDigits(call, cfg.dtmf, progress);
+    dtmf.can_insert_dtmf = sender?.dtmf?.canInsertDTMF ?? false;
+    dtmf.tone_change = "";
+    sender?.dtmf?.addEventListener("tonechange", (e) => {
+        if (e.tone) dtmf.tone_change += e.tone;
+    });
+    result.dtmf = dtmf;
 }
 
 function finish(error) {
@@ -174,7 +138,7 @@ function watchCall(call) {
             play(call);
             statsTimer = setInterval(() => void snapshotStats(call.peerConn), 1000);
             result.telephone_event = /a=rtpmap:\d+ telephone-event\//.test(call.peerConn?.remoteDescription?.sdp ?? "");
-            if (cfg.dtmf) setTimeout(() => pressDigits(call), cfg.dtmf_after_ms);
+            if (cfg.dtmf) setTimeout(() => pressDialPad(call), cfg.dtmf_after_ms);
             setTimeout(async () => {
                 await snapshotStats(call.peerConn);
                 if (cfg.call) {
