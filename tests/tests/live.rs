@@ -65,6 +65,22 @@ fn assert_connected_with_media(p: &Proc) {
     }
 }
 
+/// What matrix-js-sdk made of the hub's media (what Element shows): one user-media feed with
+/// its audio and video track. With our msid wrong it made none, though the media flowed.
+fn assert_one_usermedia_feed(r: &Value) {
+    let feeds = r["remote_feeds"].as_array().cloned().unwrap_or_default();
+    assert_eq!(feeds.len(), 1, "{r}");
+    assert_eq!(
+        (
+            &feeds[0]["purpose"],
+            count(&feeds[0], "audio_tracks"),
+            count(&feeds[0], "video_tracks")
+        ),
+        (&Value::from("m.usermedia"), 1, 1),
+        "{r}"
+    );
+}
+
 /// The js peer's result: connected, audio and video decoded, and the agent's video was VP8
 /// (wrtc has no H.264 decoder: anything else would not be counted at all).
 fn assert_js_peer_got_media(peer: &Proc) {
@@ -465,6 +481,7 @@ fn js_sdk_calls_agent() {
         live.js_peer_calls_listener(&alice, &bob_user, &room, &["--require", "audio,video"]);
 
     assert_js_peer_got_media(&peer);
+    assert_one_usermedia_feed(&peer.last_json());
     assert_connected_with_media(&bob);
     Live::print_setup_figures("js-sdk calls the hub, plain DM", &peer);
     let theirs = ended(&bob);
@@ -472,6 +489,62 @@ fn js_sdk_calls_agent() {
         (&theirs["reason"], &theirs["by"]),
         (&"user_hangup".into(), &"remote".into()),
         "{theirs}"
+    );
+}
+
+/// Element Web calling the hub: matrix-js-sdk with its Rust crypto in Chromium (its own
+/// WebRTC) places a video call in an encrypted DM right after it logged in; the hub answers,
+/// both decode the other's video and hear its audio, and the browser hangs up.
+#[test]
+fn a_browser_calls_the_hub_in_an_encrypted_dm() {
+    if !in_loopback_namespace("a_browser_calls_the_hub_in_an_encrypted_dm") {
+        return;
+    }
+    let live = Live::start("a_browser_calls_the_hub_in_an_encrypted_dm");
+    let owner = live.user("owner");
+    let hub_user = live.user("hub");
+    let room = live.hs.create_encrypted_dm(&owner, &hub_user);
+    let mut hub = live.listen(&hub_user, &["--allow", &owner.id, "--max-calls", "1"]);
+    hub.wait_event("ready", READY);
+    let mut browser = live.browser_peer(
+        &owner,
+        &[
+            "--call",
+            &room,
+            "--e2ee",
+            "--duration-s",
+            "5",
+            "--max-wait-s",
+            "60",
+        ],
+    );
+    let browser_exit = browser.wait_exit(Duration::from_secs(75));
+    assert_eq!(browser_exit, 0, "{}\n{}", browser.report(), hub.report());
+    assert_eq!(hub.wait_exit(EXIT), 0, "{}", hub.report());
+
+    let r = browser.last_json();
+    assert_eq!(
+        (&r["room_encrypted"], &r["decryption_failures"]),
+        (&true.into(), &0.into()),
+        "{r}"
+    );
+    assert!(
+        count(&r["rtp"]["inbound"]["video"], "frames_decoded") > 0
+            && count(&r["rtp"]["inbound"]["audio"], "samples") > 0,
+        "the browser got no video or audio from the hub: {r}"
+    );
+    assert_one_usermedia_feed(&r);
+    assert_connected_with_media(&hub);
+    let theirs = ended(&hub);
+    assert_eq!(
+        (&theirs["reason"], &theirs["by"]),
+        (&"user_hangup".into(), &"remote".into()),
+        "{theirs}"
+    );
+    eprintln!(
+        "figures: browser calls the hub, encrypted DM: placing -> connected {} ms, -> first frame {} ms",
+        count(&r["timings_ms"], "connected") - count(&r["timings_ms"], "placing"),
+        count(&r["timings_ms"], "first_video_frame") - count(&r["timings_ms"], "placing"),
     );
 }
 

@@ -534,7 +534,7 @@ impl Call {
             SdpRefused::Panicked => InviteRefused::Panicked,
             e => InviteRefused::Sdp(format!("offer refused: {e}")),
         })?;
-        call.prepared_answer = Some(answer.to_sdp_string());
+        call.prepared_answer = Some(with_our_msid(&answer.to_sdp_string(), call.id.as_str()));
         call.note_sdp_candidates(offer_sdp);
         call.timers.set(Timer::Lifetime, now + remaining);
         Ok(call)
@@ -823,6 +823,7 @@ impl Call {
     }
 
     fn send_negotiate(&mut self, kind: &str, sdp: String) {
+        let sdp = with_our_msid(&sdp, self.id.as_str());
         let mut content = json!({
             "call_id": self.id,
             "party_id": self.our_party,
@@ -1552,6 +1553,51 @@ enum InSdp {
     No,
 }
 
+/// `sdp` (ours) with our own media stream, `ca-<call id>`, in every msid: str0m answers with
+/// the offerer's msid stream and track ids (it builds answering media from the offer's lines),
+/// and matrix-js-sdk then takes our stream for its own and shows no remote feed (Element
+/// calling the hub saw and heard nothing). By hand: str0m has no way to set an answer's msid.
+fn with_our_msid(sdp: &str, call_id: &str) -> String {
+    let stream = format!("ca-{call_id}");
+    let mut out = String::with_capacity(sdp.len() + 64);
+    let mut kind = "media";
+    for l in sdp.split_inclusive('\n') {
+        let body = l.trim_end_matches(['\r', '\n']);
+        let end = &l[body.len()..];
+        if let Some(m) = body.strip_prefix("m=") {
+            kind = m.split(' ').next().unwrap_or("media");
+        }
+        let track = format!("{stream}-{kind}");
+        if body.starts_with("a=msid-semantic:") {
+            out.push_str("a=msid-semantic: WMS ");
+            out.push_str(&stream);
+        } else if let Some(old) = body.strip_prefix("a=msid:") {
+            if old.starts_with("- ") || old == "-" {
+                out.push_str(body);
+            } else {
+                out.push_str("a=msid:");
+                out.push_str(&stream);
+                out.push(' ');
+                out.push_str(&track);
+            }
+        } else if let Some((ssrc, _)) = body
+            .strip_prefix("a=ssrc:")
+            .and_then(|r| r.split_once(" msid:"))
+        {
+            out.push_str("a=ssrc:");
+            out.push_str(ssrc);
+            out.push_str(" msid:");
+            out.push_str(&stream);
+            out.push(' ');
+            out.push_str(&track);
+        } else {
+            out.push_str(body);
+        }
+        out.push_str(end);
+    }
+    out
+}
+
 /// `sdp` with `a=<line>` added at the end of its first m-section, where str0m writes the
 /// candidates of the SDP it builds itself. By hand: str0m's `SdpAnswer` cannot be changed
 /// once written, and ours is written when the invite rings.
@@ -1615,6 +1661,55 @@ mod tests {
         assert!(with_candidates(one, &lines)
             .ends_with("a=mid:0\r\na=candidate:1 1 udp 2 127.0.0.1 5000 typ host\r\n"));
         assert_eq!(with_candidates(sdp, &[]), sdp);
+    }
+
+    /// An answer names our stream, not the offerer's: with the offerer's own stream id in
+    /// our msid, matrix-js-sdk took our media for its own and showed no remote feed.
+    #[test]
+    fn answers_carry_our_own_msid_not_the_offerers() {
+        let setup = CallSetup::loopback();
+        let mut theirs = rtc_config(&setup).build(Instant::now());
+        let mut api = theirs.sdp_api();
+        for kind in [MediaKind::Audio, MediaKind::Video] {
+            let track = format!("browser-{kind}");
+            api.add_media(
+                kind,
+                Direction::SendRecv,
+                Some("browser".into()),
+                Some(track),
+                None,
+            );
+        }
+        let (offer, _) = api.apply().unwrap();
+        let offer_sdp = offer.to_sdp_string();
+        assert!(offer_sdp.contains("a=msid:browser browser-"), "{offer_sdp}");
+        let call = Call::inbound(
+            "c1".into(),
+            OwnedRoomId::try_from("!r:h").unwrap(),
+            OwnedUserId::try_from("@p:h").unwrap(),
+            Some("them".into()),
+            &offer_sdp,
+            Duration::from_secs(60),
+            "us".into(),
+            &setup,
+            Instant::now(),
+        )
+        .unwrap();
+        let answer = call.prepared_answer.clone().unwrap();
+        assert!(!answer.contains("browser"), "{answer}");
+        assert!(answer.contains("a=msid:ca-c1 ca-c1-audio\r\n"), "{answer}");
+        assert!(answer.contains("a=msid:ca-c1 ca-c1-video\r\n"), "{answer}");
+        assert_eq!(
+            stream_metadata(&answer),
+            json!({"ca-c1": {"purpose": "m.usermedia", "audio_muted": false, "video_muted": false}})
+        );
+        // Lines without a stream, and the rest of the SDP, stay as they are.
+        let plain = "v=0\r\nm=audio 9 UDP 0\r\na=msid:- t\r\na=ssrc:1 cname:x\r\n";
+        assert_eq!(with_our_msid(plain, "c1"), plain);
+        assert_eq!(
+            with_our_msid("m=video 9 UDP 96\na=ssrc:7 msid:b t\n", "c1"),
+            "m=video 9 UDP 96\na=ssrc:7 msid:ca-c1 ca-c1-video\n"
+        );
     }
 
     fn inbound(now: Instant) -> Result<Call, InviteRefused> {

@@ -64,6 +64,8 @@ let statsTimer = null;
 async function snapshotStats(pc) {
     if (!pc || pc.connectionState === "closed") return;
     try {
+        // Read here, not at "connected": a caller's ICE can connect before its answer is set.
+        result.telephone_event = /a=rtpmap:\d+ telephone-event\//.test(pc.remoteDescription?.sdp ?? "");
         const { rtp, selectedPair } = summarizeStats(await pc.getStats());
         result.rtp = rtp;
         if (selectedPair) result.selected_pair = selectedPair;
@@ -93,6 +95,7 @@ function finish(error) {
     clearInterval(statsTimer);
     if (activeCall) {
         result.call_id = activeCall.callId;
+        result.remote_feeds = remoteFeeds;
         result.room_encrypted = client?.isRoomEncrypted?.(activeCall.roomId) ?? null;
         result.state = activeCall.state;
         result.hangup_reason ??= activeCall.hangupReason ?? null;
@@ -107,16 +110,30 @@ function finish(error) {
     void post("/result", result);
 }
 
+// What matrix-js-sdk made of the other side's streams (Element shows these and only these).
+let remoteFeeds = [];
+
 // Remote media goes to elements, as in Element: Chromium then decodes and plays it.
 function play(call) {
-    for (const feed of call.getRemoteFeeds()) {
+    const feeds = call.getRemoteFeeds();
+    if (feeds.length > 0) {
+        remoteFeeds = feeds.map((f) => ({
+            purpose: f.purpose,
+            audio_tracks: f.stream.getAudioTracks().length,
+            video_tracks: f.stream.getVideoTracks().length,
+        }));
+    }
+    for (const feed of feeds) {
         const id = `feed-${feed.stream.id}`;
         if (document.getElementById(id)) continue;
         const el = document.createElement(feed.stream.getVideoTracks().length ? "video" : "audio");
         el.id = id;
         el.autoplay = true;
         el.srcObject = feed.stream;
+        // The first remote frame Chromium decoded and presented (what a user first sees).
+        if (el.tagName === "VIDEO") el.requestVideoFrameCallback(() => mark("first_video_frame"));
         document.body.append(el);
+        progress(`playing remote ${feed.purpose} in <${el.tagName.toLowerCase()}> (${feed.stream.getTracks().map((t) => t.kind).join("+")})`);
         void el.play().catch((e) => progress(`play(): ${e.message}`));
     }
 }
@@ -135,9 +152,9 @@ function watchCall(call) {
         mark(`state_${state}`);
         if (state === CallState.Connected && !result.connected) {
             result.connected = true;
+            mark("connected");
             play(call);
             statsTimer = setInterval(() => void snapshotStats(call.peerConn), 1000);
-            result.telephone_event = /a=rtpmap:\d+ telephone-event\//.test(call.peerConn?.remoteDescription?.sdp ?? "");
             if (cfg.dtmf) setTimeout(() => pressDialPad(call), cfg.dtmf_after_ms);
             setTimeout(async () => {
                 await snapshotStats(call.peerConn);
@@ -224,6 +241,7 @@ async function main() {
         const call = sdk.createNewMatrixCall(client, cfg.call);
         if (!call) throw new Error("createNewMatrixCall returned null");
         watchCall(call);
+        mark("placing");
         await (cfg.voice ? call.placeVoiceCall() : call.placeVideoCall());
     } else {
         progress("waiting for an incoming call");
