@@ -1270,3 +1270,19 @@ pub fn write_sine_wav(path: &Path, freq: u32, seconds: u32) {
     }
     fs::write(path, wav).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
+
+/// What matrix-js-sdk made of the hub's media (what Element shows): one user-media feed with
+/// its audio and video track. With our msid wrong it made none, though the media flowed.
+pub fn assert_one_usermedia_feed(r: &Value) {
+    let feeds = r["remote_feeds"].as_array().cloned().unwrap_or_default();
+    assert_eq!(feeds.len(), 1, "{r}");
+    assert_eq!(
+        (
+            &feeds[0]["purpose"],
+            count(&feeds[0], "audio_tracks"),
+            count(&feeds[0], "video_tracks")
+        ),
+        (&Value::from("m.usermedia"), 1, 1),
+        "{r}"
+    );
+}

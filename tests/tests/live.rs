@@ -65,22 +65,6 @@ fn assert_connected_with_media(p: &Proc) {
     }
 }
 
-/// What matrix-js-sdk made of the hub's media (what Element shows): one user-media feed with
-/// its audio and video track. With our msid wrong it made none, though the media flowed.
-fn assert_one_usermedia_feed(r: &Value) {
-    let feeds = r["remote_feeds"].as_array().cloned().unwrap_or_default();
-    assert_eq!(feeds.len(), 1, "{r}");
-    assert_eq!(
-        (
-            &feeds[0]["purpose"],
-            count(&feeds[0], "audio_tracks"),
-            count(&feeds[0], "video_tracks")
-        ),
-        (&Value::from("m.usermedia"), 1, 1),
-        "{r}"
-    );
-}
-
 /// The js peer's result: connected, audio and video decoded, and the agent's video was VP8
 /// (wrtc has no H.264 decoder: anything else would not be counted at all).
 fn assert_js_peer_got_media(peer: &Proc) {

@@ -1559,11 +1559,13 @@ fn the_door_calls_the_browser(
     (browser, call_id(&connected.value))
 }
 
-/// The hub hangs up (as the owner's automation does) and the browser peer ends well.
+/// The hub hangs up (as the owner's automation does) and the browser peer ends well, having
+/// shown the station's media as Element does (one user-media feed).
 fn hang_up_the_browser(port: u16, id: &str, browser: &mut Proc) {
     let (status, e) = http(port, "DELETE", &format!("/calls/{id}"), None, None);
     assert!(status == 200 || status == 204, "{status} {e}");
     assert_eq!(browser.wait_exit(CONNECT), 0, "{}", browser.report());
+    assert_one_usermedia_feed(&browser.last_json());
 }
 
 /// A door station whose PIN is `1*9#` (`lines`: its video, audio and who it answers or may
