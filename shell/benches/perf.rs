@@ -95,6 +95,7 @@ fn path_name(p: Path) -> &'static str {
 
 fn media(c: &Counts) {
     let mut pps = Vec::new();
+    let mut allocs = Vec::new();
     for path in [Path::Core, Path::Bare] {
         let f = bench::media_loop(path, c.warmup, c.frames, thread_cpu);
         let packets = f.rtp_packets.max(1) as f64;
@@ -119,12 +120,26 @@ fn media(c: &Counts) {
             "forward_core_pct": round(per_s(f.tx_ns + f.rx_ns) / 10.0, 2),
         }));
         pps.push((f.tx_packets_per_s(), f.loop_packets_per_s()));
+        allocs.push((
+            f.tx_allocations as f64 / packets,
+            f.rx_allocations as f64 / packets,
+        ));
     }
     if let [(core_tx, core_loop), (bare_tx, bare_loop)] = pps[..] {
         emit(json!({
             "bench": "media_ratio",
             "tx_core_over_bare": round(core_tx / bare_tx, 3),
             "loop_core_over_bare": round(core_loop / bare_loop, 3),
+        }));
+    }
+    // The core's own heap allocations per packet: what it adds to str0m's (the bare pair's).
+    if let [(core_tx, core_rx), (bare_tx, bare_rx)] = allocs[..] {
+        emit(json!({
+            "bench": "media_allocations",
+            "str0m_tx_per_packet": round(bare_tx, 2),
+            "str0m_rx_per_packet": round(bare_rx, 2),
+            "own_tx_per_packet": round(core_tx - bare_tx, 2),
+            "own_rx_per_packet": round(core_rx - bare_rx, 2),
         }));
     }
 }

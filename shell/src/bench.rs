@@ -302,12 +302,7 @@ impl Endpoint for BareEnd {
             .map(|p| p.pt())
             .expect("H.264 negotiated");
         writer
-            .write(
-                pt,
-                now,
-                MediaTime::new(rtp_time, Frequency::NINETY_KHZ),
-                au.to_vec(),
-            )
+            .write(pt, now, MediaTime::new(rtp_time, Frequency::NINETY_KHZ), au)
             .expect("write");
     }
 

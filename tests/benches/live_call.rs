@@ -153,14 +153,86 @@ fn wakeups_per_s(hub: &Proc) -> Value {
     })
 }
 
-/// ms from the js peer's mark `from` to its first decoded video frame.
-fn first_frame_ms(peer: &Proc, from: &str) -> Option<i64> {
+/// ms from the js peer's timing mark `from` to its mark `to`.
+fn peer_ms(peer: &Proc, from: &str, to: &str) -> Option<i64> {
     let r = peer.last_json();
     let t = &r["timings_ms"];
-    Some(t["first_video_frame"].as_i64()? - t[from].as_i64()?)
+    Some(t[to].as_i64()? - t[from].as_i64()?)
 }
 
-fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) -> Value {
+/// One call under way between `a` and `b` (each named as its figures are): `connected` says
+/// from `a` when the call is; `viewer` is the js peer whose first frame is timed from its mark
+/// `from`. When `a` is the hub, its wake-ups are reported too.
+struct Call {
+    call: &'static str,
+    a: (&'static str, Proc),
+    b: (&'static str, Proc),
+    connected: fn(&Proc) -> bool,
+    viewer: Viewer,
+    from: &'static str,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Viewer {
+    /// `a`, reported as the callee.
+    A,
+    /// `b`, reported as the peer.
+    B,
+}
+
+impl Call {
+    /// A call between the hub (`a`) and the js peer (timed from its mark `from`).
+    fn hub_and_peer(call: &'static str, hub: Proc, peer: Proc, from: &'static str) -> Self {
+        Call {
+            call,
+            a: ("hub", hub),
+            b: ("js_peer", peer),
+            connected: hub_connected,
+            viewer: Viewer::B,
+            from,
+        }
+    }
+}
+
+fn measure(c: Call, tck: f64) -> Value {
+    let Call {
+        call,
+        a: (a_name, mut a),
+        b: (b_name, mut b),
+        connected,
+        viewer,
+        from,
+    } = c;
+    let limit = Duration::from_secs(CALL_SECONDS + 90);
+    let (ua, ub) = watch(&mut a, &mut b, |a, _| connected(a), limit);
+    let _ = a.wait_exit(Duration::from_secs(20));
+    let _ = b.wait_exit(Duration::from_secs(20));
+    let (v, who) = match viewer {
+        Viewer::A => (&a, "callee"),
+        Viewer::B => (&b, "peer"),
+    };
+    let mut out = json!({"bench": "live_call", "call": call});
+    out[a_name] = ua.figures(tck);
+    out[b_name] = ub.figures(tck);
+    out[format!("first_frame_at_{who}_ms")] = json!(peer_ms(v, from, "first_video_frame"));
+    if a_name == "hub" {
+        out["hub_wakeups_per_s"] = wakeups_per_s(&a);
+    }
+    out[format!("{who}_connected_ms")] = json!(peer_ms(v, from, "connected"));
+    out
+}
+
+/// A js peer that answers the next call (it waits for the caller's hangup).
+fn js_answerer(live: &Live, user: &User) -> Proc {
+    let mut p = live.js_peer(
+        user,
+        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
+    );
+    p.wait_stderr("waiting for an incoming call", READY);
+    p
+}
+
+fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str) -> Call {
     let secs = CALL_SECONDS.to_string();
     let mut bob = live.listen(
         hub,
@@ -176,75 +248,34 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str, tck: f64) 
         ],
     );
     bob.wait_event("ready", READY);
-    let mut peer = live.js_peer(caller, &["--call", room, "--duration-s", "600"]);
-    let limit = Duration::from_secs(CALL_SECONDS + 90);
-    let (u_hub, u_peer) = watch(&mut bob, &mut peer, |h, _| hub_connected(h), limit);
-    let _ = bob.wait_exit(Duration::from_secs(20));
-    let _ = peer.wait_exit(Duration::from_secs(20));
-    json!({
-        "bench": "live_call", "call": "peer_calls_hub",
-        "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
-        "first_frame_at_peer_ms": first_frame_ms(&peer, "placing"),
-        "hub_wakeups_per_s": wakeups_per_s(&bob),
-        "peer_connected_ms": first_frame_ms_mark(&peer, "placing", "connected"),
-    })
+    let peer = live.js_peer(caller, &["--call", room, "--duration-s", "600"]);
+    Call::hub_and_peer("peer_calls_hub", bob, peer, "placing")
 }
 
-fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str, tck: f64) -> Value {
+fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
     let secs = CALL_SECONDS.to_string();
-    // The caller hangs up after CALL_SECONDS (an answering js peer waits for the hangup).
-    let mut peer = live.js_peer(
-        callee,
-        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
-    );
-    peer.wait_stderr("waiting for an incoming call", READY);
-    let mut bob = live.call(
+    // The caller hangs up after CALL_SECONDS.
+    let peer = js_answerer(live, callee);
+    let bob = live.call(
         hub,
         &["--interface", "lo", "--room", room, "--duration-s", &secs],
     );
-    let limit = Duration::from_secs(CALL_SECONDS + 90);
-    let (u_hub, u_peer) = watch(&mut bob, &mut peer, |h, _| hub_connected(h), limit);
-    let _ = bob.wait_exit(Duration::from_secs(20));
-    let _ = peer.wait_exit(Duration::from_secs(20));
-    json!({
-        "bench": "live_call", "call": "hub_calls_peer",
-        "hub": u_hub.figures(tck), "js_peer": u_peer.figures(tck),
-        "first_frame_at_peer_ms": first_frame_ms(&peer, "incoming"),
-        "hub_wakeups_per_s": wakeups_per_s(&bob),
-        "peer_connected_ms": first_frame_ms_mark(&peer, "incoming", "connected"),
-    })
+    Call::hub_and_peer("hub_calls_peer", bob, peer, "incoming")
 }
 
-fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str, tck: f64) -> Value {
+fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str) -> Call {
     let secs = CALL_SECONDS.to_string();
-    let mut callee = live.js_peer(
-        b,
-        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
-    );
-    callee.wait_stderr("waiting for an incoming call", READY);
-    let mut caller = live.js_peer(a, &["--call", room, "--duration-s", &secs]);
-    let limit = Duration::from_secs(CALL_SECONDS + 90);
-    // The callee's stderr says when it connected; the window is its connected marks.
-    let (u_callee, u_caller) = watch(
-        &mut callee,
-        &mut caller,
-        |c, _| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
-        limit,
-    );
-    let _ = callee.wait_exit(Duration::from_secs(20));
-    let _ = caller.wait_exit(Duration::from_secs(20));
-    json!({
-        "bench": "live_call", "call": "peer_calls_peer",
-        "js_callee": u_callee.figures(tck), "js_caller": u_caller.figures(tck),
-        "first_frame_at_callee_ms": first_frame_ms(&callee, "incoming"),
-        "callee_connected_ms": first_frame_ms_mark(&callee, "incoming", "connected"),
-    })
-}
-
-fn first_frame_ms_mark(peer: &Proc, from: &str, to: &str) -> Option<i64> {
-    let r = peer.last_json();
-    let t = &r["timings_ms"];
-    Some(t[to].as_i64()? - t[from].as_i64()?)
+    let callee = js_answerer(live, b);
+    let caller = live.js_peer(a, &["--call", room, "--duration-s", &secs]);
+    Call {
+        call: "peer_calls_peer",
+        a: ("js_callee", callee),
+        b: ("js_caller", caller),
+        // The callee's stderr says when it connected; the window is its connected marks.
+        connected: |c| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
+        viewer: Viewer::A,
+        from: "incoming",
+    }
 }
 
 fn main() {
@@ -257,16 +288,7 @@ fn main() {
         );
         return;
     }
-    if !live::non_loopback_interfaces().is_empty() {
-        let exe = std::env::current_exe().expect("path of this bench");
-        let status = Command::new(live::workspace_root().join("tests/e2e/loopback-only.sh"))
-            .arg(exe)
-            .args(&args)
-            .env("CALL_ASSIST_LIVE_NETNS", std::process::id().to_string())
-            .status()
-            .expect("tests/e2e/loopback-only.sh");
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    live::bench_in_loopback_namespace(&args);
     let runs: usize = args
         .iter()
         .skip_while(|a| *a != "--runs")
@@ -287,13 +309,16 @@ fn main() {
     let js_room = live.hs.create_dm(&js, &js2);
     for _ in 0..runs {
         if only.is_none_or(|o| o == "peer_calls_hub") {
-            println!("{}", peer_calls_hub(&live, &hub, &js, &room, tck));
+            println!("{}", measure(peer_calls_hub(&live, &hub, &js, &room), tck));
         }
         if only.is_none_or(|o| o == "hub_calls_peer") {
-            println!("{}", hub_calls_peer(&live, &hub, &js, &room, tck));
+            println!("{}", measure(hub_calls_peer(&live, &hub, &js, &room), tck));
         }
         if only.is_none_or(|o| o == "peer_calls_peer") {
-            println!("{}", peer_calls_peer(&live, &js, &js2, &js_room, tck));
+            println!(
+                "{}",
+                measure(peer_calls_peer(&live, &js, &js2, &js_room), tck)
+            );
         }
     }
 }

@@ -10,7 +10,6 @@
 //! Like the live tests it re-runs itself inside `tests/e2e/loopback-only.sh` (a network
 //! namespace with only `lo`), starts its own Synapse there and passes `--interface lo`.
 
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -111,17 +110,8 @@ fn main() {
         );
         return;
     }
-    if !live::non_loopback_interfaces().is_empty() {
-        // Same as the live tests: everything runs in a namespace with only `lo`.
-        let exe = std::env::current_exe().expect("path of this bench");
-        let status = Command::new(live::workspace_root().join("tests/e2e/loopback-only.sh"))
-            .arg(exe)
-            .args(&args)
-            .env("CALL_ASSIST_LIVE_NETNS", std::process::id().to_string())
-            .status()
-            .expect("tests/e2e/loopback-only.sh");
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    // Same as the live tests: everything runs in a namespace with only `lo`.
+    live::bench_in_loopback_namespace(&args);
     let many: usize = args
         .iter()
         .skip_while(|a| *a != "--calls")

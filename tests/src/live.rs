@@ -85,6 +85,23 @@ pub fn in_loopback_namespace(name: &str) -> bool {
     false
 }
 
+/// For a bench binary (`main`, not libtest): when this namespace has another interface than
+/// `lo`, runs this binary again with `args` inside `tests/e2e/loopback-only.sh` and exits
+/// with its code; otherwise returns and the bench goes on here.
+pub fn bench_in_loopback_namespace(args: &[String]) {
+    if non_loopback_interfaces().is_empty() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("path of this bench");
+    let status = Command::new(workspace_root().join("tests/e2e/loopback-only.sh"))
+        .arg(exe)
+        .args(args)
+        .env(REEXEC_ENV, std::process::id().to_string())
+        .status()
+        .expect("tests/e2e/loopback-only.sh");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 /// The Synapse venv made by `tests/e2e/setup.sh`.
 pub fn venv() -> PathBuf {
     let venv = workspace_root().join("target/e2e/venv");

@@ -1337,7 +1337,7 @@ impl Call {
         let freq = params.spec().clock_rate;
         let rtp_time = MediaTime::new(frame.rtp_time, freq);
         writer
-            .write(params.pt(), now, rtp_time, frame.data.to_vec())
+            .write(params.pt(), now, rtp_time, frame.data)
             .map_err(|e| ApiError::Rtc(e.to_string()))?;
         if frame.kind == MediaKind::Audio {
             self.last_audio = Some((params.pt(), rtp_time, now));

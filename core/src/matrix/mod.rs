@@ -427,6 +427,11 @@ impl MatrixClient {
 
     /// The next request to run now, if any.
     pub fn poll_request(&mut self, now: Instant) -> Option<(HttpId, http::Request<Vec<u8>>)> {
+        // Runs at the end of every drain (every datagram): the token is cloned only when a
+        // request will be built.
+        if matches!(self.session, Session::Ready { .. }) && !self.request_due(now) {
+            return None;
+        }
         let token = match &self.session {
             Session::Failed | Session::LoggingIn => return None,
             Session::NeedLogin => {
@@ -534,6 +539,19 @@ impl MatrixClient {
             }
         }
         None
+    }
+
+    /// Whether [`Self::poll_request`] has a request to build (its branches' conditions).
+    fn request_due(&self, now: Instant) -> bool {
+        let send = !self.send_in_flight && self.send_backoff.ready(now) && !self.outbox.is_empty();
+        let sync = !self.sync_in_flight && self.sync_backoff.ready(now);
+        let room =
+            !self.room_in_flight && self.room_backoff.ready(now) && !self.room_requests.is_empty();
+        let turn = self.fetch_turn
+            && !self.turn_in_flight
+            && self.turn_backoff.ready(now)
+            && self.turn_next.is_some_and(|t| now >= t);
+        send || sync || room || turn
     }
 
     fn login_request(&mut self, now: Instant) -> Option<(HttpId, http::Request<Vec<u8>>)> {

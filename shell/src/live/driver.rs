@@ -847,6 +847,9 @@ impl<C: Send + 'static> Driver<C> {
         let mut armed = None;
         let sockets = self.sockets.clone();
         let mut buf = vec![0u8; net::MAX_DATAGRAM];
+        // Polled as a stream, it keeps its listener across turns (`recv` made a new one, a
+        // heap allocation, on every wake-up while the channel was empty).
+        let mut rx = std::pin::pin!(rx);
         loop {
             let now = Instant::now();
             self.on_tick(now);
@@ -867,7 +870,7 @@ impl<C: Send + 'static> Driver<C> {
                 armed = Some(deadline);
             }
             let for_agent = deadline == agent_at;
-            let wake = async { rx.recv().await.map_or(Wake::Timer, Wake::Msg) }
+            let wake = async { rx.next().await.map_or(Wake::Timer, Wake::Msg) }
                 .or(async {
                     net::readable(&sockets).await;
                     Wake::Readable

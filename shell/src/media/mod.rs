@@ -84,6 +84,15 @@ pub struct VideoFrame {
     pub index: u64,
 }
 
+/// A [`VideoFrame`] borrowed from its clip.
+#[derive(Debug, Clone, Copy)]
+pub struct VideoUnit<'a> {
+    pub data: &'a [u8],
+    pub rtp_time_90k: u64,
+    pub keyframe: bool,
+    pub index: u64,
+}
+
 /// Loops a clip's access units forever at `fps`, with a 90 kHz RTP timestamp that keeps
 /// increasing across loops. Playback begins at the clip's first keyframe.
 #[derive(Debug, Clone)]
@@ -162,25 +171,38 @@ impl LoopingVideo {
 
     /// The next access unit of the loop. The caller paces calls by [`Self::frame_interval`].
     pub fn next_frame(&mut self) -> VideoFrame {
+        let f = self.next_unit();
+        VideoFrame {
+            data: f.data.to_vec(),
+            rtp_time_90k: f.rtp_time_90k,
+            keyframe: f.keyframe,
+            index: f.index,
+        }
+    }
+
+    /// [`Self::next_frame`], borrowed from the clip: what the live media pump sends (no copy
+    /// per frame).
+    pub fn next_unit(&mut self) -> VideoUnit<'_> {
         if self.pos >= self.aus.len() {
             self.pos = 0;
         }
         let index = self.emitted;
         let rtp_time_90k = self.rtp_time_of(index);
-        let (data, keyframe) = match self.aus.get(self.pos) {
-            Some(au) => (au.data.clone(), au.keyframe),
-            // Unreachable: `aus` is non-empty and `pos` was wrapped above.
-            None => (Vec::new(), false),
-        };
+        let at = self.pos;
         self.pos = self.pos.saturating_add(1);
         if self.pos >= self.aus.len() {
             self.pos = 0;
         }
         self.emitted = self.emitted.saturating_add(1);
+        let (data, keyframe) = match self.aus.get(at) {
+            Some(au) => (au.data.as_slice(), au.keyframe),
+            // Unreachable: `aus` is non-empty and `pos` was wrapped above.
+            None => (&[][..], false),
+        };
         if keyframe {
             self.last_keyframe_index = Some(index);
         }
-        VideoFrame {
+        VideoUnit {
             data,
             rtp_time_90k,
             keyframe,
@@ -266,12 +288,22 @@ impl ToneAudio {
     /// The next 20 ms frame.
     pub fn next_frame(&mut self) -> AudioFrame {
         let index = self.emitted;
-        self.emitted = self.emitted.saturating_add(1);
+        let (data, rtp_time_8k) = self.next_samples();
         AudioFrame {
-            data: self.tone.next_frame().to_vec(),
-            rtp_time_8k: index.saturating_mul(g711::FRAME_SAMPLES as u64),
+            data: data.to_vec(),
+            rtp_time_8k,
             index,
         }
+    }
+
+    /// [`Self::next_frame`] without a heap copy: the encoded frame and its 8 kHz RTP time.
+    pub fn next_samples(&mut self) -> ([u8; g711::FRAME_SAMPLES], u64) {
+        let index = self.emitted;
+        self.emitted = self.emitted.saturating_add(1);
+        (
+            self.tone.next_frame(),
+            index.saturating_mul(g711::FRAME_SAMPLES as u64),
+        )
     }
 
     /// Always 20 ms.

@@ -449,17 +449,19 @@ impl CallMedia {
         }
     }
 
-    /// Writes every paced frame due at `now`; returns how many the agent took.
+    /// Writes every paced frame due at `now`; returns how many the agent took. Frames are
+    /// borrowed from their source, never copied here (the agent copies each once, for str0m).
     pub fn pump(&mut self, agent: &mut Agent, now: Instant) -> u64 {
         let mut sent = 0;
         if let Video::Clip(video) = &mut self.video {
             while self.next_video <= now {
-                let f = video.next_frame();
+                let codec = video.codec();
+                let f = video.next_unit();
                 let frame = OutgoingFrame {
                     kind: MediaKind::Video,
-                    codec: video.codec(),
+                    codec,
                     rtp_time: f.rtp_time_90k,
-                    data: &f.data,
+                    data: f.data,
                 };
                 if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
                     sent += 1;
@@ -468,19 +470,16 @@ impl CallMedia {
             }
         }
         while self.next_audio <= now {
-            let (codec, rtp_time, data, interval) = match &mut self.audio {
+            let tone_frame;
+            let (codec, rtp_time, data, interval): (_, _, &[u8], _) = match &mut self.audio {
                 Audio::Tone(tone, codec) => {
-                    let f = tone.next_frame();
-                    (*codec, f.rtp_time_8k, f.data, tone.frame_interval())
+                    let (samples, t) = tone.next_samples();
+                    tone_frame = samples;
+                    (*codec, t, &tone_frame, tone.frame_interval())
                 }
                 Audio::Opus(o) => {
                     let (data, t, d) = o.next_packet();
-                    (
-                        Codec::Opus,
-                        t,
-                        data.to_vec(),
-                        d.max(Duration::from_millis(2)),
-                    )
+                    (Codec::Opus, t, data, d.max(Duration::from_millis(2)))
                 }
                 Audio::Camera(_) | Audio::Mic(_) | Audio::Off => break,
             };
@@ -488,7 +487,7 @@ impl CallMedia {
                 kind: MediaKind::Audio,
                 codec,
                 rtp_time,
-                data: &data,
+                data,
             };
             if let Ok(true) = agent.write_media(&self.call_id, now, frame) {
                 sent += 1;
