@@ -8,7 +8,11 @@
 //! from the invite to its first decoded video frame:
 //! - `peer_calls_hub`: the js peer calls `call-assist listen` (placing -> first frame);
 //! - `hub_calls_peer`: `call-assist call` calls the js peer (invite received -> first frame);
-//! - `peer_calls_peer`: the js peer calls another js peer: the libwebrtc reference.
+//! - `peer_calls_peer`: the js peer calls another js peer: the libwebrtc reference;
+//! - `hub_calls_browser`: `call` calls matrix-js-sdk in headless Chromium
+//!   (`tests/interop/browser-peer.mjs`, Element Web's stack; invite received -> first frame
+//!   presented); Chromium's figures are those of its whole process tree;
+//! - `browser_calls_browser`: Chromium calls Chromium: the browser reference.
 //!
 //! ```sh
 //! tests/e2e/setup.sh && (cd tests/interop && npm ci)   # once (needs the registries)
@@ -40,6 +44,39 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// `root` and every process below it (Chromium runs as a browser, GPU, network and renderer
+/// processes under the browser peer's node process).
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
 fn clock_ticks_per_second() -> f64 {
     let out = Command::new("getconf").arg("CLK_TCK").output();
     let ticks = out.ok().and_then(|o| String::from_utf8(o.stdout).ok());
@@ -50,21 +87,56 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
     call_assist::bench::rss_kb(&pid.to_string()).map(|(hwm, _)| hwm)
 }
 
-/// One process's figures over the connected window.
+/// One process's figures over the connected window; with `tree`, of it and all its
+/// descendants (CPU summed; memory as the largest sum of their current RSS, which counts
+/// shared pages once per process).
 #[derive(Default)]
 struct Usage {
+    tree: bool,
     at_connect: Option<(Instant, u64)>,
     last: Option<(Instant, u64)>,
     peak_kb: u64,
+    /// Per process of a tree: its ticks at the last sample (a process that exits takes its
+    /// ticks with it, so the tree's figure adds up each process's own growth).
+    seen: std::collections::HashMap<u32, u64>,
+    /// The tree's ticks since the first sample.
+    grown: u64,
+    most_processes: usize,
 }
 
 impl Usage {
     fn sample(&mut self, pid: u32, connected: bool) {
         let now = Instant::now();
-        if let Some(kb) = peak_rss_kb(pid) {
-            self.peak_kb = self.peak_kb.max(kb);
-        }
-        let Some(t) = cpu_ticks(pid) else { return };
+        let t = if self.tree {
+            let pids = process_tree(pid);
+            self.most_processes = self.most_processes.max(pids.len());
+            let rss: u64 = pids
+                .iter()
+                .filter_map(|p| call_assist::bench::rss_kb(&p.to_string()).map(|(_, now)| now))
+                .sum();
+            self.peak_kb = self.peak_kb.max(rss);
+            let first = self.seen.is_empty();
+            let mut seen = std::collections::HashMap::new();
+            for p in pids {
+                let Some(t) = cpu_ticks(p) else { continue };
+                // A process born since the last sample grew all of its ticks since then.
+                let before = self
+                    .seen
+                    .get(&p)
+                    .copied()
+                    .unwrap_or(if first { t } else { 0 });
+                self.grown += t.saturating_sub(before);
+                seen.insert(p, t);
+            }
+            self.seen = seen;
+            Some(self.grown)
+        } else {
+            if let Some(kb) = peak_rss_kb(pid) {
+                self.peak_kb = self.peak_kb.max(kb);
+            }
+            cpu_ticks(pid)
+        };
+        let Some(t) = t else { return };
         if connected {
             self.at_connect.get_or_insert((now, t));
             self.last = Some((now, t));
@@ -83,11 +155,17 @@ impl Usage {
             (Some((t0, _)), Some((t1, _))) => t1.duration_since(t0).as_secs_f64(),
             _ => 0.0,
         };
-        json!({
+        let mut out = json!({
             "cpu_s_per_call_s": per_s,
             "window_s": (window * 10.0).round() / 10.0,
             "peak_rss_kb": self.peak_kb,
-        })
+        });
+        if self.tree {
+            out["processes"] = json!(self.most_processes);
+            out["peak_rss_kb_note"] =
+                json!("sum of the processes' RSS (shared pages counted per process)");
+        }
+        out
     }
 }
 
@@ -98,7 +176,12 @@ fn watch(
     connected: impl Fn(&Proc, &Proc) -> bool,
     limit: Duration,
 ) -> (Usage, Usage) {
-    let (mut ua, mut ub) = (Usage::default(), Usage::default());
+    // Browser peers are measured with their Chromium.
+    let usage = |p: &Proc| Usage {
+        tree: p.name.contains("-browser"),
+        ..Usage::default()
+    };
+    let (mut ua, mut ub) = (usage(a), usage(b));
     let started = Instant::now();
     loop {
         let c = connected(a, b);
@@ -181,12 +264,17 @@ enum Viewer {
 }
 
 impl Call {
-    /// A call between the hub (`a`) and the js peer (timed from its mark `from`).
-    fn hub_and_peer(call: &'static str, hub: Proc, peer: Proc, from: &'static str) -> Self {
+    /// A call between the hub (`a`) and a peer (timed from its mark `from`).
+    fn hub_and_peer(
+        call: &'static str,
+        hub: Proc,
+        peer: (&'static str, Proc),
+        from: &'static str,
+    ) -> Self {
         Call {
             call,
             a: ("hub", hub),
-            b: ("js_peer", peer),
+            b: peer,
             connected: hub_connected,
             viewer: Viewer::B,
             from,
@@ -249,7 +337,7 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str) -> Call {
     );
     bob.wait_event("ready", READY);
     let peer = live.js_peer(caller, &["--call", room, "--duration-s", "600"]);
-    Call::hub_and_peer("peer_calls_hub", bob, peer, "placing")
+    Call::hub_and_peer("peer_calls_hub", bob, ("js_peer", peer), "placing")
 }
 
 fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
@@ -260,7 +348,7 @@ fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
         hub,
         &["--interface", "lo", "--room", room, "--duration-s", &secs],
     );
-    Call::hub_and_peer("hub_calls_peer", bob, peer, "incoming")
+    Call::hub_and_peer("hub_calls_peer", bob, ("js_peer", peer), "incoming")
 }
 
 fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str) -> Call {
@@ -272,6 +360,39 @@ fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str) -> Call {
         a: ("js_callee", callee),
         b: ("js_caller", caller),
         // The callee's stderr says when it connected; the window is its connected marks.
+        connected: |c| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
+        viewer: Viewer::A,
+        from: "incoming",
+    }
+}
+
+fn browser_answerer(live: &Live, user: &User) -> Proc {
+    let mut p = live.browser_peer(
+        user,
+        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
+    );
+    p.wait_stderr("waiting for an incoming call", READY);
+    p
+}
+
+fn hub_calls_browser(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
+    let secs = CALL_SECONDS.to_string();
+    let browser = browser_answerer(live, callee);
+    let bob = live.call(
+        hub,
+        &["--interface", "lo", "--room", room, "--duration-s", &secs],
+    );
+    Call::hub_and_peer("hub_calls_browser", bob, ("browser", browser), "incoming")
+}
+
+fn browser_calls_browser(live: &Live, a: &User, b: &User, room: &str) -> Call {
+    let secs = CALL_SECONDS.to_string();
+    let callee = browser_answerer(live, b);
+    let caller = live.browser_peer(a, &["--call", room, "--duration-s", &secs]);
+    Call {
+        call: "browser_calls_browser",
+        a: ("browser_callee", callee),
+        b: ("browser_caller", caller),
         connected: |c| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
         viewer: Viewer::A,
         from: "incoming",
@@ -307,6 +428,12 @@ fn main() {
     let js2 = live.user("js2");
     let room = live.hs.create_dm(&js, &hub);
     let js_room = live.hs.create_dm(&js, &js2);
+    // Chromium (matrix-js-sdk with the browser's WebRTC, as Element Web): the issue's "a
+    // browser calls a browser" reference, and the hub calling that browser.
+    let web = live.user("web");
+    let web2 = live.user("web2");
+    let web_room = live.hs.create_dm(&hub, &web);
+    let webs_room = live.hs.create_dm(&web2, &web);
     for _ in 0..runs {
         if only.is_none_or(|o| o == "peer_calls_hub") {
             println!("{}", measure(peer_calls_hub(&live, &hub, &js, &room), tck));
@@ -318,6 +445,18 @@ fn main() {
             println!(
                 "{}",
                 measure(peer_calls_peer(&live, &js, &js2, &js_room), tck)
+            );
+        }
+        if only.is_none_or(|o| o == "hub_calls_browser") {
+            println!(
+                "{}",
+                measure(hub_calls_browser(&live, &hub, &web, &web_room), tck)
+            );
+        }
+        if only.is_none_or(|o| o == "browser_calls_browser") {
+            println!(
+                "{}",
+                measure(browser_calls_browser(&live, &web2, &web, &webs_room), tck)
             );
         }
     }
