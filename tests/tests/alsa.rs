@@ -11,7 +11,7 @@
 //! ```
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,6 +41,63 @@ fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
         return f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     }
     panic!("the hub has no thread named {name:?}");
+}
+
+/// A test's Synapse, `alice` and `hub` in a DM, the test's ALSA configuration (`hubspeaker`
+/// writes `speaker.raw` in the test's directory; `hubmic` reads `mic.raw`, here a 60 s sine
+/// of `mic_hz` when given) and a hub `listen`ing to alice (one call at a time) with `args`,
+/// through its first sync.
+struct AlsaHub {
+    live: Live,
+    alice: User,
+    room: String,
+    hub: Proc,
+    speaker: PathBuf,
+}
+
+/// `None` outside the test's loopback namespace (the test re-ran itself inside one).
+fn alsa_hub(name: &str, mic_hz: Option<f64>, args: &[&str]) -> Option<AlsaHub> {
+    if !in_loopback_namespace(name) {
+        return None;
+    }
+    let live = Live::start(name);
+    let alice = live.user("alice");
+    let hub_user = live.user("hub");
+    let room = live.hs.create_dm(&alice, &hub_user);
+    let speaker = live.dir.join("speaker.raw");
+    let conf = alsa_config(&live.dir, &speaker);
+    if let Some(hz) = mic_hz {
+        sine_file(&live.dir.join("mic.raw"), hz, 60);
+    }
+    let conf_s = conf.display().to_string();
+    let mut all = vec!["--allow", &alice.id, "--max-calls", "1"];
+    all.extend(args);
+    let mut hub = live.listen_with_env(&hub_user, &all, &[("ALSA_CONFIG_PATH", &conf_s)]);
+    hub.wait_event("ready", READY);
+    Some(AlsaHub {
+        live,
+        alice,
+        room,
+        hub,
+        speaker,
+    })
+}
+
+/// The js peer's call ran its course and the hub exited cleanly after it.
+fn both_exit_cleanly(peer: &mut Proc, hub: &mut Proc) {
+    assert_eq!(
+        peer.wait_exit(Duration::from_secs(75)),
+        0,
+        "{}\n{}",
+        peer.report(),
+        hub.report()
+    );
+    assert_eq!(
+        hub.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        hub.report()
+    );
 }
 
 #[test]
@@ -73,37 +130,26 @@ fn a_missing_speaker_device_is_a_start_up_error() {
 
 #[test]
 fn the_hub_speaker_plays_the_callers_sine() {
-    let name = "the_hub_speaker_plays_the_callers_sine";
-    if !in_loopback_namespace(name) {
+    let Some(AlsaHub {
+        live,
+        alice,
+        room,
+        mut hub,
+        speaker,
+    }) = alsa_hub(
+        "the_hub_speaker_plays_the_callers_sine",
+        None,
+        &["--speaker", "hubspeaker"],
+    )
+    else {
         return;
-    }
-    let live = Live::start(name);
-    let alice = live.user("alice");
-    let hub_user = live.user("hub");
-    let room = live.hs.create_dm(&alice, &hub_user);
-    let speaker = live.dir.join("speaker.raw");
-    let conf = alsa_config(&live.dir, &speaker);
-    let conf_s = conf.display().to_string();
-    let mut hub = live.listen_with_env(
-        &hub_user,
-        &[
-            "--allow",
-            &alice.id,
-            "--max-calls",
-            "1",
-            "--speaker",
-            "hubspeaker",
-        ],
-        &[("ALSA_CONFIG_PATH", &conf_s)],
-    );
-    hub.wait_event("ready", READY);
-
+    };
     // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
     let mut peer = live.js_peer(
         &alice,
         &["--call", &room, "--duration-s", "12", "--max-wait-s", "60"],
     );
-    // No Opus decoder: the hub's answer put PCMU first, so the peer sends G.711.
+    // The hub's answer put PCMU first, so the peer sends G.711.
     let playing = hub.wait_for("the call at the speaker", CONNECT, |v| {
         v["event"] == "speaker" && v["state"] == "playing"
     });
@@ -133,19 +179,7 @@ fn the_hub_speaker_plays_the_callers_sine() {
     let rate = played as f64 / 2.0 / secs;
     assert!((7000.0..9000.0).contains(&rate), "{rate} samples/s");
     assert_hears_the_sine(&speaker, &hub);
-
-    assert_eq!(
-        peer.wait_exit(Duration::from_secs(60)),
-        0,
-        "{}",
-        peer.report()
-    );
-    assert_eq!(
-        hub.wait_exit(Duration::from_secs(20)),
-        0,
-        "{}",
-        hub.report()
-    );
+    both_exit_cleanly(&mut peer, &mut hub);
 }
 
 /// `seconds` of a `freq` Hz sine as raw s16le, 8 kHz mono.
@@ -162,33 +196,21 @@ fn sine_file(path: &Path, freq: f64, seconds: usize) {
 
 #[test]
 fn the_hub_microphone_reaches_the_caller() {
-    let name = "the_hub_microphone_reaches_the_caller";
-    if !in_loopback_namespace(name) {
-        return;
-    }
-    let live = Live::start(name);
-    let alice = live.user("alice");
-    let hub_user = live.user("hub");
-    let room = live.hs.create_dm(&alice, &hub_user);
-    let conf = alsa_config(&live.dir, &live.dir.join("unused.raw"));
     // 1 kHz, not the hub's 440 Hz tone: what the peer hears is the microphone.
-    sine_file(&live.dir.join("mic.raw"), 1000.0, 60);
-    let conf_s = conf.display().to_string();
-    let mut hub = live.listen_with_env(
-        &hub_user,
-        &[
-            "--allow",
-            &alice.id,
-            "--max-calls",
-            "1",
-            "--video",
-            "none",
-            "--audio",
-            "alsa:hubmic",
-        ],
-        &[("ALSA_CONFIG_PATH", &conf_s)],
-    );
-    hub.wait_event("ready", READY);
+    let Some(AlsaHub {
+        live,
+        alice,
+        room,
+        mut hub,
+        ..
+    }) = alsa_hub(
+        "the_hub_microphone_reaches_the_caller",
+        Some(1000.0),
+        &["--video", "none", "--audio", "alsa:hubmic"],
+    )
+    else {
+        return;
+    };
     let mut peer = live.js_peer(
         &alice,
         &[
@@ -202,19 +224,7 @@ fn the_hub_microphone_reaches_the_caller() {
             "audio",
         ],
     );
-    assert_eq!(
-        peer.wait_exit(Duration::from_secs(75)),
-        0,
-        "{}\n{}",
-        peer.report(),
-        hub.report()
-    );
-    assert_eq!(
-        hub.wait_exit(Duration::from_secs(20)),
-        0,
-        "{}",
-        hub.report()
-    );
+    both_exit_cleanly(&mut peer, &mut hub);
     let r = peer.last_json();
     let packets = r["rtp"]["inbound"]["audio"]["packets"]
         .as_u64()
