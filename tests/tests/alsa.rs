@@ -44,9 +44,9 @@ fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
 }
 
 /// A test's Synapse, `alice` and `hub` in a DM, the test's ALSA configuration (`hubspeaker`
-/// writes `speaker.raw` in the test's directory; `hubmic` reads `mic.raw`, here a 60 s sine
-/// of `mic_hz` when given) and a hub `listen`ing to alice (one call at a time) with `args`,
-/// through its first sync.
+/// writes `speaker.raw` in the test's directory; `hubmic` reads `mic.raw`), `prepare` run on
+/// that directory, and a hub `listen`ing to alice (one call at a time) with `args`, through
+/// its first sync.
 struct AlsaHub {
     live: Live,
     alice: User,
@@ -56,7 +56,7 @@ struct AlsaHub {
 }
 
 /// `None` outside the test's loopback namespace (the test re-ran itself inside one).
-fn alsa_hub(name: &str, mic_hz: Option<f64>, args: &[&str]) -> Option<AlsaHub> {
+fn alsa_hub(name: &str, prepare: impl FnOnce(&Path), args: &[&str]) -> Option<AlsaHub> {
     if !in_loopback_namespace(name) {
         return None;
     }
@@ -66,9 +66,7 @@ fn alsa_hub(name: &str, mic_hz: Option<f64>, args: &[&str]) -> Option<AlsaHub> {
     let room = live.hs.create_dm(&alice, &hub_user);
     let speaker = live.dir.join("speaker.raw");
     let conf = alsa_config(&live.dir, &speaker);
-    if let Some(hz) = mic_hz {
-        sine_file(&live.dir.join("mic.raw"), hz, 60);
-    }
+    prepare(&live.dir);
     let conf_s = conf.display().to_string();
     let mut all = vec!["--allow", &alice.id, "--max-calls", "1"];
     all.extend(args);
@@ -130,30 +128,51 @@ fn a_missing_speaker_device_is_a_start_up_error() {
 
 #[test]
 fn the_hub_speaker_plays_the_callers_sine() {
+    speaker_plays_the_callers_sine("the_hub_speaker_plays_the_callers_sine", "");
+}
+
+/// The Opus decoder (cargo feature `opus`): a peer that offers Opus alone is heard too.
+#[test]
+fn the_hub_speaker_plays_an_opus_only_callers_sine() {
+    speaker_plays_the_callers_sine("the_hub_speaker_plays_an_opus_only_callers_sine", "opus");
+}
+
+/// The js peer (its microphone a 440 Hz sine, offering only `audio_codec` when given) calls a
+/// hub with `--speaker`; the device gets the sine at 8000 samples a second.
+fn speaker_plays_the_callers_sine(name: &str, audio_codec: &str) {
     let Some(AlsaHub {
         live,
         alice,
         room,
         mut hub,
         speaker,
-    }) = alsa_hub(
-        "the_hub_speaker_plays_the_callers_sine",
-        None,
-        &["--speaker", "hubspeaker"],
-    )
+    }) = alsa_hub(name, |_| {}, &["--speaker", "hubspeaker"])
     else {
         return;
     };
-    // The js peer (libwebrtc) calls; its microphone is a 440 Hz sine.
     let mut peer = live.js_peer(
         &alice,
-        &["--call", &room, "--duration-s", "12", "--max-wait-s", "60"],
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "12",
+            "--max-wait-s",
+            "60",
+            "--audio-codec",
+            audio_codec,
+        ],
     );
-    // The hub's answer put PCMU first, so the peer sends G.711.
+    // The hub's answer puts PCMU first, so a peer that has G.711 sends it.
     let playing = hub.wait_for("the call at the speaker", CONNECT, |v| {
         v["event"] == "speaker" && v["state"] == "playing"
     });
-    assert_eq!(playing.value["codec"], json!("Pcmu"), "{}", playing.value);
+    let want = if audio_codec == "opus" {
+        "Opus"
+    } else {
+        "Pcmu"
+    };
+    assert_eq!(playing.value["codec"], json!(want), "{}", playing.value);
 
     // CPU of the speaker's thread (decoded samples in, the device written) over 5 s.
     thread::sleep(Duration::from_secs(1));
@@ -169,7 +188,7 @@ fn the_hub_speaker_plays_the_callers_sine() {
     let hub_ms = (cpu_ticks(hub.pid()) - h0) as f64 * 1000.0 / ticks_per_s;
     let played = fs::metadata(&speaker).map_or(0, |m| m.len()) - s0;
     println!(
-        "figure: hub speaker: speaker thread {:.1} ms CPU per second of playback; whole hub \
+        "figure: hub speaker ({want}): speaker thread {:.1} ms CPU per second of playback; whole hub \
          (call, video, tone, speaker) {:.1} ms/s; {:.0} samples/s reached the device",
         thread_ms / secs,
         hub_ms / secs,
@@ -196,7 +215,18 @@ fn sine_file(path: &Path, freq: f64, seconds: usize) {
 
 #[test]
 fn the_hub_microphone_reaches_the_caller() {
-    // 1 kHz, not the hub's 440 Hz tone: what the peer hears is the microphone.
+    microphone_reaches_the_caller("the_hub_microphone_reaches_the_caller", "");
+}
+
+/// The Opus encoder (cargo feature `opus`): a peer that offers Opus alone hears the microphone.
+#[test]
+fn the_hub_microphone_reaches_an_opus_only_caller() {
+    microphone_reaches_the_caller("the_hub_microphone_reaches_an_opus_only_caller", "opus");
+}
+
+/// A hub whose microphone records a 1 kHz sine (not the hub's 440 Hz tone: what the peer
+/// hears is the microphone) is called by the js peer (offering only `audio_codec` when given).
+fn microphone_reaches_the_caller(name: &str, audio_codec: &str) {
     let Some(AlsaHub {
         live,
         alice,
@@ -204,8 +234,8 @@ fn the_hub_microphone_reaches_the_caller() {
         mut hub,
         ..
     }) = alsa_hub(
-        "the_hub_microphone_reaches_the_caller",
-        Some(1000.0),
+        name,
+        |dir| sine_file(&dir.join("mic.raw"), 1000.0, 60),
         &["--video", "none", "--audio", "alsa:hubmic"],
     )
     else {
@@ -222,6 +252,8 @@ fn the_hub_microphone_reaches_the_caller() {
             "60",
             "--require",
             "audio",
+            "--audio-codec",
+            audio_codec,
         ],
     );
     both_exit_cleanly(&mut peer, &mut hub);
@@ -233,8 +265,18 @@ fn the_hub_microphone_reaches_the_caller() {
         packets >= 150,
         "{packets} audio packets reached the peer: {r}"
     );
+    let codec = r["rtp"]["inbound"]["audio"]["codec"].as_str().unwrap_or("");
+    let want = if audio_codec == "opus" {
+        "opus"
+    } else {
+        "pcmu"
+    };
+    assert!(
+        codec.to_lowercase().ends_with(want),
+        "the peer got {codec}: {r}"
+    );
     let tone = &r["audio_tone"];
-    eprintln!("peer heard: {tone}");
+    eprintln!("peer heard ({codec}): {tone}");
     let share = |f: &str| tone["shares"][f].as_f64().unwrap_or(0.0);
     assert!(
         tone["rms"].as_f64().unwrap_or(0.0) > 300.0,

@@ -12,7 +12,7 @@ use call_assist_core::{Agent, Codec, MediaFrame, MediaKind};
 use futures_lite::FutureExt;
 use serde_json::json;
 use smol::channel::Sender;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::live::config::MediaOptions;
 use crate::live::exit;
@@ -20,11 +20,13 @@ use crate::media::backchannel::{TalkbackEvent, TalkbackPacket, TalkbackSender};
 use crate::media::g711;
 use crate::media::gate::{Admit, SpeakerGate};
 use crate::media::mic::MicEvent;
+use crate::media::pcm::RATE;
 use crate::media::pump::AudioSource;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
 use crate::media::speaker::SpeakerEvent;
+use crate::media::transcode::{self, Decoder};
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
 /// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
@@ -39,6 +41,8 @@ pub struct Talkback {
     /// The speaker's codec, while its session is up.
     codec: Option<Codec>,
     gate: SpeakerGate,
+    /// Opus from the call at the speaker, decoded to be G.711-encoded for the camera.
+    decoder: Decoder,
     /// The camera has no usable speaker at all.
     pub gone: bool,
 }
@@ -51,6 +55,8 @@ pub struct HubSpeaker {
     #[cfg(feature = "alsa")]
     device: Option<crate::media::speaker::Speaker>,
     gate: SpeakerGate,
+    /// The call at the speaker's audio to samples.
+    decoder: Decoder,
     /// The device is open (false between `lost` and `ready`).
     pub up: bool,
     /// Samples decoded for the speaker (what the tests and `/health` can watch).
@@ -259,20 +265,20 @@ impl LiveMedia {
             return None;
         }
         let camera = t.codec?;
-        let playable = matches!(f.codec, Codec::Pcmu | Codec::Pcma);
-        let line = match t.gate.admit(call_id, playable) {
+        let line = match t.gate.admit(call_id, transcode::supported(f.codec)) {
             Admit::Closed => return None,
             Admit::Unplayable => {
                 let theirs = f.codec;
                 warn!(%call_id, codec = ?theirs, camera = ?camera,
-                    "talkback unavailable for this call: the peer sends {theirs:?} only and the camera's speaker plays {camera:?} (no transcoding)");
+                    "talkback unavailable for this call: the peer sends {theirs:?} only, which this build cannot decode for the camera's {camera:?} speaker");
                 return Some(
                     json!({"event": "talkback", "state": "unavailable", "call_id": call_id,
-                    "message": format!("the peer sends {theirs:?}; the camera's speaker plays {camera:?}")}),
+                    "message": format!("the peer sends {theirs:?}, which this build cannot decode; the camera's speaker plays {camera:?}")}),
                 );
             }
             Admit::Continue => None,
             Admit::Start => {
+                t.decoder.reset();
                 let converted = f.codec != camera;
                 info!(%call_id, codec = ?f.codec, converted, "talkback: this call's audio goes to the camera's speaker");
                 Some(
@@ -282,13 +288,30 @@ impl LiveMedia {
             }
         };
         let data: Vec<u8> = match (f.codec, camera) {
+            (a, b) if a == b => f.data.to_vec(),
             (Codec::Pcmu, Codec::Pcma) => f.data.iter().map(|&u| g711::ulaw_to_alaw(u)).collect(),
             (Codec::Pcma, Codec::Pcmu) => f.data.iter().map(|&a| g711::alaw_to_ulaw(a)).collect(),
-            _ => f.data.to_vec(),
+            (theirs, _) => {
+                let samples = match t.decoder.decode(theirs, &f.data) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%call_id, "talkback: a packet the decoder refused: {e}");
+                        return line;
+                    }
+                };
+                let encode = if camera == Codec::Pcma {
+                    g711::linear_to_alaw
+                } else {
+                    g711::linear_to_ulaw
+                };
+                samples.iter().map(|&s| encode(s)).collect()
+            }
         };
+        // The camera's G.711 clock is 8 kHz; Opus's RTP clock is 48 kHz.
+        let rtp_time = f.rtp_time * RATE as u64 / u64::from(f.clock_rate.max(1));
         t.queue.send(TalkbackPacket {
             data,
-            rtp_time: f.rtp_time,
+            rtp_time,
             restart: line.is_some() || !f.contiguous,
         });
         line
@@ -341,24 +364,20 @@ impl LiveMedia {
         if f.kind != MediaKind::Audio {
             return None;
         }
-        let decode: Option<fn(u8) -> i16> = match f.codec {
-            Codec::Pcmu => Some(g711::ulaw_to_linear),
-            Codec::Pcma => Some(g711::alaw_to_linear),
-            _ => None,
-        };
-        let line = match sp.gate.admit(call_id, decode.is_some()) {
+        let line = match sp.gate.admit(call_id, transcode::supported(f.codec)) {
             Admit::Closed => return None,
             Admit::Unplayable => {
                 let theirs = f.codec;
                 warn!(%call_id, codec = ?theirs,
-                    "speaker: the peer sends {theirs:?} only; the hub's speaker plays G.711 (PCMU/PCMA)");
+                    "speaker: the peer sends {theirs:?} only, which this build cannot decode");
                 return Some(
                     json!({"event": "speaker", "state": "unavailable", "call_id": call_id,
-                    "message": format!("the peer sends {theirs:?}; the hub's speaker plays PCMU or PCMA")}),
+                    "message": format!("the peer sends {theirs:?}, which this build cannot decode")}),
                 );
             }
             Admit::Continue => None,
             Admit::Start => {
+                sp.decoder.reset();
                 #[cfg(feature = "alsa")]
                 if let Some(d) = &sp.device {
                     d.clear();
@@ -370,8 +389,13 @@ impl LiveMedia {
                 )
             }
         };
-        let decode = decode?;
-        let samples: Vec<i16> = f.data.iter().map(|&b| decode(b)).collect();
+        let samples = match sp.decoder.decode(f.codec, &f.data) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%call_id, "speaker: a packet the decoder refused: {e}");
+                return line;
+            }
+        };
         sp.samples += samples.len() as u64;
         #[cfg(feature = "alsa")]
         if let Some(d) = &sp.device {
@@ -578,6 +602,7 @@ fn open_speaker<M: Send + 'static>(
     Ok(HubSpeaker {
         device: Some(speaker),
         gate: SpeakerGate::default(),
+        decoder: Decoder::default(),
         up: true,
         samples: 0,
     })
@@ -658,6 +683,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
             queue: TalkbackSender::new(queue),
             codec: None,
             gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
             gone: false,
         });
         forward_events(ev_rx, tx, wrap_talkback);
@@ -726,12 +752,14 @@ mod tests {
             queue: TalkbackSender::new(tx),
             codec: None,
             gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
             gone: false,
         });
         m.speaker = Some(HubSpeaker {
             #[cfg(feature = "alsa")]
             device: None,
             gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
             up: true,
             samples: 0,
         });
@@ -782,6 +810,7 @@ mod tests {
         assert_eq!(m.talkback_state(), Some("down"));
     }
 
+    #[cfg(not(feature = "opus"))]
     #[test]
     fn opus_only_is_one_unavailable_line_per_speaker() {
         let (mut m, rx) = with_speakers(Codec::Pcmu);
@@ -810,6 +839,39 @@ mod tests {
             (&json!("lost"), &json!("gone"))
         );
         assert_eq!(m.speaker_state(), Some("lost"));
+    }
+
+    #[cfg(feature = "opus")]
+    #[test]
+    fn opus_is_decoded_for_both_speakers_and_g711_encoded_for_the_camera() {
+        use crate::media::transcode::Encoder;
+        let (mut m, rx) = with_speakers(Codec::Pcma);
+        let now = Instant::now();
+        let mut enc = Encoder::new(Codec::Opus).unwrap();
+        let packet = enc.encode(&[0i16; 160]).unwrap();
+        // 20 ms at 48 kHz into the call.
+        let line = m.remote_frame(&audio("a", Codec::Opus, &packet, 960), now);
+        assert_eq!(line.unwrap()["codec"], "Opus");
+        let p = rx.try_recv().unwrap();
+        // 20 ms of PCMA (silence is 0xd5 or its neighbour), on the camera's 8 kHz clock.
+        assert_eq!((p.data.len(), p.rtp_time, p.restart), (160, 160, true));
+        assert!(
+            p.data.iter().all(|&b| b == 0xd5 || b == 0x55),
+            "{:?}",
+            p.data
+        );
+        assert_eq!(samples(&m), 160);
+        // A packet libopus refuses is dropped with a log line; the call stays at the speaker.
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &[0xff, 0xff, 0xff], 1920), now)
+            .is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(samples(&m), 160);
+        let packet = enc.encode(&[0i16; 160]).unwrap();
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &packet, 2880), now)
+            .is_none());
+        assert_eq!(rx.try_recv().unwrap().rtp_time, 480);
     }
 
     #[test]

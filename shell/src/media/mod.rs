@@ -27,6 +27,7 @@ pub mod rtsp;
 pub mod sink;
 pub mod source;
 pub mod speaker;
+pub mod transcode;
 
 use std::fmt;
 use std::time::Duration;
