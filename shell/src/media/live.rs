@@ -47,6 +47,20 @@ pub struct Talkback {
     pub gone: bool,
 }
 
+impl Talkback {
+    /// The camera's speaker behind `queue` (the backchannel task's), down until its
+    /// [`TalkbackEvent::Ready`].
+    pub fn new(queue: smol::channel::Sender<TalkbackPacket>) -> Talkback {
+        Talkback {
+            queue: TalkbackSender::new(queue),
+            codec: None,
+            gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
+            gone: false,
+        }
+    }
+}
+
 /// The hub's own speaker (ALSA): the first call that sends G.711 audio plays there until it
 /// ends.
 #[derive(Debug)]
@@ -679,13 +693,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
     if m.talkback {
         let (ev_tx, ev_rx) = smol::channel::bounded(CAMERA_QUEUE);
         let queue = crate::media::backchannel::spawn(camera.clone(), ev_tx);
-        live.talkback = Some(Talkback {
-            queue: TalkbackSender::new(queue),
-            codec: None,
-            gate: SpeakerGate::default(),
-            decoder: Decoder::default(),
-            gone: false,
-        });
+        live.talkback = Some(Talkback::new(queue));
         forward_events(ev_rx, tx, wrap_talkback);
     }
     info!(camera = %camera, transport = ?camera.transport, "connecting to the camera");
@@ -748,13 +756,7 @@ mod tests {
     fn with_speakers(codec: Codec) -> (LiveMedia, smol::channel::Receiver<TalkbackPacket>) {
         let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
         let (tx, rx) = smol::channel::bounded(8);
-        m.talkback = Some(Talkback {
-            queue: TalkbackSender::new(tx),
-            codec: None,
-            gate: SpeakerGate::default(),
-            decoder: Decoder::default(),
-            gone: false,
-        });
+        m.talkback = Some(Talkback::new(tx));
         m.speaker = Some(HubSpeaker {
             #[cfg(feature = "alsa")]
             device: None,
