@@ -205,12 +205,21 @@ function every(ms, track, fn) {
  * are due (Node's setInterval runs late, so one chunk per tick would send a few percent
  * less than 48 000 samples a second, a clock drift no real microphone has).
  */
+/** --audio-pulse: the sine sounds only in the first PULSE_MS of each wall-clock second. */
+const PULSE_MS = 200;
+let audioPulse = false;
+export function setAudioPulse(on) {
+    audioPulse = !!on;
+}
+
 export function syntheticAudioTrack() {
     const source = new RTCAudioSource();
     const track = source.createTrack();
     let phase = 0;
     const step = (2 * Math.PI * 440) / AUDIO_RATE;
     const start = performance.now();
+    // Wall-clock ms of the first sample: a sample's own time is this plus its index / 48.
+    const startEpoch = performance.timeOrigin + start;
     let sent = 0;
     every(10, track, () => {
         const due = Math.floor((performance.now() - start) / 10) + 1;
@@ -221,7 +230,9 @@ export function syntheticAudioTrack() {
     function sendChunk() {
         const samples = new Int16Array(AUDIO_CHUNK);
         for (let i = 0; i < AUDIO_CHUNK; i++) {
-            samples[i] = Math.round(Math.sin(phase) * 8000);
+            const at = startEpoch + (sent * AUDIO_CHUNK + i) / (AUDIO_RATE / 1000);
+            const on = !audioPulse || at % 1000 < PULSE_MS;
+            samples[i] = on ? Math.round(Math.sin(phase) * 8000) : 0;
             phase += step;
         }
         phase %= 2 * Math.PI;

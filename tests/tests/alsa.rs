@@ -11,8 +11,11 @@
 //! ```
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -287,4 +290,213 @@ fn microphone_reaches_the_caller(name: &str, audio_codec: &str) {
         share("440") < 0.05,
         "the hub's tone, not the microphone: {tone}"
     );
+}
+
+/// A FIFO at `path` read by a thread, as a sound card the test can unplug: `unplug` closes
+/// the read end (the hub's next write fails as a USB device's does), `replug` opens it again.
+struct Fifo {
+    plugged: Arc<AtomicBool>,
+    /// Everything read, in order.
+    read: Arc<Mutex<Vec<u8>>>,
+    /// Each read: the wall-clock time it returned (ms since the Unix epoch) and how many bytes
+    /// had been read by then.
+    reads: Arc<Mutex<Vec<(u128, usize)>>>,
+}
+
+impl Fifo {
+    fn new(path: &Path) -> Fifo {
+        let status = Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success(), "mkfifo {}", path.display());
+        let plugged = Arc::new(AtomicBool::new(true));
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let (p, r, rs, path) = (
+            plugged.clone(),
+            read.clone(),
+            reads.clone(),
+            path.to_owned(),
+        );
+        thread::spawn(move || loop {
+            while !p.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            // Blocks until the hub opens the write end.
+            let Ok(mut f) = fs::File::open(&path) else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            while p.load(Ordering::SeqCst) {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut r = r.lock().unwrap();
+                        r.extend_from_slice(&buf[..n]);
+                        rs.lock().unwrap().push((epoch_ms(), r.len()));
+                    }
+                }
+            }
+        });
+        Fifo {
+            plugged,
+            read,
+            reads,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.read.lock().unwrap().len()
+    }
+
+    /// The tone bursts read so far that start after 100 ms of quiet and have ended (100
+    /// samples of quiet): each one's first sample's index and its samples.
+    fn bursts(&self) -> Vec<(usize, Vec<f64>)> {
+        let read = self.read.lock().unwrap();
+        let (mut quiet, mut current, mut out) = (0, None::<(usize, Vec<f64>)>, Vec::new());
+        for (j, b) in read.chunks_exact(2).enumerate() {
+            let v = i16::from_le_bytes([b[0], b[1]]);
+            if v.unsigned_abs() > 2000 && quiet >= 800 {
+                current = Some((j, Vec::new()));
+            }
+            quiet = if v.unsigned_abs() < 500 { quiet + 1 } else { 0 };
+            if let Some((_, samples)) = &mut current {
+                samples.push(f64::from(v));
+                if quiet >= 100 {
+                    out.extend(current.take());
+                }
+            }
+        }
+        out
+    }
+
+    /// When each of [`Fifo::bursts`] reached the device: the wall-clock time (ms since the
+    /// epoch) of the read that brought its first sample.
+    fn onsets(&self) -> Vec<u128> {
+        let reads = self.reads.lock().unwrap();
+        self.bursts()
+            .iter()
+            .filter_map(|(j, _)| reads.iter().find(|(_, end)| *end > 2 * j).map(|r| r.0))
+            .collect()
+    }
+
+    /// Whether the last complete burst is the peer's 440 Hz sine.
+    fn last_burst_is_the_sine(&self) -> bool {
+        self.bursts().last().is_some_and(|(_, x)| {
+            x.len() > 800 && tone_share(x, 440.0) > 0.5 && tone_share(x, 1000.0) < 0.05
+        })
+    }
+}
+
+#[test]
+fn an_unplugged_speaker_is_an_event_and_the_call_goes_on() {
+    let mut fifo = None;
+    let Some(AlsaHub {
+        live,
+        alice,
+        room,
+        mut hub,
+        ..
+    }) = alsa_hub(
+        "an_unplugged_speaker_is_an_event_and_the_call_goes_on",
+        |dir| fifo = Some(Fifo::new(&dir.join("speaker.raw"))),
+        &["--speaker", "hubspeaker"],
+    )
+    else {
+        return;
+    };
+    let fifo = fifo.expect("the FIFO");
+    // The peer's sine sounds in the first 200 ms of each wall-clock second: the latency from
+    // its microphone (the samples' own times) to the speaker device is when a burst arrives.
+    let mut peer = live.js_peer(
+        &alice,
+        &[
+            "--call",
+            &room,
+            "--duration-s",
+            "20",
+            "--max-wait-s",
+            "60",
+            "--audio-pulse",
+        ],
+    );
+    hub.wait_for("the call at the speaker", CONNECT, |v| {
+        v["event"] == "speaker" && v["state"] == "playing"
+    });
+    thread::sleep(Duration::from_secs(5));
+    assert!(
+        fifo.last_burst_is_the_sine(),
+        "the speaker did not play the sine: {} bytes read",
+        fifo.len()
+    );
+    // The first burst may have begun before the call's audio reached the speaker.
+    let mut latency: Vec<u128> = fifo.onsets().iter().skip(1).map(|at| at % 1000).collect();
+    latency.sort_unstable();
+    let sizes: Vec<usize> = {
+        let reads = fifo.reads.lock().unwrap();
+        reads.windows(2).map(|w| w[1].1 - w[0].1).collect()
+    };
+    let typical = sizes.get(sizes.len() / 2).copied().unwrap_or(0);
+    println!(
+        "figure: peer microphone -> hub speaker device: {latency:?} ms over {} bursts \
+         (median {} ms; the device got {typical} bytes a write)",
+        latency.len(),
+        latency.get(latency.len() / 2).copied().unwrap_or(0)
+    );
+    assert!(latency.len() >= 3, "bursts found: {latency:?}");
+    assert!(
+        latency.iter().all(|ms| *ms < 500),
+        "a burst took half a second or more: {latency:?}"
+    );
+
+    // Unplugged: the hub's next write fails; a `lost` line, and the call goes on.
+    fifo.plugged.store(false, Ordering::SeqCst);
+    let unplugged = Instant::now();
+    let lost = hub.wait_for("the speaker lost", Duration::from_secs(10), |v| {
+        v["event"] == "speaker" && v["state"] == "lost"
+    });
+    println!(
+        "figure: unplugged -> speaker lost line in {} ms: {}",
+        unplugged.elapsed().as_millis(),
+        lost.value
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        hub.poll_exit().is_none(),
+        "the hub exited: {}",
+        hub.report()
+    );
+    assert!(
+        hub.events_of("ended").is_empty(),
+        "the call ended with its speaker: {}",
+        hub.report()
+    );
+
+    // Plugged back: reopened within the hub's 2 s retry, `ready`, and the sine again.
+    let before = fifo.len();
+    fifo.plugged.store(true, Ordering::SeqCst);
+    let replugged = Instant::now();
+    hub.wait_for_after(
+        "the speaker back",
+        replugged,
+        Duration::from_secs(10),
+        |v| v["event"] == "speaker" && v["state"] == "ready",
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        fifo.len() > before + 16_000,
+        "nothing played after the replug"
+    );
+    assert!(
+        fifo.last_burst_is_the_sine(),
+        "not the sine after the replug"
+    );
+    both_exit_cleanly(&mut peer, &mut hub);
+}
+
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
