@@ -47,6 +47,48 @@ export function filterSdp(sdp) {
         .join(eol);
 }
 
+/**
+ * The SDP with only `codec` (an rtpmap encoding name, any case) left in its audio sections:
+ * the m= line's payload types and their rtpmap/fmtp/rtcp-fb lines (RED, CN, telephone-event
+ * and the other codecs go). Other sections are kept as they are.
+ */
+export function onlyAudioCodec(sdp, codec) {
+    if (typeof sdp !== "string" || !codec) return sdp;
+    const eol = sdp.includes("\r\n") ? "\r\n" : "\n";
+    const want = codec.toLowerCase();
+    const sections = [[]];
+    for (const l of sdp.split(eol)) {
+        if (l.startsWith("m=")) sections.push([]);
+        sections[sections.length - 1].push(l);
+    }
+    return sections
+        .flatMap((lines) => {
+            if (!lines[0]?.startsWith("m=audio ")) return lines;
+            const keep = new Set(
+                lines
+                    .map((l) => /^a=rtpmap:(\d+) ([^/]+)\//.exec(l))
+                    .filter((m) => m && m[2].toLowerCase() === want)
+                    .map((m) => m[1]),
+            );
+            const [m, port, proto, ...pts] = lines[0].split(" ");
+            const head = [m, port, proto, ...pts.filter((pt) => keep.has(pt))].join(" ");
+            const rest = lines.slice(1).filter((l) => {
+                const pt = /^a=(?:rtpmap|fmtp|rtcp-fb):(\d+)/.exec(l)?.[1];
+                return pt === undefined || keep.has(pt);
+            });
+            return [head, ...rest];
+        })
+        .join(eol);
+}
+
+/** The audio codec the peer restricts its offers and answers to (`--audio-codec`), if any. */
+let audioCodec = null;
+export function restrictAudioCodec(codec) {
+    audioCodec = codec || null;
+}
+const restrictDescription = (d) =>
+    audioCodec && d && typeof d.sdp === "string" ? { type: d.type, sdp: onlyAudioCodec(d.sdp, audioCodec) } : d;
+
 const filterDescription = (d) => (d && typeof d.sdp === "string" ? { ...d, sdp: filterSdp(d.sdp) } : d);
 
 /**
@@ -106,6 +148,16 @@ export class LoopbackRTCPeerConnection extends wrtc.RTCPeerConnection {
         super({ ...config, iceServers });
     }
 
+    // --audio-codec: what libwebrtc sets locally (and the SDP the other side gets) names only
+    // that audio codec, so the other side must send it.
+    async createOffer(...a) {
+        return restrictDescription(await super.createOffer(...a));
+    }
+
+    async createAnswer(...a) {
+        return restrictDescription(await super.createAnswer(...a));
+    }
+
     setRemoteDescription(desc, ...rest) {
         return super.setRemoteDescription(filterDescription(desc), ...rest);
     }
@@ -153,12 +205,21 @@ function every(ms, track, fn) {
  * are due (Node's setInterval runs late, so one chunk per tick would send a few percent
  * less than 48 000 samples a second, a clock drift no real microphone has).
  */
+/** --audio-pulse: the sine sounds only in the first PULSE_MS of each wall-clock second. */
+const PULSE_MS = 200;
+let audioPulse = false;
+export function setAudioPulse(on) {
+    audioPulse = !!on;
+}
+
 export function syntheticAudioTrack() {
     const source = new RTCAudioSource();
     const track = source.createTrack();
     let phase = 0;
     const step = (2 * Math.PI * 440) / AUDIO_RATE;
     const start = performance.now();
+    // Wall-clock ms of the first sample: a sample's own time is this plus its index / 48.
+    const startEpoch = performance.timeOrigin + start;
     let sent = 0;
     every(10, track, () => {
         const due = Math.floor((performance.now() - start) / 10) + 1;
@@ -169,7 +230,9 @@ export function syntheticAudioTrack() {
     function sendChunk() {
         const samples = new Int16Array(AUDIO_CHUNK);
         for (let i = 0; i < AUDIO_CHUNK; i++) {
-            samples[i] = Math.round(Math.sin(phase) * 8000);
+            const at = startEpoch + (sent * AUDIO_CHUNK + i) / (AUDIO_RATE / 1000);
+            const on = !audioPulse || at % 1000 < PULSE_MS;
+            samples[i] = on ? Math.round(Math.sin(phase) * 8000) : 0;
             phase += step;
         }
         phase %= 2 * Math.PI;

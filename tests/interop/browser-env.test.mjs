@@ -11,6 +11,7 @@ import {
     installBrowserGlobals,
     keepCandidate,
     mediaDevices,
+    onlyAudioCodec,
     stopSyntheticMedia,
 } from "./browser-env.mjs";
 
@@ -98,4 +99,40 @@ test("matrix-js-sdk sees WebRTC support once the globals are installed", async (
     assert.equal(supportsMatrixCall(), true);
     assert.equal(typeof navigator.mediaDevices.getUserMedia, "function");
     assert.equal(window.RTCPeerConnection.name, "LoopbackRTCPeerConnection");
+});
+
+test("onlyAudioCodec keeps one audio codec and leaves video alone", () => {
+    const sdp = [
+        "v=0",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 0 8 126",
+        "a=rtpmap:111 opus/48000/2",
+        "a=rtcp-fb:111 transport-cc",
+        "a=fmtp:111 minptime=10;useinbandfec=1",
+        "a=rtpmap:63 red/48000/2",
+        "a=fmtp:63 111/111",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "a=rtpmap:126 telephone-event/8000",
+        "a=mid:0",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96",
+        "a=rtpmap:96 VP8/90000",
+        "a=fmtp:96 x=1",
+        "",
+    ].join("\r\n");
+    assert.equal(
+        onlyAudioCodec(sdp, "OPUS"),
+        [
+            "v=0",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+            "a=rtpmap:111 opus/48000/2",
+            "a=rtcp-fb:111 transport-cc",
+            "a=fmtp:111 minptime=10;useinbandfec=1",
+            "a=mid:0",
+            "m=video 9 UDP/TLS/RTP/SAVPF 96",
+            "a=rtpmap:96 VP8/90000",
+            "a=fmtp:96 x=1",
+            "",
+        ].join("\r\n"),
+    );
+    assert.equal(onlyAudioCodec(sdp, ""), sdp);
 });

@@ -6,7 +6,8 @@
 //   node peer.mjs --homeserver URL --user @u:server --password PW (--call ROOM_ID | --answer)
 //                 [--duration-s 5] [--max-wait-s 60] [--voice] [--require audio,video]
 //                 [--e2ee [--only-signed-devices]] [--join-invites] [--dtmf DIGITS]
-//                 [--dtmf-after-s 1] [--allow-non-loopback] [--verbose]
+//                 [--dtmf-after-s 1] [--audio-codec opus] [--audio-pulse]
+//                 [--allow-non-loopback] [--verbose]
 //
 // --e2ee: end-to-end encryption with matrix-js-sdk's Rust crypto (matrix-sdk-crypto-wasm,
 // in-memory store), so calls work in encrypted rooms; the result counts events that stayed
@@ -26,6 +27,11 @@
 // telephone-event payload type and `rtp.inbound.audio.packets` counts what arrived on audio
 // (with a peer that sends no audio, only its DTMF packets).
 //
+// --audio-codec NAME: offers and answers name only that audio codec (e.g. `opus`: a peer that
+// insists on Opus, as some clients do).
+// --audio-pulse: the sine sounds only in the first 200 ms of each wall-clock second (the
+// samples' own times: a sink on the same machine measures the latency from them).
+//
 // stdout: one JSON line at the end. stderr: progress lines (and matrix-js-sdk's own logs).
 // Exit 0 when the call reached `connected` and received media frames, else 1 (2 = usage/env).
 
@@ -37,6 +43,8 @@ import {
     guardCallEvents,
     installBrowserGlobals,
     nonLoopbackAddresses,
+    restrictAudioCodec,
+    setAudioPulse,
     stats,
     stopSyntheticMedia,
 } from "./browser-env.mjs";
@@ -49,7 +57,7 @@ const USAGE =
     "usage: node peer.mjs --homeserver URL --user @u:server --password PW " +
     "(--call ROOM_ID | --answer) [--duration-s N] [--max-wait-s N] [--voice] " +
     "[--require audio,video] [--e2ee [--only-signed-devices]] [--join-invites] " +
-    "[--dtmf DIGITS] [--dtmf-after-s N] " +
+    "[--dtmf DIGITS] [--dtmf-after-s N] [--audio-codec NAME] [--audio-pulse] " +
     "[--allow-non-loopback] [--verbose]";
 
 let args;
@@ -70,6 +78,8 @@ try {
             dtmf: { type: "string", default: "" },
             "dtmf-after-s": { type: "string", default: "1" },
             require: { type: "string", default: "" },
+            "audio-codec": { type: "string", default: "" },
+            "audio-pulse": { type: "boolean", default: false },
             "allow-non-loopback": { type: "boolean", default: false },
             verbose: { type: "boolean", default: false },
             help: { type: "boolean", default: false },
@@ -128,6 +138,8 @@ if (foreign.length > 0 && !args["allow-non-loopback"]) {
 }
 
 installBrowserGlobals({ progress });
+restrictAudioCodec(args["audio-codec"]);
+setAudioPulse(args["audio-pulse"]);
 
 // Imported only now: the SDK must see the globals above.
 const sdk = await import("matrix-js-sdk");

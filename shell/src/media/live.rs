@@ -2,7 +2,7 @@
 //! frames fanned out to every call) and where the remote side's media goes (recordings, RTP
 //! forwarding).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,18 +12,21 @@ use call_assist_core::{Agent, Codec, MediaFrame, MediaKind};
 use futures_lite::FutureExt;
 use serde_json::json;
 use smol::channel::Sender;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::live::config::MediaOptions;
 use crate::live::exit;
 use crate::media::backchannel::{TalkbackEvent, TalkbackPacket, TalkbackSender};
 use crate::media::g711;
+use crate::media::gate::{Admit, SpeakerGate};
 use crate::media::mic::MicEvent;
+use crate::media::pcm::RATE;
 use crate::media::pump::AudioSource;
 use crate::media::pump::{CallMedia, CameraCache, KeyframeAnswer, MediaPlan, VideoChoice};
 use crate::media::rtsp::{CameraEvent, RtspError};
 use crate::media::sink::{Recorder, RtpForwarder};
 use crate::media::speaker::SpeakerEvent;
+use crate::media::transcode::{self, Decoder};
 
 /// How long start-up waits for a camera's first keyframe (its H.264 profile goes into our
 /// SDP); after that the agent starts anyway and the camera joins calls when it comes up.
@@ -37,15 +40,25 @@ pub struct Talkback {
     queue: TalkbackSender,
     /// The speaker's codec, while its session is up.
     codec: Option<Codec>,
-    /// The call whose audio the speaker plays: the first unmuted call that sends audio,
-    /// until it ends or is muted.
-    speaker: Option<String>,
-    /// Calls whose audio must not reach the door (`POST /calls/ID/mute`).
-    muted: BTreeSet<String>,
-    /// Calls told that their audio cannot reach the speaker (Opus only).
-    unavailable: BTreeSet<String>,
+    gate: SpeakerGate,
+    /// Opus from the call at the speaker, decoded to be G.711-encoded for the camera.
+    decoder: Decoder,
     /// The camera has no usable speaker at all.
     pub gone: bool,
+}
+
+impl Talkback {
+    /// The camera's speaker behind `queue` (the backchannel task's), down until its
+    /// [`TalkbackEvent::Ready`].
+    pub fn new(queue: smol::channel::Sender<TalkbackPacket>) -> Talkback {
+        Talkback {
+            queue: TalkbackSender::new(queue),
+            codec: None,
+            gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
+            gone: false,
+        }
+    }
 }
 
 /// The hub's own speaker (ALSA): the first call that sends G.711 audio plays there until it
@@ -55,12 +68,9 @@ pub struct HubSpeaker {
     /// `None` only in unit tests (no device behind the gate).
     #[cfg(feature = "alsa")]
     device: Option<crate::media::speaker::Speaker>,
-    /// The call at the speaker.
-    call: Option<String>,
-    /// Calls whose audio must not play (`POST /calls/ID/mute`).
-    muted: BTreeSet<String>,
-    /// Calls told that their audio cannot play (Opus only).
-    unavailable: BTreeSet<String>,
+    gate: SpeakerGate,
+    /// The call at the speaker's audio to samples.
+    decoder: Decoder,
     /// The device is open (false between `lost` and `ready`).
     pub up: bool,
     /// Samples decoded for the speaker (what the tests and `/health` can watch).
@@ -160,19 +170,8 @@ impl LiveMedia {
     /// A call ended: stop sending, close its recording.
     pub fn end_call(&mut self, call_id: &str) -> Option<serde_json::Value> {
         self.calls.remove(call_id);
-        if let Some(t) = &mut self.talkback {
-            if t.speaker.as_deref() == Some(call_id) {
-                t.speaker = None;
-            }
-            t.muted.remove(call_id);
-            t.unavailable.remove(call_id);
-        }
-        if let Some(sp) = &mut self.speaker {
-            if sp.call.as_deref() == Some(call_id) {
-                sp.call = None;
-            }
-            sp.unavailable.remove(call_id);
-            sp.muted.remove(call_id);
+        for gate in self.gates() {
+            gate.end_call(call_id);
         }
         self.forwarders.remove(call_id);
         let r = self.recorders.remove(call_id)?;
@@ -196,27 +195,17 @@ impl LiveMedia {
         if self.talkback.is_none() && self.speaker.is_none() {
             return Err(NoTalkback);
         }
-        if let Some(t) = &mut self.talkback {
-            if muted {
-                t.muted.insert(call_id.to_owned());
-                if t.speaker.as_deref() == Some(call_id) {
-                    t.speaker = None;
-                }
-            } else {
-                t.muted.remove(call_id);
-            }
-        }
-        if let Some(sp) = &mut self.speaker {
-            if muted {
-                sp.muted.insert(call_id.to_owned());
-                if sp.call.as_deref() == Some(call_id) {
-                    sp.call = None;
-                }
-            } else {
-                sp.muted.remove(call_id);
-            }
+        for gate in self.gates() {
+            gate.set_muted(call_id, muted);
         }
         Ok(())
+    }
+
+    /// The gates of the station's speakers (the camera's, the hub's).
+    fn gates(&mut self) -> impl Iterator<Item = &mut SpeakerGate> {
+        let t = self.talkback.as_mut().map(|t| &mut t.gate);
+        t.into_iter()
+            .chain(self.speaker.as_mut().map(|sp| &mut sp.gate))
     }
 
     /// The camera speaker's state for `/health` (`None`: no talkback).
@@ -242,8 +231,8 @@ impl LiveMedia {
     /// Whether a call's audio is kept from the door (`None`: no speaker of either kind).
     pub fn muted(&self, call_id: &str) -> Option<bool> {
         match (&self.talkback, &self.speaker) {
-            (Some(t), _) => Some(t.muted.contains(call_id)),
-            (None, Some(sp)) => Some(sp.muted.contains(call_id)),
+            (Some(t), _) => Some(t.gate.is_muted(call_id)),
+            (None, Some(sp)) => Some(sp.gate.is_muted(call_id)),
             (None, None) => None,
         }
     }
@@ -286,42 +275,58 @@ impl LiveMedia {
     fn talk(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
         let t = self.talkback.as_mut()?;
         let call_id = f.call_id.as_str();
-        if f.kind != MediaKind::Audio || t.muted.contains(call_id) {
+        if f.kind != MediaKind::Audio {
             return None;
         }
         let camera = t.codec?;
+        let line = match t.gate.admit(call_id, transcode::supported(f.codec)) {
+            Admit::Closed => return None,
+            Admit::Unplayable => {
+                let theirs = f.codec;
+                warn!(%call_id, codec = ?theirs, camera = ?camera,
+                    "talkback unavailable for this call: the peer sends {theirs:?} only, which this build cannot decode for the camera's {camera:?} speaker");
+                return Some(
+                    json!({"event": "talkback", "state": "unavailable", "call_id": call_id,
+                    "message": format!("the peer sends {theirs:?}, which this build cannot decode; the camera's speaker plays {camera:?}")}),
+                );
+            }
+            Admit::Continue => None,
+            Admit::Start => {
+                t.decoder.reset();
+                let converted = f.codec != camera;
+                info!(%call_id, codec = ?f.codec, converted, "talkback: this call's audio goes to the camera's speaker");
+                Some(
+                    json!({"event": "talkback", "state": "speaking", "call_id": call_id,
+                    "codec": format!("{:?}", f.codec), "speaker_codec": format!("{camera:?}")}),
+                )
+            }
+        };
         let data: Vec<u8> = match (f.codec, camera) {
             (a, b) if a == b => f.data.to_vec(),
             (Codec::Pcmu, Codec::Pcma) => f.data.iter().map(|&u| g711::ulaw_to_alaw(u)).collect(),
             (Codec::Pcma, Codec::Pcmu) => f.data.iter().map(|&a| g711::alaw_to_ulaw(a)).collect(),
             (theirs, _) => {
-                if !t.unavailable.insert(call_id.to_owned()) {
-                    return None;
-                }
-                warn!(%call_id, codec = ?theirs, camera = ?camera,
-                    "talkback unavailable for this call: the peer sends {theirs:?} only and the camera's speaker plays {camera:?} (no transcoding)");
-                return Some(
-                    json!({"event": "talkback", "state": "unavailable", "call_id": call_id,
-                    "message": format!("the peer sends {theirs:?}; the camera's speaker plays {camera:?}")}),
-                );
+                let samples = match t.decoder.decode(theirs, &f.data) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%call_id, "talkback: a packet the decoder refused: {e}");
+                        return line;
+                    }
+                };
+                let encode = if camera == Codec::Pcma {
+                    g711::linear_to_alaw
+                } else {
+                    g711::linear_to_ulaw
+                };
+                samples.iter().map(|&s| encode(s)).collect()
             }
         };
-        let (restart, line) = match &t.speaker {
-            Some(s) if s == call_id => (false, None),
-            Some(_) => return None,
-            None => {
-                t.speaker = Some(call_id.to_owned());
-                let converted = f.codec != camera;
-                info!(%call_id, codec = ?f.codec, converted, "talkback: this call's audio goes to the camera's speaker");
-                let line = json!({"event": "talkback", "state": "speaking", "call_id": call_id,
-                    "codec": format!("{:?}", f.codec), "speaker_codec": format!("{camera:?}")});
-                (true, Some(line))
-            }
-        };
+        // The camera's G.711 clock is 8 kHz; Opus's RTP clock is 48 kHz.
+        let rtp_time = f.rtp_time * RATE as u64 / u64::from(f.clock_rate.max(1));
         t.queue.send(TalkbackPacket {
             data,
-            rtp_time: f.rtp_time,
-            restart: restart || !f.contiguous,
+            rtp_time,
+            restart: line.is_some() || !f.contiguous,
         });
         line
     }
@@ -370,29 +375,23 @@ impl LiveMedia {
     fn play(&mut self, f: &MediaFrame) -> Option<serde_json::Value> {
         let sp = self.speaker.as_mut()?;
         let call_id = f.call_id.as_str();
-        if f.kind != MediaKind::Audio || sp.muted.contains(call_id) {
+        if f.kind != MediaKind::Audio {
             return None;
         }
-        let decode: fn(u8) -> i16 = match f.codec {
-            Codec::Pcmu => g711::ulaw_to_linear,
-            Codec::Pcma => g711::alaw_to_linear,
-            theirs => {
-                if !sp.unavailable.insert(call_id.to_owned()) {
-                    return None;
-                }
+        let line = match sp.gate.admit(call_id, transcode::supported(f.codec)) {
+            Admit::Closed => return None,
+            Admit::Unplayable => {
+                let theirs = f.codec;
                 warn!(%call_id, codec = ?theirs,
-                    "speaker: the peer sends {theirs:?} only; the hub's speaker plays G.711 (PCMU/PCMA)");
+                    "speaker: the peer sends {theirs:?} only, which this build cannot decode");
                 return Some(
                     json!({"event": "speaker", "state": "unavailable", "call_id": call_id,
-                    "message": format!("the peer sends {theirs:?}; the hub's speaker plays PCMU or PCMA")}),
+                    "message": format!("the peer sends {theirs:?}, which this build cannot decode")}),
                 );
             }
-        };
-        let line = match &sp.call {
-            Some(c) if c == call_id => None,
-            Some(_) => return None,
-            None => {
-                sp.call = Some(call_id.to_owned());
+            Admit::Continue => None,
+            Admit::Start => {
+                sp.decoder.reset();
                 #[cfg(feature = "alsa")]
                 if let Some(d) = &sp.device {
                     d.clear();
@@ -404,7 +403,13 @@ impl LiveMedia {
                 )
             }
         };
-        let samples: Vec<i16> = f.data.iter().map(|&b| decode(b)).collect();
+        let samples = match sp.decoder.decode(f.codec, &f.data) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%call_id, "speaker: a packet the decoder refused: {e}");
+                return line;
+            }
+        };
         sp.samples += samples.len() as u64;
         #[cfg(feature = "alsa")]
         if let Some(d) = &sp.device {
@@ -544,6 +549,24 @@ impl LiveMedia {
     }
 }
 
+/// Hands a task's events to the driver's channel, wrapped as the driver's message, until
+/// either side closes.
+fn forward_events<E: Send + 'static, M: Send + 'static>(
+    rx: smol::channel::Receiver<E>,
+    tx: &Sender<M>,
+    wrap: impl Fn(E) -> M + Send + 'static,
+) {
+    let tx = tx.clone();
+    smol::spawn(async move {
+        while let Ok(ev) = rx.recv().await {
+            if tx.send(wrap(ev)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .detach();
+}
+
 /// Opens the hub's microphone; its periods and events reach `tx`. `Err` is the exit code,
 /// after a clear message.
 #[cfg(feature = "alsa")]
@@ -559,15 +582,7 @@ fn open_mic<M: Send + 'static>(
         exit::USAGE
     })?;
     live.mic = Some(mic);
-    let tx = tx.clone();
-    smol::spawn(async move {
-        while let Ok(ev) = ev_rx.recv().await {
-            if tx.send(wrap(ev)).await.is_err() {
-                return;
-            }
-        }
-    })
-    .detach();
+    forward_events(ev_rx, tx, wrap);
     Ok(())
 }
 
@@ -597,20 +612,11 @@ fn open_speaker<M: Send + 'static>(
         eprintln!("error: --speaker: {e}");
         exit::USAGE
     })?;
-    let tx = tx.clone();
-    smol::spawn(async move {
-        while let Ok(ev) = ev_rx.recv().await {
-            if tx.send(wrap(ev)).await.is_err() {
-                return;
-            }
-        }
-    })
-    .detach();
+    forward_events(ev_rx, tx, wrap);
     Ok(HubSpeaker {
         device: Some(speaker),
-        call: None,
-        muted: BTreeSet::new(),
-        unavailable: BTreeSet::new(),
+        gate: SpeakerGate::default(),
+        decoder: Decoder::default(),
         up: true,
         samples: 0,
     })
@@ -687,23 +693,8 @@ pub(crate) async fn start_media<M: Send + 'static>(
     if m.talkback {
         let (ev_tx, ev_rx) = smol::channel::bounded(CAMERA_QUEUE);
         let queue = crate::media::backchannel::spawn(camera.clone(), ev_tx);
-        live.talkback = Some(Talkback {
-            queue: TalkbackSender::new(queue),
-            codec: None,
-            speaker: None,
-            muted: BTreeSet::new(),
-            unavailable: BTreeSet::new(),
-            gone: false,
-        });
-        let tx = tx.clone();
-        smol::spawn(async move {
-            while let Ok(ev) = ev_rx.recv().await {
-                if tx.send(wrap_talkback(ev)).await.is_err() {
-                    return;
-                }
-            }
-        })
-        .detach();
+        live.talkback = Some(Talkback::new(queue));
+        forward_events(ev_rx, tx, wrap_talkback);
     }
     info!(camera = %camera, transport = ?camera.transport, "connecting to the camera");
     let (cam_tx, cam_rx) = smol::channel::bounded(CAMERA_QUEUE);
@@ -751,15 +742,7 @@ pub(crate) async fn start_media<M: Send + 'static>(
             CAMERA_START_WAIT.as_secs()
         );
     }
-    let tx = tx.clone();
-    smol::spawn(async move {
-        while let Ok(ev) = cam_rx.recv().await {
-            if tx.send(wrap(ev)).await.is_err() {
-                return;
-            }
-        }
-    })
-    .detach();
+    forward_events(cam_rx, tx, wrap);
     Ok((live, profile))
 }
 
@@ -769,17 +752,18 @@ mod tests {
     use std::sync::Arc;
 
     /// A station's media with a talkback queue (no task behind it) whose speaker plays
-    /// `codec`; the queue's receiving end.
-    fn with_speaker(codec: Codec) -> (LiveMedia, smol::channel::Receiver<TalkbackPacket>) {
+    /// `codec`, and the hub's speaker (no device behind it); the queue's receiving end.
+    fn with_speakers(codec: Codec) -> (LiveMedia, smol::channel::Receiver<TalkbackPacket>) {
         let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
         let (tx, rx) = smol::channel::bounded(8);
-        m.talkback = Some(Talkback {
-            queue: TalkbackSender::new(tx),
-            codec: None,
-            speaker: None,
-            muted: BTreeSet::new(),
-            unavailable: BTreeSet::new(),
-            gone: false,
+        m.talkback = Some(Talkback::new(tx));
+        m.speaker = Some(HubSpeaker {
+            #[cfg(feature = "alsa")]
+            device: None,
+            gate: SpeakerGate::default(),
+            decoder: Decoder::default(),
+            up: true,
+            samples: 0,
         });
         let (line, pref) = m.talkback_event(TalkbackEvent::Ready { codec });
         assert_eq!((line["state"].as_str(), pref), (Some("ready"), Some(codec)));
@@ -798,108 +782,57 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_call_at_a_time_reaches_the_speaker_and_mute_gates_it() {
-        let (mut m, rx) = with_speaker(Codec::Pcmu);
-        let now = Instant::now();
-        let line = m.remote_frame(&audio("a", Codec::Pcmu, &[1, 2], 0), now);
-        assert_eq!(line.unwrap()["state"], "speaking");
-        // A second call does not talk over the first.
-        assert!(m
-            .remote_frame(&audio("b", Codec::Pcmu, &[3], 0), now)
-            .is_none());
-        assert!(m
-            .remote_frame(&audio("a", Codec::Pcmu, &[4], 160), now)
-            .is_none());
-        let got: Vec<Vec<u8>> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|p| p.data)
-            .collect();
-        assert_eq!(got, [vec![1, 2], vec![4]]);
-        // Muting the speaker's call hands the speaker to the next call that talks.
-        assert_eq!(m.set_muted("a", true), Ok(()));
-        assert_eq!(m.muted("a"), Some(true));
-        assert!(m
-            .remote_frame(&audio("a", Codec::Pcmu, &[5], 320), now)
-            .is_none());
-        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[6], 160), now);
-        assert_eq!(line.unwrap()["call_id"], "b");
-        let p = rx.try_recv().unwrap();
-        assert_eq!((p.data, p.restart), (vec![6], true));
-        assert!(rx.try_recv().is_err());
+    fn samples(m: &LiveMedia) -> u64 {
+        m.speaker.as_ref().map_or(0, |s| s.samples)
     }
 
     #[test]
-    fn opus_only_is_one_unavailable_line_and_the_other_law_is_converted() {
-        let (mut m, rx) = with_speaker(Codec::Pcma);
+    fn g711_reaches_both_speakers_the_other_law_converted_and_mute_gates_both() {
+        let (mut m, rx) = with_speakers(Codec::Pcma);
         let now = Instant::now();
-        let line = m
-            .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 0), now)
-            .unwrap();
+        // The line of the speaker that reported last (the hub's) is what comes back.
+        let line = m.remote_frame(&audio("a", Codec::Pcmu, &[0xff, 0xff], 0), now);
+        assert_eq!(line.unwrap()["state"], "playing");
+        let p = rx.try_recv().unwrap();
+        // PCMU silence (0xff) becomes PCMA silence (0xd5); a new speaker starts afresh.
+        assert_eq!((p.data, p.restart), (vec![0xd5, 0xd5], true));
+        assert_eq!(samples(&m), 2);
+        assert_eq!(m.set_muted("a", true), Ok(()));
+        assert_eq!(m.muted("a"), Some(true));
+        assert!(m
+            .remote_frame(&audio("a", Codec::Pcmu, &[0xff], 160), now)
+            .is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(samples(&m), 2);
+        let line = m.talkback_event(TalkbackEvent::Lost {
+            error: RtspError::Session("reset".into()),
+            retry_in: Duration::from_millis(500),
+        });
+        assert_eq!(line.0["state"], "lost");
+        assert_eq!(m.talkback_state(), Some("down"));
+    }
+
+    #[cfg(not(feature = "opus"))]
+    #[test]
+    fn opus_only_is_one_unavailable_line_per_speaker() {
+        let (mut m, rx) = with_speakers(Codec::Pcmu);
+        m.speaker = None;
+        let now = Instant::now();
+        let line = m.remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 0), now);
+        let line = line.unwrap();
         assert_eq!(
-            (&line["state"], &line["call_id"]),
-            (&json!("unavailable"), &json!("a"))
+            (&line["event"], &line["state"], &line["call_id"]),
+            (&json!("talkback"), &json!("unavailable"), &json!("a"))
         );
         assert!(m
             .remote_frame(&audio("a", Codec::Opus, &[0xfc, 1], 960), now)
             .is_none());
         assert!(rx.try_recv().is_err(), "no Opus reaches a G.711 speaker");
-        // PCMU silence (0xff) becomes PCMA silence (0xd5).
-        m.end_call("a");
-        m.remote_frame(&audio("b", Codec::Pcmu, &[0xff, 0xff], 0), now);
-        assert_eq!(rx.try_recv().unwrap().data, vec![0xd5, 0xd5]);
-    }
-
-    /// A station with the hub's speaker only (no device behind the gate).
-    fn with_hub_speaker() -> LiveMedia {
-        let mut m = LiveMedia::new(MediaPlan::testclip(VideoChoice::Auto), None, None);
-        m.speaker = Some(HubSpeaker {
-            #[cfg(feature = "alsa")]
-            device: None,
-            call: None,
-            muted: BTreeSet::new(),
-            unavailable: BTreeSet::new(),
-            up: true,
-            samples: 0,
-        });
-        m
-    }
-
-    #[test]
-    fn the_hub_speaker_plays_one_g711_call_and_mute_gates_it() {
-        let mut m = with_hub_speaker();
-        let now = Instant::now();
-        let samples = |m: &LiveMedia| m.speaker.as_ref().map_or(0, |s| s.samples);
-        let line = m.remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 0), now);
-        let line = line.unwrap();
-        assert_eq!(
-            (&line["event"], &line["state"]),
-            (&json!("speaker"), &json!("playing"))
-        );
-        assert_eq!(line["codec"], "Pcma");
-        assert!(m
-            .remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 0), now)
-            .is_none());
-        assert_eq!(samples(&m), 160, "only the first call plays");
-        // Opus-only: one line for that call, nothing played.
-        let line = m
-            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 0), now)
-            .unwrap();
-        assert_eq!(
-            (&line["state"], &line["call_id"]),
-            (&json!("unavailable"), &json!("c"))
-        );
-        assert!(m
-            .remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 960), now)
-            .is_none());
-        // Muting the playing call hands the speaker to the next call that talks.
-        assert_eq!(m.set_muted("a", true), Ok(()));
-        assert_eq!(m.muted("a"), Some(true));
-        assert!(m
-            .remote_frame(&audio("a", Codec::Pcma, &[0xd5; 160], 160), now)
-            .is_none());
-        let line = m.remote_frame(&audio("b", Codec::Pcmu, &[0xff; 160], 160), now);
-        assert_eq!(line.unwrap()["call_id"], "b");
-        assert_eq!(samples(&m), 320);
+        let (mut m, _rx) = with_speakers(Codec::Pcmu);
+        m.talkback = None;
+        let line = m.remote_frame(&audio("c", Codec::Opus, &[0xfc, 1], 0), now);
+        assert_eq!(line.unwrap()["event"], "speaker");
+        assert_eq!(samples(&m), 0);
         let line = m.speaker_event(SpeakerEvent::Lost {
             message: "gone".into(),
         });
@@ -907,6 +840,40 @@ mod tests {
             (&line["state"], &line["message"]),
             (&json!("lost"), &json!("gone"))
         );
+        assert_eq!(m.speaker_state(), Some("lost"));
+    }
+
+    #[cfg(feature = "opus")]
+    #[test]
+    fn opus_is_decoded_for_both_speakers_and_g711_encoded_for_the_camera() {
+        use crate::media::transcode::Encoder;
+        let (mut m, rx) = with_speakers(Codec::Pcma);
+        let now = Instant::now();
+        let mut enc = Encoder::new(Codec::Opus).unwrap();
+        let packet = enc.encode(&[0i16; 160]).unwrap();
+        // 20 ms at 48 kHz into the call.
+        let line = m.remote_frame(&audio("a", Codec::Opus, &packet, 960), now);
+        assert_eq!(line.unwrap()["codec"], "Opus");
+        let p = rx.try_recv().unwrap();
+        // 20 ms of PCMA (silence is 0xd5 or its neighbour), on the camera's 8 kHz clock.
+        assert_eq!((p.data.len(), p.rtp_time, p.restart), (160, 160, true));
+        assert!(
+            p.data.iter().all(|&b| b == 0xd5 || b == 0x55),
+            "{:?}",
+            p.data
+        );
+        assert_eq!(samples(&m), 160);
+        // A packet libopus refuses is dropped with a log line; the call stays at the speaker.
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &[0xff, 0xff, 0xff], 1920), now)
+            .is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(samples(&m), 160);
+        let packet = enc.encode(&[0i16; 160]).unwrap();
+        assert!(m
+            .remote_frame(&audio("a", Codec::Opus, &packet, 2880), now)
+            .is_none());
+        assert_eq!(rx.try_recv().unwrap().rtp_time, 480);
     }
 
     #[test]

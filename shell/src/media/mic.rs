@@ -9,16 +9,9 @@
 //! [`MicEvent::Ready`] when it is back. The RTP time runs on across a loss (by wall time), so
 //! the peer's jitter buffer sees a gap, not a jump back.
 
-use std::time::Duration;
-
-/// Samples per second.
-pub const RATE: usize = 8000;
-/// One period: 20 ms, one G.711 packet.
-pub const PERIOD: usize = 160;
+pub use super::pcm::{PERIOD, RATE, REOPEN_EVERY};
 /// Periods waiting for the loop (1 s).
 pub const MIC_QUEUE: usize = 50;
-/// How often a lost device is reopened.
-pub const REOPEN_EVERY: Duration = Duration::from_secs(2);
 
 /// What the capture thread reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,16 +32,15 @@ pub use device::Mic;
 mod device {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
 
-    use alsa::pcm::{Access, Format, HwParams, PCM};
-    use alsa::{Direction, ValueOr};
+    use alsa::pcm::PCM;
+    use alsa::Direction;
     use smol::channel::Sender;
-    use tracing::{debug, info, warn};
+    use tracing::{debug, info};
 
-    use super::{MicEvent, PERIOD, RATE, REOPEN_EVERY};
+    use super::{MicEvent, PERIOD};
+    use crate::media::pcm::{Periods, Turn};
 
-    const PERIOD_TIME: Duration = Duration::from_millis((PERIOD * 1000 / RATE) as u64);
     /// The device's own buffer: 25 periods (500 ms) of slack before an overrun.
     const DEVICE_BUFFER: usize = 25 * PERIOD;
 
@@ -66,23 +58,7 @@ mod device {
     }
 
     fn open(device: &str) -> Result<PCM, alsa::Error> {
-        let pcm = PCM::new(device, Direction::Capture, false)?;
-        {
-            let hwp = HwParams::any(&pcm)?;
-            hwp.set_access(Access::RWInterleaved)?;
-            hwp.set_format(Format::s16())?;
-            hwp.set_channels(1)?;
-            hwp.set_rate(RATE as u32, ValueOr::Nearest)?;
-            hwp.set_period_size_near(PERIOD as alsa::pcm::Frames, ValueOr::Nearest)?;
-            hwp.set_buffer_size_near(DEVICE_BUFFER as alsa::pcm::Frames)?;
-            pcm.hw_params(&hwp)?;
-        }
-        let rate = pcm.hw_params_current()?.get_rate()?;
-        if rate != RATE as u32 {
-            // A device that cannot record at 8 kHz itself goes through ALSA's `plug` layer.
-            return Err(alsa::Error::unsupported("8 kHz (use a plug: device)"));
-        }
-        pcm.prepare()?;
+        let pcm = crate::media::pcm::alsa_open(device, Direction::Capture, DEVICE_BUFFER)?;
         pcm.start()?;
         Ok(pcm)
     }
@@ -129,54 +105,35 @@ mod device {
     }
 
     fn run(pcm: PCM, device: &str, stop: &AtomicBool, events: &Sender<MicEvent>) {
-        let mut pcm = Some(pcm);
+        let mut periods = Periods::new(pcm, device, "microphone", open);
         let mut rtp_time = 0u64;
-        let mut next = Instant::now();
-        let mut reopen_at = next;
         let mut dropped = 0u64;
         while !stop.load(Ordering::Relaxed) && !events.is_closed() {
             let mut samples = vec![0i16; PERIOD];
-            match &pcm {
-                Some(p) => match read(p, &mut samples) {
-                    Ok(()) => {
-                        let frame = MicEvent::Frame { samples, rtp_time };
-                        if events.try_send(frame).is_err() {
-                            dropped += 1;
-                            debug!(dropped, "microphone: the loop is behind; period dropped");
-                        }
-                    }
-                    Err(e) => {
-                        warn!(device, "microphone lost: {e}");
-                        pcm = None;
-                        reopen_at = Instant::now() + REOPEN_EVERY;
-                        let _ = events.try_send(MicEvent::Lost {
-                            message: format!("{device}: {e}"),
-                        });
-                    }
-                },
-                None if Instant::now() >= reopen_at => match open(device) {
-                    Ok(p) => {
-                        info!(device, "microphone back");
-                        pcm = Some(p);
-                        let _ = events.try_send(MicEvent::Ready);
-                    }
-                    Err(e) => {
-                        debug!(device, "microphone still gone: {e}");
-                        reopen_at = Instant::now() + REOPEN_EVERY;
-                    }
-                },
-                None => {}
+            let mut got = false;
+            let turn = periods.turn(|p| {
+                read(p, &mut samples)?;
+                got = true;
+                Ok(())
+            });
+            if got
+                && events
+                    .try_send(MicEvent::Frame { samples, rtp_time })
+                    .is_err()
+            {
+                dropped += 1;
+                debug!(dropped, "microphone: the loop is behind; period dropped");
             }
+            let news = match turn {
+                Turn::Quiet => None,
+                Turn::Lost(message) => Some(MicEvent::Lost { message }),
+                Turn::Back => Some(MicEvent::Ready),
+            };
+            if let Some(ev) = news {
+                let _ = events.try_send(ev);
+            }
+            // The RTP time runs on through a loss: the peer sees a gap, not a jump back.
             rtp_time += PERIOD as u64;
-            // Paced by wall time as well as by the device: plugins without a clock of their
-            // own (file, null) would otherwise hand out samples as fast as they are read.
-            next += PERIOD_TIME;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            } else if now - next > PERIOD_TIME * 5 {
-                next = now;
-            }
         }
     }
 }

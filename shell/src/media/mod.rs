@@ -15,16 +15,19 @@
 
 pub mod backchannel;
 pub mod g711;
+pub mod gate;
 pub mod h264;
 pub mod ivf;
 pub mod live;
 pub mod mic;
 pub mod ogg;
+pub mod pcm;
 pub mod pump;
 pub mod rtsp;
 pub mod sink;
 pub mod source;
 pub mod speaker;
+pub mod transcode;
 
 use std::fmt;
 use std::time::Duration;

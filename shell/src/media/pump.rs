@@ -21,7 +21,9 @@ use call_assist_core::{Agent, Codec, MediaKind, OutgoingFrame};
 use tracing::{debug, info, warn};
 
 use super::ogg::LoopingOpus;
-use super::{g711, LoopingVideo, ToneAudio};
+use super::pcm::RATE;
+use super::transcode::{self, Encoder, TranscodeError};
+use super::{LoopingVideo, ToneAudio};
 
 /// Which clip to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -191,8 +193,8 @@ enum Audio {
     Opus(LoopingOpus),
     /// The camera's G.711 or Opus; the codec last checked against what the call negotiated.
     Camera(Option<Codec>),
-    /// The hub's microphone, encoded in this G.711 law.
-    Mic(Codec),
+    /// The hub's microphone, encoded in the call's codec.
+    Mic(Encoder),
     Off,
 }
 
@@ -203,6 +205,16 @@ pub struct CallMedia {
     next_video: Instant,
     next_audio: Instant,
     pub frames_sent: u64,
+}
+
+/// The microphone's encoder for a call that takes `codecs`: G.711 when the peer takes it
+/// (PCMU, else PCMA: no encoding cost to speak of), else Opus (when this build has it).
+fn mic_encoder(codecs: &[Codec]) -> Result<Encoder, TranscodeError> {
+    let codec = [Codec::Pcmu, Codec::Pcma, Codec::Opus]
+        .into_iter()
+        .find(|c| codecs.contains(c) && transcode::supported(*c))
+        .unwrap_or(Codec::Opus);
+    Encoder::new(codec)
 }
 
 fn clip_for(choice: VideoChoice, codecs: &[Codec], call_id: &str) -> Video {
@@ -273,8 +285,13 @@ impl CallMedia {
             }
             AudioSource::Opus(o) if audio_codecs.contains(&Codec::Opus) => Audio::Opus(o.clone()),
             AudioSource::Camera => Audio::Camera(None),
-            AudioSource::Mic(_) if audio_codecs.contains(&Codec::Pcmu) => Audio::Mic(Codec::Pcmu),
-            AudioSource::Mic(_) if audio_codecs.contains(&Codec::Pcma) => Audio::Mic(Codec::Pcma),
+            AudioSource::Mic(_) => match mic_encoder(&audio_codecs) {
+                Ok(e) => Audio::Mic(e),
+                Err(e) => {
+                    warn!(%call_id, ?audio_codecs, "the microphone cannot be encoded for this call ({e}); sending no audio");
+                    Audio::Off
+                }
+            },
             AudioSource::None => Audio::Off,
             _ => {
                 warn!(%call_id, ?audio_codecs, "the peer takes none of the source's audio codecs; sending no audio");
@@ -428,16 +445,25 @@ impl CallMedia {
         }
     }
 
-    /// A period of the hub's microphone (8 kHz samples), encoded in the call's G.711 law.
+    /// A period of the hub's microphone (8 kHz samples), encoded in the call's codec.
     pub fn mic_audio(&mut self, agent: &mut Agent, samples: &[i16], rtp_time: u64, now: Instant) {
-        let Audio::Mic(codec) = self.audio else {
+        let Audio::Mic(encoder) = &mut self.audio else {
             return;
         };
-        let encode = match codec {
-            Codec::Pcma => g711::linear_to_alaw,
-            _ => g711::linear_to_ulaw,
+        let codec = encoder.codec();
+        let data = match encoder.encode(samples) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(call_id = %self.call_id, "microphone: {e}; period dropped");
+                return;
+            }
         };
-        let data: Vec<u8> = samples.iter().map(|&s| encode(s)).collect();
+        // Opus's RTP clock is 48 kHz whatever the audio's rate.
+        let rtp_time = if codec == Codec::Opus {
+            rtp_time * (transcode::OPUS_CLOCK / RATE as u64)
+        } else {
+            rtp_time
+        };
         let frame = OutgoingFrame {
             kind: MediaKind::Audio,
             codec,
@@ -536,7 +562,7 @@ fn describe_audio(a: &Audio) -> Option<String> {
         Audio::Tone(_, c) => Some(format!("{c:?} tone")),
         Audio::Opus(_) => Some("Opus file".into()),
         Audio::Camera(_) => Some("camera".into()),
-        Audio::Mic(c) => Some(format!("{c:?} microphone")),
+        Audio::Mic(e) => Some(format!("{:?} microphone", e.codec())),
         Audio::Off => None,
     }
 }
@@ -544,6 +570,19 @@ fn describe_audio(a: &Audio) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_microphone_prefers_g711_and_encodes_opus_only_for_a_peer_that_insists() {
+        let codec = |codecs: &[Codec]| mic_encoder(codecs).map(|e| e.codec());
+        assert_eq!(codec(&[Codec::Opus, Codec::Pcma]), Ok(Codec::Pcma));
+        assert_eq!(codec(&[Codec::Pcma, Codec::Pcmu]), Ok(Codec::Pcmu));
+        let opus = codec(&[Codec::Opus]);
+        if cfg!(feature = "opus") {
+            assert_eq!(opus, Ok(Codec::Opus));
+        } else {
+            assert_eq!(opus, Err(TranscodeError::Unsupported(Codec::Opus)));
+        }
+    }
 
     #[test]
     fn the_cache_keeps_the_gop_from_its_idr_within_bounds() {

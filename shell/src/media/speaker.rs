@@ -19,10 +19,7 @@
 
 use std::collections::VecDeque;
 
-/// Samples per second (G.711).
-pub const RATE: usize = 8000;
-/// One period: 20 ms, what a G.711 packet carries.
-pub const PERIOD: usize = 160;
+pub use super::pcm::{PERIOD, RATE, REOPEN_EVERY};
 /// Queued samples before playback starts, at first (60 ms).
 pub const TARGET: usize = 3 * PERIOD;
 /// Each underrun (packets later than the queue) raises the target by a period, up to this
@@ -200,24 +197,21 @@ pub enum SpeakerEvent {
 }
 
 #[cfg(feature = "alsa")]
-pub use device::{Speaker, REOPEN_EVERY};
+pub use device::Speaker;
 
 #[cfg(feature = "alsa")]
 mod device {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
 
-    use alsa::pcm::{Access, Format, HwParams, PCM};
-    use alsa::{Direction, ValueOr};
+    use alsa::pcm::PCM;
+    use alsa::Direction;
     use smol::channel::Sender;
-    use tracing::{debug, info, warn};
+    use tracing::{debug, info};
 
-    use super::{JitterBuffer, SpeakerEvent, PERIOD, RATE};
+    use super::{JitterBuffer, SpeakerEvent, PERIOD};
+    use crate::media::pcm::{Periods, Turn};
 
-    /// How often a lost device is reopened.
-    pub const REOPEN_EVERY: Duration = Duration::from_secs(2);
-    const PERIOD_TIME: Duration = Duration::from_millis((PERIOD * 1000 / RATE) as u64);
     /// The device's own buffer: 4 periods (80 ms).
     const DEVICE_BUFFER: usize = 4 * PERIOD;
 
@@ -236,24 +230,7 @@ mod device {
     }
 
     fn open(device: &str) -> Result<PCM, alsa::Error> {
-        let pcm = PCM::new(device, Direction::Playback, false)?;
-        {
-            let hwp = HwParams::any(&pcm)?;
-            hwp.set_access(Access::RWInterleaved)?;
-            hwp.set_format(Format::s16())?;
-            hwp.set_channels(1)?;
-            hwp.set_rate(RATE as u32, ValueOr::Nearest)?;
-            hwp.set_period_size_near(PERIOD as alsa::pcm::Frames, ValueOr::Nearest)?;
-            hwp.set_buffer_size_near(DEVICE_BUFFER as alsa::pcm::Frames)?;
-            pcm.hw_params(&hwp)?;
-        }
-        let rate = pcm.hw_params_current()?.get_rate()?;
-        if rate != RATE as u32 {
-            // A device that cannot play 8 kHz itself goes through ALSA's `plug` layer.
-            return Err(alsa::Error::unsupported("8 kHz (use a plug: device)"));
-        }
-        pcm.prepare()?;
-        Ok(pcm)
+        crate::media::pcm::alsa_open(device, Direction::Playback, DEVICE_BUFFER)
     }
 
     fn write(pcm: &PCM, samples: &[i16]) -> Result<(), alsa::Error> {
@@ -311,10 +288,8 @@ mod device {
         stop: &AtomicBool,
         events: &Sender<SpeakerEvent>,
     ) {
-        let mut pcm = Some(pcm);
+        let mut periods = Periods::new(pcm, device, "speaker", open);
         let mut out = [0i16; PERIOD];
-        let mut next = Instant::now();
-        let mut reopen_at = next;
         let mut last_stats = Default::default();
         while !stop.load(Ordering::Relaxed) && !events.is_closed() {
             if let Ok(mut b) = buffer.lock() {
@@ -324,41 +299,16 @@ mod device {
                     last_stats = b.stats;
                 }
             }
-            match &pcm {
-                Some(p) => {
-                    if let Err(e) = write(p, &out) {
-                        warn!(device, "speaker lost: {e}");
-                        pcm = None;
-                        reopen_at = Instant::now() + REOPEN_EVERY;
-                        let _ = events.try_send(SpeakerEvent::Lost {
-                            message: format!("{device}: {e}"),
-                        });
-                    }
-                }
-                None if Instant::now() >= reopen_at => match open(device) {
-                    Ok(p) => {
-                        info!(device, "speaker back");
-                        pcm = Some(p);
-                        let _ = events.try_send(SpeakerEvent::Ready);
-                    }
-                    Err(e) => {
-                        debug!(device, "speaker still gone: {e}");
-                        reopen_at = Instant::now() + REOPEN_EVERY;
-                    }
-                },
-                None => {}
-            }
-            // Paced by wall time as well as by the device: plugins without a clock of their
-            // own (file, null) would otherwise take samples as fast as they are written.
-            next += PERIOD_TIME;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            } else if now - next > PERIOD_TIME * 5 {
-                next = now;
+            let news = match periods.turn(|p| write(p, &out)) {
+                Turn::Quiet => None,
+                Turn::Lost(message) => Some(SpeakerEvent::Lost { message }),
+                Turn::Back => Some(SpeakerEvent::Ready),
+            };
+            if let Some(ev) = news {
+                let _ = events.try_send(ev);
             }
         }
-        if let Some(p) = pcm {
+        if let Some(p) = periods.into_pcm() {
             let _ = p.drain();
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use call_assist_core::{
     Agent, AgentConfig, AgentEvent, CallPolicy, CallState, Credentials, HttpFailure, HttpId, Input,
-    MediaKind, Output, Secret,
+    MediaFrame, MediaKind, Output, Secret,
 };
 use ruma::{OwnedRoomId, OwnedUserId};
 use tracing::{debug, warn};
@@ -39,6 +39,9 @@ pub struct AgentStats {
     pub audio_frames_received: u64,
 }
 
+/// A sink of remote media frames, called with the simulated time since the start.
+pub type MediaSink = Box<dyn FnMut(Duration, &MediaFrame)>;
+
 pub struct SimAgent {
     pub name: String,
     pub agent: Agent,
@@ -55,6 +58,9 @@ pub struct SimAgent {
     pub first_media: BTreeMap<String, Duration>,
     /// The encryption stand-in between this agent and the homeserver.
     pub crypto: SimCrypto,
+    /// Where remote media frames go besides the counters, as a live shell's sinks (a camera's
+    /// speaker, a recorder) take them: called at each frame's simulated time.
+    pub media_sink: Option<MediaSink>,
     timeout: Option<Instant>,
     pump: Option<CallMedia>,
     /// Requests at the homeserver: the core's id, and whether it is a /sync.
@@ -224,6 +230,7 @@ impl World {
             stats: AgentStats::default(),
             first_media: BTreeMap::new(),
             crypto: SimCrypto::new(user_id.clone(), seed),
+            media_sink: None,
             timeout: Some(self.now),
             pump: None,
             http: BTreeMap::new(),
@@ -440,6 +447,9 @@ impl World {
                     MediaKind::Audio => a.stats.audio_frames_received += 1,
                 }
                 a.first_media.entry(f.call_id.clone()).or_insert(elapsed);
+                if let Some(sink) = &mut a.media_sink {
+                    sink(elapsed, f);
+                }
                 let line = format!(
                     "media {:?} {:?} rtp={} len={}",
                     f.kind,
