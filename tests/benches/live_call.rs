@@ -311,15 +311,6 @@ fn measure(c: Call, tck: f64) -> Value {
 }
 
 /// A js peer that answers the next call (it waits for the caller's hangup).
-fn js_answerer(live: &Live, user: &User) -> Proc {
-    let mut p = live.js_peer(
-        user,
-        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
-    );
-    p.wait_stderr("waiting for an incoming call", READY);
-    p
-}
-
 fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str) -> Call {
     let secs = CALL_SECONDS.to_string();
     let mut bob = live.listen(
@@ -340,59 +331,68 @@ fn peer_calls_hub(live: &Live, hub: &User, caller: &User, room: &str) -> Call {
     Call::hub_and_peer("peer_calls_hub", bob, ("js_peer", peer), "placing")
 }
 
-fn hub_calls_peer(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
-    let secs = CALL_SECONDS.to_string();
-    // The caller hangs up after CALL_SECONDS.
-    let peer = js_answerer(live, callee);
-    let bob = live.call(
-        hub,
-        &["--interface", "lo", "--room", room, "--duration-s", &secs],
-    );
-    Call::hub_and_peer("hub_calls_peer", bob, ("js_peer", peer), "incoming")
+/// Which peer: matrix-js-sdk in Node (libwebrtc through @roamhq/wrtc) or in Chromium.
+#[derive(Clone, Copy)]
+enum Peer {
+    Js,
+    Browser,
 }
 
-fn peer_calls_peer(live: &Live, a: &User, b: &User, room: &str) -> Call {
-    let secs = CALL_SECONDS.to_string();
-    let callee = js_answerer(live, b);
-    let caller = live.js_peer(a, &["--call", room, "--duration-s", &secs]);
-    Call {
-        call: "peer_calls_peer",
-        a: ("js_callee", callee),
-        b: ("js_caller", caller),
-        // The callee's stderr says when it connected; the window is its connected marks.
-        connected: |c| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
-        viewer: Viewer::A,
-        from: "incoming",
+impl Peer {
+    fn start(self, live: &Live, user: &User, args: &[&str]) -> Proc {
+        match self {
+            Peer::Js => live.js_peer(user, args),
+            Peer::Browser => live.browser_peer(user, args),
+        }
+    }
+
+    fn answerer(self, live: &Live, user: &User) -> Proc {
+        let args = ["--answer", "--duration-s", "600", "--max-wait-s", "120"];
+        let mut p = self.start(live, user, &args);
+        p.wait_stderr("waiting for an incoming call", READY);
+        p
+    }
+
+    /// The call's name and the peer's, in the printed figures.
+    fn names(self) -> (&'static str, &'static str, [&'static str; 3]) {
+        match self {
+            Peer::Js => (
+                "hub_calls_peer",
+                "peer_calls_peer",
+                ["js_peer", "js_callee", "js_caller"],
+            ),
+            Peer::Browser => (
+                "hub_calls_browser",
+                "browser_calls_browser",
+                ["browser", "browser_callee", "browser_caller"],
+            ),
+        }
     }
 }
 
-fn browser_answerer(live: &Live, user: &User) -> Proc {
-    let mut p = live.browser_peer(
-        user,
-        &["--answer", "--duration-s", "600", "--max-wait-s", "120"],
-    );
-    p.wait_stderr("waiting for an incoming call", READY);
-    p
-}
-
-fn hub_calls_browser(live: &Live, hub: &User, callee: &User, room: &str) -> Call {
+/// `call-assist call` calls the peer, which answers; the caller hangs up after CALL_SECONDS.
+fn hub_calls(live: &Live, hub: &User, callee: &User, room: &str, peer: Peer) -> Call {
     let secs = CALL_SECONDS.to_string();
-    let browser = browser_answerer(live, callee);
+    let answerer = peer.answerer(live, callee);
     let bob = live.call(
         hub,
         &["--interface", "lo", "--room", room, "--duration-s", &secs],
     );
-    Call::hub_and_peer("hub_calls_browser", bob, ("browser", browser), "incoming")
+    let (call, _, [name, _, _]) = peer.names();
+    Call::hub_and_peer(call, bob, (name, answerer), "incoming")
 }
 
-fn browser_calls_browser(live: &Live, a: &User, b: &User, room: &str) -> Call {
+/// A peer calls a peer of the same kind: the reference for `hub_calls`.
+fn peers_call(live: &Live, a: &User, b: &User, room: &str, peer: Peer) -> Call {
     let secs = CALL_SECONDS.to_string();
-    let callee = browser_answerer(live, b);
-    let caller = live.browser_peer(a, &["--call", room, "--duration-s", &secs]);
+    let callee = peer.answerer(live, b);
+    let caller = peer.start(live, a, &["--call", room, "--duration-s", &secs]);
+    let (_, call, [_, callee_name, caller_name]) = peer.names();
     Call {
-        call: "browser_calls_browser",
-        a: ("browser_callee", callee),
-        b: ("browser_caller", caller),
+        call,
+        a: (callee_name, callee),
+        b: (caller_name, caller),
+        // The callee's stderr says when it connected; the window is its connected marks.
         connected: |c| c.stderr_contains("-> connected") && !c.stderr_contains("-> ended"),
         viewer: Viewer::A,
         from: "incoming",
@@ -439,24 +439,30 @@ fn main() {
             println!("{}", measure(peer_calls_hub(&live, &hub, &js, &room), tck));
         }
         if only.is_none_or(|o| o == "hub_calls_peer") {
-            println!("{}", measure(hub_calls_peer(&live, &hub, &js, &room), tck));
+            println!(
+                "{}",
+                measure(hub_calls(&live, &hub, &js, &room, Peer::Js), tck)
+            );
         }
         if only.is_none_or(|o| o == "peer_calls_peer") {
             println!(
                 "{}",
-                measure(peer_calls_peer(&live, &js, &js2, &js_room), tck)
+                measure(peers_call(&live, &js, &js2, &js_room, Peer::Js), tck)
             );
         }
         if only.is_none_or(|o| o == "hub_calls_browser") {
             println!(
                 "{}",
-                measure(hub_calls_browser(&live, &hub, &web, &web_room), tck)
+                measure(hub_calls(&live, &hub, &web, &web_room, Peer::Browser), tck)
             );
         }
         if only.is_none_or(|o| o == "browser_calls_browser") {
             println!(
                 "{}",
-                measure(browser_calls_browser(&live, &web2, &web, &webs_room), tck)
+                measure(
+                    peers_call(&live, &web2, &web, &webs_room, Peer::Browser),
+                    tck
+                )
             );
         }
     }

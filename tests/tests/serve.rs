@@ -1129,13 +1129,22 @@ struct Dm {
 
 /// `None` outside the test's loopback namespace (the test re-ran itself inside one).
 fn hub_and_alice(name: &str) -> Option<Dm> {
+    hub_and_alice_in(name, false)
+}
+
+/// As [`hub_and_alice`], the DM encrypted when `encrypted` (as every DM Element makes).
+fn hub_and_alice_in(name: &str, encrypted: bool) -> Option<Dm> {
     if !in_loopback_namespace(name) {
         return None;
     }
     let live = Live::start(name);
     let hub_user = live.user("hub");
     let alice = live.user("alice");
-    let room = live.hs.create_dm(&alice, &hub_user);
+    let room = if encrypted {
+        live.hs.create_encrypted_dm(&alice, &hub_user)
+    } else {
+        live.hs.create_dm(&alice, &hub_user)
+    };
     Some(Dm {
         live,
         hub_user,
@@ -1472,29 +1481,24 @@ fn a_station_speaker_plays_the_caller_and_mute_silences_it() {
 #[test]
 fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
     let name = "a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door";
-    if !in_loopback_namespace(name) {
+    let Some(dm) = hub_and_alice_in(name, true) else {
         return;
-    }
-    let live = Live::start(name);
-    let hub_user = live.user("hub");
-    let owner = live.user("owner");
-    // Encrypted, as every DM Element makes.
-    live.hs.create_encrypted_dm(&hub_user, &owner);
+    };
     let (stations, received) = pin_station(
-        &live,
+        &dm.live,
         &format!(
             "video = \"testclip\"\naudio = \"tone\"\nmay_call = [\"{}\"]",
-            owner.id
+            dm.alice.id
         ),
     );
-    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
+    let (mut hub, port) = start_hub(&dm.live, &dm.hub_user, &stations);
 
     let pressed = "1*8#1*9#";
     let (mut browser, id) = the_door_calls_the_browser(
-        &live,
+        &dm.live,
         &mut hub,
         port,
-        &owner,
+        &dm.alice,
         &["--dtmf", pressed, "--dtmf-after-s", "1"],
     );
 
@@ -1531,51 +1535,36 @@ fn a_browser_presses_the_pin_on_its_dial_pad_and_the_webhook_opens_the_door() {
 #[test]
 fn the_doorbell_calls_a_browser_and_the_owner_is_heard_at_the_door() {
     let name = "the_doorbell_calls_a_browser_and_the_owner_is_heard_at_the_door";
-    if !in_loopback_namespace(name) {
+    let Some(dm) = hub_and_alice_in(name, true) else {
         return;
-    }
-    let live = Live::start(name);
-    let hub_user = live.user("hub");
-    let owner = live.user("owner");
-    live.hs.create_encrypted_dm(&hub_user, &owner);
-    let cam_port = closed_port();
-    let speaker = live.dir.join("speaker.raw");
-    let speaker_s = speaker.display().to_string();
-    let _camera = rtsp_server_with(
-        &live.dir,
+    };
+    let speaker = dm.live.dir.join("speaker.raw");
+    let may_call = format!("may_call = [\"{}\"]\n", dm.alice.id);
+    let (_camera, station) = talkback_camera(
+        &dm,
         "rtsp",
-        cam_port,
-        &["--backchannel", "pcmu", "--backchannel-out", &speaker_s],
+        closed_port(),
+        &speaker,
+        &["--backchannel", "pcmu"],
+        &may_call,
     );
-    let pw = write(&live.dir.join("camera-password"), "secret\n");
-    let stations = format!(
-        "[[station]]\nname = \"door\"\nvideo = \"rtsp://cam@127.0.0.1:{cam_port}/cam\"\n\
-         rtsp_password_file = \"{}\"\ntalkback = true\nmay_call = [\"{}\"]\n",
-        pw.display(),
-        owner.id
-    );
-    let (mut hub, port) = start_hub(&live, &hub_user, &stations);
-    hub.wait_for("the camera speaker", READY, |v| {
-        v["event"] == "talkback" && v["state"] == "ready"
-    });
-    let wav = live.dir.join("owner-440.wav");
+    let (mut hub, port) = start_hub(&dm.live, &dm.hub_user, &station);
+    wait_speaker_state(&mut hub, "talkback", "ready", READY);
+    let wav = dm.live.dir.join("owner-440.wav");
     write_sine_wav(&wav, 440, 10);
     let wav_s = wav.display().to_string();
     let (mut browser, id) = the_door_calls_the_browser(
-        &live,
+        &dm.live,
         &mut hub,
         port,
-        &owner,
+        &dm.alice,
         &["--audio-wav", &wav_s, "--raw-audio"],
     );
-    let speaking = hub.wait_for("the owner at the speaker", CONNECT, |v| {
-        v["event"] == "talkback" && v["state"] == "speaking"
-    });
+    let speaking = wait_speaker_state(&mut hub, "talkback", "speaking", CONNECT);
     assert_eq!(
-        (&speaking.value["codec"], &speaking.value["speaker_codec"]),
+        (&speaking["codec"], &speaking["speaker_codec"]),
         (&json!("Pcmu"), &json!("Pcmu")),
-        "{}",
-        speaking.value
+        "{speaking}"
     );
     wait_for_speaker(&speaker, 3.0, Duration::from_secs(20), &hub);
     assert_hears_the_sine(&speaker, &hub);
