@@ -77,9 +77,10 @@ pub(crate) enum Msg<C> {
 /// How long a core deadline may wait to share a wake-up with the shell's next one while
 /// media is sent: str0m's NACK (every 33 ms), TWCC (50 ms), RTCP and receive timers then
 /// ride along with the media pump's frames (every 20 ms for audio) instead of waking the
-/// loop ~100 more times a second (issue #19). Before any media (ICE, DTLS, ringing) nothing
-/// waits.
-const COALESCE: Duration = Duration::from_millis(20);
+/// loop ~100 more times a second (issue #19). 20 ms of audio frame interval, plus
+/// [`SEND_EARLY`]: a frame sent early moves the pump's next wake-up that much further from
+/// the core's deadline. Before any media (ICE, DTLS, ringing) nothing waits.
+const COALESCE: Duration = Duration::from_millis(25);
 
 /// When the loop wakes next: the core's deadline, or the shell's when that comes within
 /// [`COALESCE`] after it and media is being sent.
@@ -91,6 +92,13 @@ fn coalesced(agent_at: Instant, shell_at: Option<Instant>, media: bool) -> Insta
         Some(_) => agent_at,
     }
 }
+
+/// How early a paced media frame (test clip, tone, audio file) may go out: one due within
+/// this after a wake-up the loop has anyway (a datagram, a message) goes out with it, and
+/// the loop does not wake again for it (issue #19: about one wake-up in three while a call
+/// runs was the media pump's). The peer sees these frames at most this much early, i.e. as
+/// a few ms of jitter; nothing received waits.
+const SEND_EARLY: Duration = Duration::from_millis(5);
 
 /// What woke the loop.
 enum Wake<C> {
@@ -664,7 +672,7 @@ impl<C: Send + 'static> Driver<C> {
     /// Time-driven work of the driver: media, DNS, dials, shutdown, giving up.
     fn on_tick(&mut self, now: Instant) {
         for s in &mut self.stations {
-            s.media.pump(&mut self.agent, now);
+            s.media.pump(&mut self.agent, now, now + SEND_EARLY);
         }
         self.resolve_turn_hosts();
         self.check_dials(now);
@@ -847,15 +855,22 @@ impl<C: Send + 'static> Driver<C> {
         let mut armed = None;
         let sockets = self.sockets.clone();
         let mut buf = vec![0u8; net::MAX_DATAGRAM];
+        let mut agent_due = None;
         // Polled as a stream, it keeps its listener across turns (`recv` made a new one, a
         // heap allocation, on every wake-up while the channel was empty).
         let mut rx = std::pin::pin!(rx);
         loop {
             let now = Instant::now();
+            // The core's deadline passed: its own timer woke the loop, or something else did
+            // first (then that wake-up serves it, and its timer needs none of its own).
+            if agent_due.is_some_and(|a| a <= now) {
+                self.agent.handle_input(Input::Timeout(now));
+            }
             self.on_tick(now);
             p.on_tick(self, now);
             self.settle(p, now);
             let agent_at = self.drain(p, now);
+            agent_due = Some(agent_at);
             if let Some(code) = self.exit {
                 self.e2ee.close(E2EE_CLOSE).await;
                 return code;
@@ -890,10 +905,7 @@ impl<C: Send + 'static> Driver<C> {
             match wake {
                 Wake::Msg(msg) => self.on_msg(p, msg, Instant::now()),
                 Wake::Readable => self.read_datagrams(p, &sockets, &mut buf),
-                Wake::Timer => {
-                    armed = None;
-                    self.agent.handle_input(Input::Timeout(Instant::now()));
-                }
+                Wake::Timer => armed = None,
             }
         }
     }

@@ -454,11 +454,11 @@ impl LiveMedia {
         Some(m.keyframe_requested(agent, &self.cache, now))
     }
 
-    /// Writes the paced frames due.
-    pub fn pump(&mut self, agent: &mut Agent, now: Instant) {
+    /// Writes, at `now`, the paced frames due by `until`.
+    pub fn pump(&mut self, agent: &mut Agent, now: Instant, until: Instant) {
         for m in self.calls.values_mut() {
-            if m.next_due().is_some_and(|t| t <= now) {
-                m.pump(agent, now);
+            if m.next_due().is_some_and(|t| t <= until) {
+                m.pump_until(agent, now, until);
             }
         }
     }

@@ -475,12 +475,18 @@ impl CallMedia {
         }
     }
 
-    /// Writes every paced frame due at `now`; returns how many the agent took. Frames are
-    /// borrowed from their source, never copied here (the agent copies each once, for str0m).
+    /// Writes every paced frame due at `now`; returns how many the agent took.
     pub fn pump(&mut self, agent: &mut Agent, now: Instant) -> u64 {
+        self.pump_until(agent, now, now)
+    }
+
+    /// Writes, at `now`, every paced frame due by `until` (the live loop sends frames due
+    /// within a few ms with the wake-up it has, instead of waking again for them). Frames are
+    /// borrowed from their source, never copied here (the agent copies each once, for str0m).
+    pub fn pump_until(&mut self, agent: &mut Agent, now: Instant, until: Instant) -> u64 {
         let mut sent = 0;
         if let Video::Clip(video) = &mut self.video {
-            while self.next_video <= now {
+            while self.next_video <= until {
                 let codec = video.codec();
                 let f = video.next_unit();
                 let frame = OutgoingFrame {
@@ -495,7 +501,7 @@ impl CallMedia {
                 self.next_video += video.frame_interval();
             }
         }
-        while self.next_audio <= now {
+        while self.next_audio <= until {
             let tone_frame;
             let (codec, rtp_time, data, interval): (_, _, &[u8], _) = match &mut self.audio {
                 Audio::Tone(tone, codec) => {
