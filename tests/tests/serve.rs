@@ -1210,6 +1210,19 @@ fn cpu_window_s() -> u64 {
         .unwrap_or(3)
 }
 
+/// The call takes the camera's speaker, its audio `codec` played as `speaker_codec`, and the
+/// speaker file gets 2 s of the peer's sine.
+fn camera_hears_the_call(hub: &mut Proc, codec: &str, speaker_codec: &str, speaker: &Path) {
+    let speaking = wait_speaker_state(hub, "talkback", "speaking", CONNECT);
+    assert_eq!(
+        (&speaking["codec"], &speaking["speaker_codec"]),
+        (&json!(codec), &json!(speaker_codec)),
+        "{speaking}"
+    );
+    wait_for_speaker(speaker, 2.0, Duration::from_secs(20), hub);
+    assert_hears_the_sine(speaker, hub);
+}
+
 /// Waits until the speaker file holds `seconds` of sound.
 fn wait_for_speaker(path: &Path, seconds: f64, timeout: Duration, hub: &Proc) {
     let want = (seconds * 16_000.0) as u64;
@@ -1258,14 +1271,7 @@ fn the_callers_voice_reaches_the_camera_speaker_and_mute_gates_it() {
     let (_, call) = http(port, "GET", &format!("/calls/{id}"), None, None);
     assert_eq!(call["talkback"], "unmuted", "{call}");
     // No transcoding: the hub's answer put PCMU first, so the peer sends what the camera plays.
-    let speaking = wait_speaker_state(&mut hub, "talkback", "speaking", CONNECT);
-    assert_eq!(
-        (&speaking["codec"], &speaking["speaker_codec"]),
-        (&json!("Pcmu"), &json!("Pcmu")),
-        "{speaking}"
-    );
-    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
-    assert_hears_the_sine(&speaker, &hub);
+    camera_hears_the_call(&mut hub, "Pcmu", "Pcmu", &speaker);
 
     // Muted: nothing more reaches the door, the call goes on.
     let (status, m) = http(port, "POST", &format!("/calls/{id}/mute"), None, None);
@@ -1359,14 +1365,7 @@ fn a_pcma_camera_speaker_over_udp_gets_pcma_from_the_peer_untranscoded() {
     let ready = wait_speaker_state(&mut hub, "talkback", "ready", READY);
     assert_eq!(ready["codec"], "Pcma", "{ready}");
     let mut peer = peer_calls(&dm, "15", &[]);
-    let speaking = wait_speaker_state(&mut hub, "talkback", "speaking", CONNECT);
-    assert_eq!(
-        (&speaking["codec"], &speaking["speaker_codec"]),
-        (&json!("Pcma"), &json!("Pcma")),
-        "{speaking}"
-    );
-    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
-    assert_hears_the_sine(&speaker, &hub);
+    camera_hears_the_call(&mut hub, "Pcma", "Pcma", &speaker);
     assert_eq!(peer.wait_exit(CONNECT), 0, "{}", peer.report());
     hub.wait_for("the call's end", EXIT, |v| v["event"] == "ended");
     hub.terminate();
@@ -1398,14 +1397,7 @@ fn an_opus_only_callers_voice_is_transcoded_for_the_camera_speaker() {
     let mut peer = peer_calls(&dm, &call_s, &["--audio-codec", "opus"]);
     let connected = hub.wait_state("connected", CONNECT);
     let id = call_id(&connected.value);
-    let speaking = wait_speaker_state(&mut hub, "talkback", "speaking", CONNECT);
-    assert_eq!(
-        (&speaking["codec"], &speaking["speaker_codec"]),
-        (&json!("Opus"), &json!("Pcmu")),
-        "{speaking}"
-    );
-    wait_for_speaker(&speaker, 2.0, Duration::from_secs(20), &hub);
-    assert_hears_the_sine(&speaker, &hub);
+    camera_hears_the_call(&mut hub, "Opus", "Pcmu", &speaker);
     // The hub's CPU over a window muted (nothing decoded) and one talking (Opus decoded to
     // PCMU).
     let mut ticks = Vec::new();
