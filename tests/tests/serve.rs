@@ -1552,14 +1552,7 @@ fn the_doorbell_calls_a_browser_and_the_owner_is_heard_at_the_door() {
         &dm.alice,
         &["--audio-wav", &wav_s, "--raw-audio"],
     );
-    let speaking = wait_speaker_state(&mut hub, "talkback", "speaking", CONNECT);
-    assert_eq!(
-        (&speaking["codec"], &speaking["speaker_codec"]),
-        (&json!("Pcmu"), &json!("Pcmu")),
-        "{speaking}"
-    );
-    wait_for_speaker(&speaker, 3.0, Duration::from_secs(20), &hub);
-    assert_hears_the_sine(&speaker, &hub);
+    camera_hears_the_call(&mut hub, "Pcmu", "Pcmu", &speaker);
 
     hang_up_the_browser(port, &id, &mut browser);
     let r = browser.last_json();
