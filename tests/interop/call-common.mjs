@@ -62,3 +62,16 @@ export function summarizeStats(report) {
     }
     return { rtp, selectedPair };
 }
+
+/**
+ * Starts watching `call` as the peers' result: its id, and its first error (code and
+ * message) in `result.error`. `errorEvent` is matrix-js-sdk's `CallEvent.Error`.
+ */
+export function recordCall(call, result, progress, errorEvent) {
+    result.call_id = call.callId;
+    progress(`call ${call.callId} in ${call.roomId}`);
+    call.on(errorEvent, (err) => {
+        progress(`call error: ${err.code ?? ""} ${err.message}`);
+        result.error ??= `${err.code ?? "error"}: ${err.message}`;
+    });
+}

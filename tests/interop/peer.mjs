@@ -38,7 +38,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import wrtc from "@roamhq/wrtc";
-import { pressDigits, summarizeStats } from "./call-common.mjs";
+import { pressDigits, recordCall, summarizeStats } from "./call-common.mjs";
 import {
     guardCallEvents,
     installBrowserGlobals,
@@ -372,12 +372,7 @@ async function hangupAndFinish(why) {
 
 function watchCall(call) {
     activeCall = call;
-    result.call_id = call.callId;
-    progress(`call ${call.callId} in ${call.roomId}`);
-    call.on(CallEvent.Error, (err) => {
-        progress(`call error: ${err.code ?? ""} ${err.message}`);
-        result.error ??= `${err.code ?? "error"}: ${err.message}`;
-    });
+    recordCall(call, result, progress, CallEvent.Error);
     call.on(CallEvent.State, (state, old) => {
         progress(`state ${old} -> ${state}`);
         mark(`state_${state}`);

@@ -7,6 +7,7 @@ mod rooms;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ruma::api::auth_scheme::SendAccessToken;
@@ -253,7 +254,8 @@ enum Session {
     NeedLogin,
     LoggingIn,
     Ready {
-        access_token: Secret,
+        /// Shared: every request clones it.
+        access_token: Arc<Secret>,
     },
     /// Credentials refused: nothing more is sent.
     Failed,
@@ -299,7 +301,7 @@ impl MatrixClient {
         let session = match &credentials {
             Credentials::Password(_) => Session::NeedLogin,
             Credentials::AccessToken(t) => Session::Ready {
-                access_token: t.clone(),
+                access_token: Arc::new(t.clone()),
             },
         };
         MatrixClient {
@@ -427,11 +429,6 @@ impl MatrixClient {
 
     /// The next request to run now, if any.
     pub fn poll_request(&mut self, now: Instant) -> Option<(HttpId, http::Request<Vec<u8>>)> {
-        // Runs at the end of every drain (every datagram): the token is cloned only when a
-        // request will be built.
-        if matches!(self.session, Session::Ready { .. }) && !self.request_due(now) {
-            return None;
-        }
         let token = match &self.session {
             Session::Failed | Session::LoggingIn => return None,
             Session::NeedLogin => {
@@ -440,7 +437,9 @@ impl MatrixClient {
                 }
                 return self.login_request(now);
             }
-            Session::Ready { access_token } => access_token.clone(),
+            // Runs at the end of every drain (every datagram): a shared token, so this clone
+            // is a count, not a copy of the string.
+            Session::Ready { access_token } => Arc::clone(access_token),
         };
         let auth = SendAccessToken::IfRequired(token.expose());
 
@@ -539,19 +538,6 @@ impl MatrixClient {
             }
         }
         None
-    }
-
-    /// Whether [`Self::poll_request`] has a request to build (its branches' conditions).
-    fn request_due(&self, now: Instant) -> bool {
-        let send = !self.send_in_flight && self.send_backoff.ready(now) && !self.outbox.is_empty();
-        let sync = !self.sync_in_flight && self.sync_backoff.ready(now);
-        let room =
-            !self.room_in_flight && self.room_backoff.ready(now) && !self.room_requests.is_empty();
-        let turn = self.fetch_turn
-            && !self.turn_in_flight
-            && self.turn_backoff.ready(now)
-            && self.turn_next.is_some_and(|t| now >= t);
-        send || sync || room || turn
     }
 
     fn login_request(&mut self, now: Instant) -> Option<(HttpId, http::Request<Vec<u8>>)> {
@@ -716,7 +702,7 @@ impl MatrixClient {
                         let token = Secret::new(r.access_token);
                         self.device_id = Some(r.device_id.clone());
                         self.session = Session::Ready {
-                            access_token: token.clone(),
+                            access_token: Arc::new(token.clone()),
                         };
                         self.events.push_back(MatrixEvent::LoggedIn {
                             user_id: r.user_id,

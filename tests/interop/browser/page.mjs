@@ -6,7 +6,7 @@ import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 import { CallEvent, CallState, CallErrorCode } from "matrix-js-sdk/lib/webrtc/call.js";
 import { CallEventHandlerEvent } from "matrix-js-sdk/lib/webrtc/callEventHandler.js";
-import { pressDigits, summarizeStats } from "../call-common.mjs";
+import { pressDigits, recordCall, summarizeStats } from "../call-common.mjs";
 
 const T0 = performance.now();
 const ms = () => Math.round(performance.now() - T0);
@@ -140,12 +140,7 @@ function play(call) {
 
 function watchCall(call) {
     activeCall = call;
-    result.call_id = call.callId;
-    progress(`call ${call.callId} in ${call.roomId}`);
-    call.on(CallEvent.Error, (err) => {
-        progress(`call error: ${err.code ?? ""} ${err.message}`);
-        result.error ??= `${err.code ?? "error"}: ${err.message}`;
-    });
+    recordCall(call, result, progress, CallEvent.Error);
     call.on(CallEvent.FeedsChanged, () => play(call));
     call.on(CallEvent.State, (state, old) => {
         progress(`state ${old} -> ${state}`);
