@@ -74,20 +74,10 @@ impl fmt::Display for MediaError {
 
 impl std::error::Error for MediaError {}
 
-/// One video access unit to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VideoFrame {
-    /// Annex B access unit (4-byte start codes); keyframes carry SPS+PPS in front of the IDR.
-    pub data: Vec<u8>,
-    /// 90 kHz RTP timestamp, starting at 0 and increasing across loops and restarts.
-    pub rtp_time_90k: u64,
-    /// Contains an IDR slice.
-    pub keyframe: bool,
-    /// Number of frames emitted before this one.
-    pub index: u64,
-}
-
-/// A [`VideoFrame`] borrowed from its clip.
+/// One video access unit to send, borrowed from its clip (no copy per frame).
+/// `data` is Annex B (4-byte start codes); keyframes carry SPS+PPS in front of the IDR;
+/// `rtp_time_90k` starts at 0 and keeps increasing across loops and restarts; `index` counts
+/// the frames emitted before this one.
 #[derive(Debug, Clone, Copy)]
 pub struct VideoUnit<'a> {
     pub data: &'a [u8],
@@ -173,18 +163,6 @@ impl LoopingVideo {
     }
 
     /// The next access unit of the loop. The caller paces calls by [`Self::frame_interval`].
-    pub fn next_frame(&mut self) -> VideoFrame {
-        let f = self.next_unit();
-        VideoFrame {
-            data: f.data.to_vec(),
-            rtp_time_90k: f.rtp_time_90k,
-            keyframe: f.keyframe,
-            index: f.index,
-        }
-    }
-
-    /// [`Self::next_frame`], borrowed from the clip: what the live media pump sends (no copy
-    /// per frame).
     pub fn next_unit(&mut self) -> VideoUnit<'_> {
         if self.pos >= self.aus.len() {
             self.pos = 0;
@@ -238,7 +216,7 @@ impl LoopingVideo {
         self.last_keyframe_index
     }
 
-    /// Skips ahead so that the next [`Self::next_frame`] returns a keyframe: the next
+    /// Skips ahead so that the next [`Self::next_unit`] returns a keyframe: the next
     /// keyframe at or after the current position, wrapping around the loop. Timestamps
     /// and indices keep increasing. Use when a call starts or the peer asks for a keyframe.
     pub fn restart_at_keyframe(&mut self) {
@@ -256,17 +234,6 @@ impl LoopingVideo {
         let t = u128::from(index) * u128::from(VIDEO_CLOCK_RATE) / u128::from(self.fps);
         u64::try_from(t).unwrap_or(u64::MAX)
     }
-}
-
-/// One 20 ms PCMU frame to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AudioFrame {
-    /// 160 mu-law bytes.
-    pub data: Vec<u8>,
-    /// 8 kHz RTP timestamp, starting at 0 (+160 per frame).
-    pub rtp_time_8k: u64,
-    /// Number of frames emitted before this one.
-    pub index: u64,
 }
 
 /// A sine test tone as PCMU frames with an 8 kHz RTP timestamp.
@@ -288,18 +255,7 @@ impl ToneAudio {
         }
     }
 
-    /// The next 20 ms frame.
-    pub fn next_frame(&mut self) -> AudioFrame {
-        let index = self.emitted;
-        let (data, rtp_time_8k) = self.next_samples();
-        AudioFrame {
-            data: data.to_vec(),
-            rtp_time_8k,
-            index,
-        }
-    }
-
-    /// [`Self::next_frame`] without a heap copy: the encoded frame and its 8 kHz RTP time.
+    /// The next 20 ms PCMU frame (160 mu-law bytes) and its 8 kHz RTP time (0, +160 per frame).
     pub fn next_samples(&mut self) -> ([u8; g711::FRAME_SAMPLES], u64) {
         let index = self.emitted;
         self.emitted = self.emitted.saturating_add(1);
@@ -330,44 +286,49 @@ mod tests {
         let mut v = LoopingVideo::testclip().unwrap();
         assert_eq!(v.frames_per_loop(), 60);
         assert_eq!(v.frame_interval(), Duration::from_nanos(66_666_666));
-        let frames: Vec<VideoFrame> = (0..150).map(|_| v.next_frame()).collect();
-        for (i, f) in frames.iter().enumerate() {
-            assert_eq!(f.index, i as u64);
-            assert_eq!(f.rtp_time_90k, i as u64 * 6000);
-            assert_eq!(f.keyframe, i % 15 == 0, "frame {i}");
-            assert!(f.data.starts_with(&h264::START_CODE));
+        let frames: Vec<(Vec<u8>, u64, bool, u64)> = (0..150)
+            .map(|_| {
+                let f = v.next_unit();
+                (f.data.to_vec(), f.rtp_time_90k, f.keyframe, f.index)
+            })
+            .collect();
+        for (i, (data, rtp_time, keyframe, index)) in frames.iter().enumerate() {
+            assert_eq!(*index, i as u64);
+            assert_eq!(*rtp_time, i as u64 * 6000);
+            assert_eq!(*keyframe, i % 15 == 0, "frame {i}");
+            assert!(data.starts_with(&h264::START_CODE));
         }
         // Second loop repeats the first one's bytes.
-        assert_eq!(frames[0].data, frames[60].data);
-        assert_eq!(frames[7].data, frames[127].data);
+        assert_eq!(frames[0].0, frames[60].0);
+        assert_eq!(frames[7].0, frames[127].0);
         assert_eq!(v.last_keyframe_index(), Some(135));
     }
 
     #[test]
     fn restart_at_keyframe() {
         let mut v = LoopingVideo::testclip().unwrap();
-        let first = v.next_frame();
+        let first = v.next_unit().data.to_vec();
         for _ in 0..4 {
-            v.next_frame();
+            v.next_unit();
         }
         v.restart_at_keyframe();
-        let k = v.next_frame();
+        let k = v.next_unit();
         assert!(k.keyframe);
         assert_eq!(k.index, 5);
         assert_eq!(k.rtp_time_90k, 5 * 6000);
-        assert_ne!(k.data, first.data); // the IDR at clip frame 15
-        assert!(!v.next_frame().keyframe);
+        assert_ne!(k.data, first.as_slice()); // the IDR at clip frame 15
+        assert!(!v.next_unit().keyframe);
         // At a keyframe already: stays.
         let mut w = LoopingVideo::testclip().unwrap();
         w.restart_at_keyframe();
-        assert_eq!(w.next_frame().data, first.data);
+        assert_eq!(w.next_unit().data, first.as_slice());
         // Past the last keyframe: wraps to the clip's first one.
         let mut z = LoopingVideo::testclip().unwrap();
         for _ in 0..50 {
-            z.next_frame();
+            z.next_unit();
         }
         z.restart_at_keyframe();
-        assert_eq!(z.next_frame().data, first.data);
+        assert_eq!(z.next_unit().data, first.as_slice());
     }
 
     #[test]
@@ -393,20 +354,19 @@ mod tests {
         let mut clip = vec![0, 0, 1, 0x41, 0x9a];
         clip.extend_from_slice(&[0, 0, 1, 0x65, 0x88]);
         let mut v = LoopingVideo::new(&clip, 30).unwrap();
-        assert!(v.next_frame().keyframe);
-        assert!(!v.next_frame().keyframe);
-        assert_eq!(v.next_frame().rtp_time_90k, 6000);
+        assert!(v.next_unit().keyframe);
+        assert!(!v.next_unit().keyframe);
+        assert_eq!(v.next_unit().rtp_time_90k, 6000);
     }
 
     #[test]
     fn tone_audio() {
         let mut a = ToneAudio::default();
         assert_eq!(a.frame_interval(), Duration::from_millis(20));
-        let f0 = a.next_frame();
-        let f1 = a.next_frame();
-        assert_eq!(f0.data.len(), 160);
-        assert_eq!((f0.index, f0.rtp_time_8k), (0, 0));
-        assert_eq!((f1.index, f1.rtp_time_8k), (1, 160));
-        assert!(f0.data.iter().any(|&b| b != f0.data[0]));
+        let (f0, t0) = a.next_samples();
+        let (_, t1) = a.next_samples();
+        assert_eq!(f0.len(), 160);
+        assert_eq!((t0, t1), (0, 160));
+        assert!(f0.iter().any(|&b| b != f0[0]));
     }
 }
