@@ -7,9 +7,11 @@
 //! join. A mode (`call`, `listen`, `check`, `serve`) is a [`Policy`]: what to do on an event,
 //! a command or a tick, and when to stop.
 //!
-//! smol runs everything on the calling thread except HTTP: reqwest needs a tokio reactor, so
-//! each request runs inside `async_compat::Compat`, which keeps one tokio runtime thread in the
-//! background. Every input reaches the loop through one bounded channel.
+//! The loop runs on the calling thread and waits in an epoll of its own (see `Waiter`); what
+//! it starts (HTTP, the crypto layer, the cameras, the API) runs as smol tasks on other
+//! threads, and reqwest inside `async_compat::Compat`, which keeps one tokio runtime thread
+//! in the background. Every input but the datagrams reaches the loop through one bounded
+//! channel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use call_assist_core::{
     Agent, AgentConfig, AgentEvent, ApiError, CallId, CallPolicy, CallState, Credentials,
     HttpFailure, HttpId, Input, MediaKind, OwnedRoomId, OwnedUserId, Party, RoomId, Secret,
 };
-use futures_lite::{FutureExt, StreamExt};
+use futures_lite::{Stream, StreamExt};
 use serde_json::{json, Value};
 use smol::channel::{Receiver, Sender};
 use tracing::{debug, error, info, warn};
@@ -103,12 +105,149 @@ const SEND_EARLY: Duration = Duration::from_millis(5);
 /// What woke the loop.
 enum Wake<C> {
     Msg(Msg<C>),
-    Readable,
+    /// The sockets that have datagrams, as [`Ready::Sockets`].
+    Readable(u64),
     Timer,
 }
 
 /// Datagrams read from one socket per wake-up, at most.
 const READ_BATCH: usize = 64;
+
+/// The loop's own epoll: the UDP sockets level-triggered, the inbox through a waker that
+/// writes an eventfd, the next deadline as the wait's timeout (rounded up to the millisecond:
+/// never early, at most 1 ms late).
+///
+/// Why not async-io's reactor, which `smol::block_on` shares: async-io keeps an "async-io"
+/// thread that takes the reactor whenever the loop's thread lets go of it, i.e. after every
+/// wake-up, and then every datagram woke that thread first and it woke the loop (a futex and
+/// two context switches per datagram: 19 % of the hub's CPU in a call was that thread, and
+/// 19 % the kernel's `finish_task_switch`; issue #19's profile). Written on rustix's epoll
+/// rather than `polling` (async-io's poller) because `polling` re-arms a timerfd and its
+/// notifier on every wait: five system calls per wake-up where this takes one.
+struct Waiter {
+    epoll: std::os::fd::OwnedFd,
+    /// Written by [`Notify`] when the inbox gets a message.
+    eventfd: std::sync::Arc<std::os::fd::OwnedFd>,
+    events: Vec<rustix::event::epoll::Event>,
+    waker: std::task::Waker,
+}
+
+/// The epoll key of the eventfd; socket `i` (in `Sockets` order) has key `i`.
+const NOTIFY_KEY: u64 = u64::MAX;
+
+/// Wakes the loop's epoll when the inbox gets a message.
+struct Notify(std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl std::task::Wake for Notify {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        // Fails only when the counter is full (then the loop is woken already).
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+}
+
+/// What woke the loop's epoll.
+enum Ready {
+    /// The sockets with these keys have datagrams (bit `i`: socket `i`; at most 64 sockets
+    /// are told apart, the rest read as "all").
+    Sockets(u64),
+    Notified,
+    Timeout,
+}
+
+impl Waiter {
+    fn new(sockets: &Sockets) -> std::io::Result<Self> {
+        use rustix::event::{epoll, eventfd, EventfdFlags};
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        for (key, sock) in sockets.values().enumerate() {
+            epoll::add(
+                &epoll,
+                sock.get_ref(),
+                epoll::EventData::new_u64(key as u64),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        let eventfd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(
+            &epoll,
+            &eventfd,
+            epoll::EventData::new_u64(NOTIFY_KEY),
+            epoll::EventFlags::IN,
+        )?;
+        let eventfd = std::sync::Arc::new(eventfd);
+        let waker = std::task::Waker::from(std::sync::Arc::new(Notify(eventfd.clone())));
+        Ok(Self {
+            epoll,
+            eventfd,
+            events: Vec::with_capacity(sockets.len() + 1),
+            waker,
+        })
+    }
+
+    /// Waits for a message in `rx`, a readable socket or `deadline`, whichever comes first.
+    fn wait<C>(
+        &mut self,
+        mut rx: std::pin::Pin<&mut Receiver<Msg<C>>>,
+        deadline: Instant,
+    ) -> std::io::Result<Wake<C>> {
+        loop {
+            let mut cx = std::task::Context::from_waker(&self.waker);
+            if let std::task::Poll::Ready(m) = rx.as_mut().poll_next(&mut cx) {
+                // The driver holds a sender itself, so the inbox never closes while it runs.
+                return Ok(m.map_or(Wake::Timer, Wake::Msg));
+            }
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            if timeout.is_zero() {
+                return Ok(Wake::Timer);
+            }
+            match self.epoll_wait(timeout)? {
+                Ready::Sockets(which) => return Ok(Wake::Readable(which)),
+                // A message came (the next poll takes it), or the deadline passed.
+                Ready::Notified | Ready::Timeout => {}
+            }
+        }
+    }
+
+    fn epoll_wait(&mut self, timeout: Duration) -> std::io::Result<Ready> {
+        use rustix::event::{epoll, Timespec};
+        let timeout = Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        self.events.clear();
+        match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(&mut self.events),
+            Some(&timeout),
+        ) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(Ready::Notified),
+            Err(e) => return Err(e.into()),
+        }
+        let mut sockets = 0u64;
+        let mut notified = false;
+        for e in &self.events {
+            match e.data.u64() {
+                NOTIFY_KEY => notified = true,
+                key => sockets |= 1u64.checked_shl(key as u32).unwrap_or(u64::MAX),
+            }
+        }
+        if notified {
+            let mut counter = [0u8; 8];
+            // Resets the counter; EAGAIN if another wait already did.
+            let _ = rustix::io::read(&*self.eventfd, &mut counter);
+        }
+        Ok(if sockets != 0 {
+            Ready::Sockets(sockets)
+        } else if notified {
+            Ready::Notified
+        } else {
+            Ready::Timeout
+        })
+    }
+}
 
 /// A mode of the live driver.
 pub(crate) trait Policy {
@@ -847,13 +986,17 @@ impl<C: Send + 'static> Driver<C> {
     /// The loop: tick, drain, wait for the next input or deadline; until a policy or the
     /// driver finishes. Returns the exit code.
     pub async fn run<P: Policy<Command = C>>(&mut self, rx: Receiver<Msg<C>>, p: &mut P) -> u8 {
-        // Per datagram no task hop, no channel, no allocation and no new timer: the sockets
-        // are read here on the loop's thread (until `WouldBlock`, a batch per wake-up) and one
-        // timer is moved only when the deadline does (issue #19's profile: several futex,
-        // epoll_ctl and timerfd calls per datagram before).
-        let mut timer = smol::Timer::never();
-        let mut armed = None;
+        // Per datagram no task hop, no channel, no allocation and no other thread: the sockets
+        // are read here on the loop's thread (until `WouldBlock`, a batch per wake-up), and the
+        // loop waits in an epoll of its own (`Waiter`), not in async-io's reactor.
         let sockets = self.sockets.clone();
+        let mut waiter = match Waiter::new(&sockets) {
+            Ok(w) => w,
+            Err(e) => {
+                error!("cannot set up the event loop (epoll): {e}");
+                return exit::NOT_CONNECTED;
+            }
+        };
         let mut buf = vec![0u8; net::MAX_DATAGRAM];
         let mut agent_due = None;
         // Polled as a stream, it keeps its listener across turns (`recv` made a new one, a
@@ -880,32 +1023,26 @@ impl<C: Send + 'static> Driver<C> {
                 shell_at = Some(shell_at.map_or(t, |s| s.min(t)));
             }
             let deadline = coalesced(agent_at, shell_at, self.media_running());
-            if armed != Some(deadline) {
-                timer.set_at(deadline);
-                armed = Some(deadline);
-            }
             let for_agent = deadline == agent_at;
-            let wake = async { rx.next().await.map_or(Wake::Timer, Wake::Msg) }
-                .or(async {
-                    net::readable(&sockets).await;
-                    Wake::Readable
-                })
-                .or(async {
-                    (&mut timer).await;
+            let wake = match waiter.wait(rx.as_mut(), deadline) {
+                Ok(w) => w,
+                Err(e) => {
+                    // epoll_wait fails only on a bad fd or a signal; the next turn retries.
+                    warn!("event loop wait: {e}");
                     Wake::Timer
-                })
-                .await;
+                }
+            };
             let w = &mut self.counters.wakeups;
             match wake {
                 Wake::Msg(_) => w.message += 1,
-                Wake::Readable => w.socket += 1,
+                Wake::Readable(_) => w.socket += 1,
                 Wake::Timer if for_agent => w.agent_timer += 1,
                 Wake::Timer => w.shell_timer += 1,
             }
             match wake {
                 Wake::Msg(msg) => self.on_msg(p, msg, Instant::now()),
-                Wake::Readable => self.read_datagrams(p, &sockets, &mut buf),
-                Wake::Timer => armed = None,
+                Wake::Readable(which) => self.read_datagrams(p, &sockets, which, &mut buf),
+                Wake::Timer => {}
             }
         }
     }
@@ -916,9 +1053,14 @@ impl<C: Send + 'static> Driver<C> {
         &mut self,
         p: &mut P,
         sockets: &Sockets,
+        which: u64,
         buf: &mut [u8],
     ) {
-        for (local, sock) in sockets {
+        let ready = sockets
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| which & 1u64.checked_shl(*i as u32).unwrap_or(u64::MAX) != 0);
+        for (_, (local, sock)) in ready {
             for _ in 0..READ_BATCH {
                 let (n, from) = match sock.get_ref().recv_from(buf) {
                     Ok(r) => r,

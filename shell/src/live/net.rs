@@ -90,19 +90,6 @@ pub(crate) fn bind_udp(ips: &[IpAddr], port: u16) -> Sockets {
     sockets
 }
 
-/// Ready once any of `sockets` may have a datagram to read (false positives are possible:
-/// the reader stops at `WouldBlock`).
-pub(crate) fn readable(sockets: &Sockets) -> impl std::future::Future<Output = ()> + '_ {
-    futures_lite::future::poll_fn(move |cx| {
-        // An error is "ready" too: the read that follows reports it.
-        if sockets.values().any(|s| s.poll_readable(cx).is_ready()) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-}
-
 /// The homeserver HTTP client (reqwest on rustls; runs under async-compat).
 pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
