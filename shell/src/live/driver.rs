@@ -102,12 +102,22 @@ fn coalesced(agent_at: Instant, shell_at: Option<Instant>, media: bool) -> Insta
 /// a few ms of jitter; nothing received waits.
 const SEND_EARLY: Duration = Duration::from_millis(5);
 
+/// While media is sent, a datagram that arrives at most this long before the loop's next
+/// wake-up (the media pump's next frame: every 20 ms while audio is sent) waits for it in the
+/// socket's buffer: the loop sleeps on its timer alone and reads what came with the wake-up
+/// it has anyway. A js peer's call: 130 -> 60 wake-ups a second (issue #19), for at most this
+/// much (10 ms on average) more delay on what is received: within the 20-40 ms a receiver's
+/// jitter buffer holds anyway. Before any media (ICE, DTLS, ringing) nothing waits.
+const RECEIVE_SLACK: Duration = Duration::from_millis(20);
+
 /// What woke the loop.
 enum Wake<C> {
     Msg(Msg<C>),
     /// The sockets that have datagrams, as [`Ready::Sockets`].
     Readable(u64),
-    Timer,
+    /// The deadline; with the sockets that held datagrams back meanwhile (`RECEIVE_SLACK`),
+    /// read in the same turn.
+    Timer(u64),
 }
 
 /// Datagrams read from one socket per wake-up, at most.
@@ -125,7 +135,10 @@ const READ_BATCH: usize = 64;
 /// rather than `polling` (async-io's poller) because `polling` re-arms a timerfd and its
 /// notifier on every wait: five system calls per wake-up where this takes one.
 struct Waiter {
+    /// The sockets and the eventfd.
     epoll: std::os::fd::OwnedFd,
+    /// The eventfd alone: waiting in it leaves datagrams in the sockets (`RECEIVE_SLACK`).
+    inbox_only: std::os::fd::OwnedFd,
     /// Written by [`Notify`] when the inbox gets a message.
     eventfd: std::sync::Arc<std::os::fd::OwnedFd>,
     events: Vec<rustix::event::epoll::Event>,
@@ -170,39 +183,53 @@ impl Waiter {
             )?;
         }
         let eventfd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        epoll::add(
-            &epoll,
-            &eventfd,
-            epoll::EventData::new_u64(NOTIFY_KEY),
-            epoll::EventFlags::IN,
-        )?;
+        let inbox_only = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        for e in [&epoll, &inbox_only] {
+            epoll::add(
+                e,
+                &eventfd,
+                epoll::EventData::new_u64(NOTIFY_KEY),
+                epoll::EventFlags::IN,
+            )?;
+        }
         let eventfd = std::sync::Arc::new(eventfd);
         let waker = std::task::Waker::from(std::sync::Arc::new(Notify(eventfd.clone())));
         Ok(Self {
             epoll,
+            inbox_only,
             eventfd,
             events: Vec::with_capacity(sockets.len() + 1),
             waker,
         })
     }
 
-    /// Waits for a message in `rx`, a readable socket or `deadline`, whichever comes first.
+    /// Waits for a message in `rx`, a readable socket (if `sockets`) or `deadline`,
+    /// whichever comes first.
     fn wait<C>(
         &mut self,
         mut rx: std::pin::Pin<&mut Receiver<Msg<C>>>,
         deadline: Instant,
+        sockets: bool,
     ) -> std::io::Result<Wake<C>> {
         loop {
             let mut cx = std::task::Context::from_waker(&self.waker);
             if let std::task::Poll::Ready(m) = rx.as_mut().poll_next(&mut cx) {
                 // The driver holds a sender itself, so the inbox never closes while it runs.
-                return Ok(m.map_or(Wake::Timer, Wake::Msg));
+                return Ok(m.map_or(Wake::Timer(0), Wake::Msg));
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
             if timeout.is_zero() {
-                return Ok(Wake::Timer);
+                // What the sockets held back while they were left out of the wait.
+                let held = match sockets {
+                    true => 0,
+                    false => match self.epoll_wait(Duration::ZERO, true)? {
+                        Ready::Sockets(which) => which,
+                        Ready::Notified | Ready::Timeout => 0,
+                    },
+                };
+                return Ok(Wake::Timer(held));
             }
-            match self.epoll_wait(timeout)? {
+            match self.epoll_wait(timeout, sockets)? {
                 Ready::Sockets(which) => return Ok(Wake::Readable(which)),
                 // A message came (the next poll takes it), or the deadline passed.
                 Ready::Notified | Ready::Timeout => {}
@@ -210,15 +237,20 @@ impl Waiter {
         }
     }
 
-    fn epoll_wait(&mut self, timeout: Duration) -> std::io::Result<Ready> {
+    fn epoll_wait(&mut self, timeout: Duration, sockets: bool) -> std::io::Result<Ready> {
         use rustix::event::{epoll, Timespec};
         let timeout = Timespec {
             tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(timeout.subsec_nanos()),
         };
         self.events.clear();
+        let epoll = if sockets {
+            &self.epoll
+        } else {
+            &self.inbox_only
+        };
         match epoll::wait(
-            &self.epoll,
+            epoll,
             rustix::buffer::spare_capacity(&mut self.events),
             Some(&timeout),
         ) {
@@ -1024,25 +1056,28 @@ impl<C: Send + 'static> Driver<C> {
             }
             let deadline = coalesced(agent_at, shell_at, self.media_running());
             let for_agent = deadline == agent_at;
-            let wake = match waiter.wait(rx.as_mut(), deadline) {
+            let sockets_too = !(self.media_running()
+                && deadline.saturating_duration_since(Instant::now()) <= RECEIVE_SLACK);
+            let wake = match waiter.wait(rx.as_mut(), deadline, sockets_too) {
                 Ok(w) => w,
                 Err(e) => {
                     // epoll_wait fails only on a bad fd or a signal; the next turn retries.
                     warn!("event loop wait: {e}");
-                    Wake::Timer
+                    Wake::Timer(0)
                 }
             };
             let w = &mut self.counters.wakeups;
             match wake {
                 Wake::Msg(_) => w.message += 1,
                 Wake::Readable(_) => w.socket += 1,
-                Wake::Timer if for_agent => w.agent_timer += 1,
-                Wake::Timer => w.shell_timer += 1,
+                Wake::Timer(_) if for_agent => w.agent_timer += 1,
+                Wake::Timer(_) => w.shell_timer += 1,
             }
             match wake {
                 Wake::Msg(msg) => self.on_msg(p, msg, Instant::now()),
                 Wake::Readable(which) => self.read_datagrams(p, &sockets, which, &mut buf),
-                Wake::Timer => {}
+                Wake::Timer(0) => {}
+                Wake::Timer(held) => self.read_datagrams(p, &sockets, held, &mut buf),
             }
         }
     }
