@@ -107,7 +107,7 @@ impl Agent {
         let str0m_rng = Str0mRng::new(rng.u64());
         let crypto = SeededDtlsProvider::crypto_provider(rng.u64());
         let party_id = rng.id(10);
-        let matrix = MatrixClient::new(
+        let mut matrix = MatrixClient::new(
             config.homeserver.clone(),
             config.user_id.clone(),
             config.credentials.clone(),
@@ -115,6 +115,7 @@ impl Agent {
             config.fetch_turn_servers,
             now,
         );
+        matrix.resume_sync(config.sync_since.clone());
         let mut stun = StunClient::default();
         for server in &config.stun_servers {
             stun.add_server(*server, &config.local_addrs, now, &mut rng);
@@ -292,6 +293,11 @@ impl Agent {
     pub fn create_direct_room(&mut self, peer: &ruma::UserId, encrypted: bool, now: Instant) {
         self.now = now;
         self.matrix.create_dm(peer.to_owned(), encrypted);
+    }
+
+    /// Where /sync stands (`AgentConfig::sync_since` of the next run).
+    pub fn sync_position(&self) -> Option<&str> {
+        self.matrix.sync_position()
     }
 
     /// Room events waiting for the homeserver.

@@ -299,6 +299,9 @@ fn measure(c: Call, tck: f64) -> Value {
         Viewer::A => (&a, "callee"),
         Viewer::B => (&b, "peer"),
     };
+    if ua.at_connect.is_none() || ub.at_connect.is_none() {
+        eprintln!("{call}: the call never connected\n{}\n{}", a.report(), b.report());
+    }
     let mut out = json!({"bench": "live_call", "call": call});
     out[a_name] = ua.figures(tck);
     out[b_name] = ub.figures(tck);
@@ -426,15 +429,17 @@ fn main() {
     let hub = live.user("hub");
     let js = live.user("js");
     let js2 = live.user("js2");
-    let room = live.hs.create_dm(&js, &hub);
-    let js_room = live.hs.create_dm(&js, &js2);
     // Chromium (matrix-js-sdk with the browser's WebRTC, as Element Web): the issue's "a
     // browser calls a browser" reference, and the hub calling that browser.
     let web = live.user("web");
     let web2 = live.user("web2");
-    let web_room = live.hs.create_dm(&hub, &web);
-    let webs_room = live.hs.create_dm(&web2, &web);
     for _ in 0..runs {
+        // Fresh rooms per run: a peer that logs in again syncs the last run's call events
+        // (its invite, answer and select_answer) in an old room, and took them for its own.
+        let room = live.hs.create_dm(&js, &hub);
+        let js_room = live.hs.create_dm(&js, &js2);
+        let web_room = live.hs.create_dm(&hub, &web);
+        let webs_room = live.hs.create_dm(&web2, &web);
         if only.is_none_or(|o| o == "peer_calls_hub") {
             println!("{}", measure(peer_calls_hub(&live, &hub, &js, &room), tck));
         }

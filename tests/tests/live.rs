@@ -715,6 +715,37 @@ fn get_json(base_url: &str, path: &str, token: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON from {path}: {e}: {text}"))
 }
 
+/// A listener restarted on the same device right after a call does not ring for that call.
+/// Synapse answers a repeated /sync request from its cache for 2 minutes: a restart that
+/// began with an initial sync got the last run's initial sync and then, one per request, its
+/// later answers, so the invite came in a batch without its answer and hangup, rang, and
+/// `listen` answered a call that had ended (`answered_elsewhere`) and exited before the real
+/// next call. The listener now resumes /sync where the last run left off.
+#[test]
+fn a_restarted_listener_does_not_ring_for_the_call_it_just_took() {
+    if !in_loopback_namespace("a_restarted_listener_does_not_ring_for_the_call_it_just_took") {
+        return;
+    }
+    let live = Live::start("a_restarted_listener_does_not_ring_for_the_call_it_just_took");
+    let alice = live.user("alice");
+    let bob = live.user("bob");
+    let room = live.hs.create_dm(&alice, &bob);
+    let (first, _) = live.js_peer_calls_listener(&alice, &bob, &room, &[]);
+    let old_call = first.events_of("incoming");
+    assert_eq!(old_call.len(), 1, "{}", first.report());
+    let session = live.dir.join("bob-state").join("session.json");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&session).unwrap()).unwrap();
+    assert!(saved["since"].is_string(), "no sync position saved: {saved}");
+
+    // Within Synapse's 2 minutes, on the same device: the next call is the one that rings.
+    let (second, peer) = live.js_peer_calls_listener(&alice, &bob, &room, &[]);
+    let rang = second.events_of("incoming");
+    assert_eq!(rang.len(), 1, "{}", second.report());
+    assert_ne!(rang[0]["call_id"], old_call[0]["call_id"], "{}", second.report());
+    assert_eq!(rang[0]["call_id"], peer.last_json()["call_id"], "{}", second.report());
+    assert_connected_with_media(&second);
+}
+
 #[test]
 fn restart_reuses_the_saved_device() {
     if !in_loopback_namespace("restart_reuses_the_saved_device") {

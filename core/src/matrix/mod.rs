@@ -480,7 +480,7 @@ impl MatrixClient {
             req.since = self.since.clone();
             // The first sync, and the first after a failure, return at once (so calls can be
             // placed, and a homeserver that came back is known to be back); others long-poll.
-            req.timeout = Some(if self.since.is_some() && self.sync_backoff.failures == 0 {
+            req.timeout = Some(if self.initial_sync_done && self.sync_backoff.failures == 0 {
                 limits::SYNC_TIMEOUT
             } else {
                 Duration::ZERO
@@ -656,11 +656,23 @@ impl MatrixClient {
     }
 
     /// A 401 on an authenticated request: log in again when we can, else give up.
+    /// Syncs from `since` (a `next_batch` of an earlier run) instead of afresh.
+    pub fn resume_sync(&mut self, since: Option<String>) {
+        self.since = since;
+    }
+
+    /// Where /sync stands: the `next_batch` to continue from.
+    pub fn sync_position(&self) -> Option<&str> {
+        self.since.as_deref()
+    }
+
     fn token_refused(&mut self, why: &str) {
         match self.credentials {
             Credentials::Password(_) => {
                 warn!("access token refused ({why}); logging in again");
                 self.session = Session::NeedLogin;
+                // A new login is a new device: it starts with an initial sync.
+                self.since = None;
             }
             Credentials::AccessToken(_) => {
                 warn!("access token refused ({why})");
@@ -738,7 +750,12 @@ impl MatrixClient {
             }) => self.token_refused(&why),
             Some(Failure::Permanent { why, .. }) => {
                 let d = self.sync_backoff.fail(now, None, rng);
-                warn!("sync refused ({why}); retrying in {d:?}");
+                if !self.initial_sync_done && self.since.take().is_some() {
+                    // A resumed position the homeserver does not know (a reset database).
+                    warn!("sync from the saved position refused ({why}); syncing afresh in {d:?}");
+                } else {
+                    warn!("sync refused ({why}); retrying in {d:?}");
+                }
             }
             None => {
                 let parsed = response.map_err(|e| format!("{e:?}")).and_then(|r| {
