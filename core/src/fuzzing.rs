@@ -39,7 +39,7 @@ pub fn sdp(data: &[u8]) {
 /// event in it parsed.
 pub fn sync_response(data: &[u8]) {
     use ruma::api::client::sync::sync_events;
-    use ruma::api::IncomingResponseExt;
+    use ruma::api::IncomingResponse;
     let response = http::Response::new(data);
     let Ok(sync) = sync_events::v3::Response::try_from_http_response(response) else {
         return;

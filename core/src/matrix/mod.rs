@@ -18,7 +18,7 @@ use ruma::api::client::session::login;
 use ruma::api::client::sync::sync_events;
 use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use ruma::api::client::voip::get_turn_server_info;
-use ruma::api::{IncomingResponseExt, MatrixVersion, OutgoingRequestExt, SupportedVersions};
+use ruma::api::{IncomingResponse, MatrixVersion, OutgoingRequest, SupportedVersions};
 use ruma::events::{AnyMessageLikeEventContent, MessageLikeEventType};
 use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedRoomId, OwnedTransactionId, OwnedUserId};

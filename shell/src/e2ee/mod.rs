@@ -22,10 +22,10 @@ use matrix_sdk_crypto::{
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::{OwnedRoomId, OwnedUserId};
-use ruma16::events::room::encryption::RoomEncryptionEventContent;
-use ruma16::events::room::history_visibility::HistoryVisibility;
-use ruma16::serde::Raw;
-use ruma16::OwnedDeviceId;
+use ruma::events::room::encryption::RoomEncryptionEventContent;
+use ruma::events::room::history_visibility::HistoryVisibility;
+use ruma::serde::Raw;
+use ruma::OwnedDeviceId;
 use serde_json::Value;
 use smol::lock::Mutex;
 use tracing::{debug, error, info, warn};
@@ -152,7 +152,7 @@ impl E2ee {
         token: &Secret,
     ) {
         let (Ok(user), Ok(device)) = (
-            ruma16::OwnedUserId::try_from(user),
+            ruma::OwnedUserId::try_from(user),
             Ok::<_, ()>(OwnedDeviceId::from(device)),
         ) else {
             error!("e2ee: unusable user id; encryption disabled");
@@ -220,7 +220,7 @@ impl E2ee {
         let guard = self.layer.try_lock_arc();
         smol::spawn(async_compat::Compat::new(async move {
             let who = io
-                .call(ruma16::api::client::account::whoami::v3::Request::new())
+                .call(ruma::api::client::account::whoami::v3::Request::new())
                 .await;
             match who {
                 Ok(who) => match who.device_id {
@@ -403,7 +403,7 @@ impl Layer {
             sender_device_trust_requirement: TrustRequirement::Untrusted,
         };
         let decrypted = machine
-            .decrypt_room_event(&raw, &room16(room)?, &settings)
+            .decrypt_room_event(&raw, room, &settings)
             .await?;
         let info = &decrypted.encryption_info;
         if matches!(
@@ -494,7 +494,7 @@ impl Layer {
             .and_then(|s| Raw::from_json_string(s).ok())
             .ok_or_else(|| E2eeError::Crypto("the event content is not JSON".into()))?;
         let encrypted = machine
-            .encrypt_room_event_raw(&room16(room)?, event_type, &content)
+            .encrypt_room_event_raw(room, event_type, &content)
             .await?;
         parts.uri = encrypted_uri(&parts.uri, event_type)
             .ok_or_else(|| E2eeError::Crypto("unexpected send URI".into()))?;
@@ -511,7 +511,7 @@ impl Layer {
 /// belongs to another device (its session was lost) is moved aside: keys are never reused
 /// across devices.
 async fn open_machine(
-    user: &ruma16::OwnedUserId,
+    user: &ruma::OwnedUserId,
     device: &OwnedDeviceId,
     state_dir: Option<&Path>,
 ) -> Result<OlmMachine, E2eeError> {
@@ -589,23 +589,22 @@ async fn feed_machine(
     new_users: &std::collections::BTreeSet<OwnedUserId>,
 ) -> Result<(), E2eeError> {
     let de = |p: &str| json.pointer(p).cloned().unwrap_or(Value::Null);
-    let to_device: Vec<Raw<ruma16::events::AnyToDeviceEvent>> =
+    let to_device: Vec<Raw<ruma::events::AnyToDeviceEvent>> =
         serde_json::from_value(de("/to_device/events")).unwrap_or_default();
-    let device_lists: ruma16::api::client::sync::sync_events::DeviceLists =
+    let device_lists: ruma::api::client::sync::sync_events::DeviceLists =
         serde_json::from_value(de("/device_lists")).unwrap_or_default();
     // A member's new device gets this room's keys only once its keys are here (logged by
     // the key query): worth a line when a freshly logged-in device cannot decrypt a call.
     for user in device_lists.changed.iter().take(16) {
         info!(%user, "e2ee: devices changed; their keys are queried before the next share");
     }
-    let counts: BTreeMap<ruma16::OneTimeKeyAlgorithm, ruma16::UInt> =
+    let counts: BTreeMap<ruma::OneTimeKeyAlgorithm, ruma::UInt> =
         serde_json::from_value(de("/device_one_time_keys_count")).unwrap_or_default();
-    let fallback: Option<Vec<ruma16::OneTimeKeyAlgorithm>> =
+    let fallback: Option<Vec<ruma::OneTimeKeyAlgorithm>> =
         serde_json::from_value(de("/device_unused_fallback_key_types")).unwrap_or_default();
     if !new_users.is_empty() {
         // Collected first: a borrowing closure held across the await makes the future !Send.
-        let owned = users16(new_users);
-        let users: Vec<&ruma16::UserId> = owned.iter().map(|u| u.as_ref()).collect();
+        let users: Vec<&ruma::UserId> = new_users.iter().map(|u| u.as_ref()).collect();
         machine.update_tracked_users(users).await?;
     }
     let changes = EncryptionSyncChanges {
@@ -639,8 +638,7 @@ async fn share_room_key(
 ) -> Result<(), E2eeError> {
     // Device lists of members first: a key query still pending would leave devices out.
     io.flush(machine).await?;
-    let members = users16(members);
-    let users: Vec<&ruma16::UserId> = members.iter().map(|u| u.as_ref()).collect();
+    let users: Vec<&ruma::UserId> = members.iter().map(|u| u.as_ref()).collect();
     if let Some((id, claim)) = machine
         .get_missing_sessions(users.clone().into_iter())
         .await?
@@ -656,7 +654,7 @@ async fn share_room_key(
         Err(_) => EncryptionSettings::default(),
     };
     for req in machine
-        .share_room_key(&room16(room)?, users.into_iter(), settings)
+        .share_room_key(room, users.into_iter(), settings)
         .await?
     {
         io.to_device(machine, &req).await?;
@@ -664,16 +662,4 @@ async fn share_room_key(
     Ok(())
 }
 
-/// The room id as matrix-sdk-crypto's ruma (0.16) spells it; the core and the sync JSON use
-/// the workspace's ruma.
-fn room16(room: &OwnedRoomId) -> Result<ruma16::OwnedRoomId, E2eeError> {
-    ruma16::OwnedRoomId::try_from(room.as_str()).map_err(|e| E2eeError::Crypto(e.to_string()))
-}
 
-/// [`room16`] for user ids; ids ruma 0.16 refuses are left out.
-fn users16(users: &std::collections::BTreeSet<OwnedUserId>) -> Vec<ruma16::OwnedUserId> {
-    users
-        .iter()
-        .filter_map(|u| ruma16::OwnedUserId::try_from(u.as_str()).ok())
-        .collect()
-}

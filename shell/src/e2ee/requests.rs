@@ -1,5 +1,5 @@
 //! The crypto machine's own homeserver requests (keys upload/query/claim, to-device,
-//! signatures), built with ruma 0.16 (matrix-sdk-crypto 0.18's) and run with the driver's
+//! signatures), built with ruma (0.16, matrix-sdk-crypto 0.18's) and run with the driver's
 //! reqwest client.
 
 use std::borrow::Cow;
@@ -7,14 +7,14 @@ use std::borrow::Cow;
 use call_assist_core::Secret;
 use matrix_sdk_crypto::types::requests::{AnyOutgoingRequest, OutgoingRequest, ToDeviceRequest};
 use matrix_sdk_crypto::OlmMachine;
-use ruma16::api::auth_scheme::{AccessToken, SendAccessToken};
-use ruma16::api::client::keys::{claim_keys, get_keys, upload_signing_keys};
-use ruma16::api::client::to_device::send_event_to_device;
-use ruma16::api::path_builder::VersionHistory;
-use ruma16::api::{
+use ruma::api::auth_scheme::{AccessToken, SendAccessToken};
+use ruma::api::client::keys::{claim_keys, get_keys, upload_signing_keys};
+use ruma::api::client::to_device::send_event_to_device;
+use ruma::api::path_builder::VersionHistory;
+use ruma::api::{
     IncomingResponse, MatrixVersion, OutgoingRequest as RumaRequest, SupportedVersions,
 };
-use ruma16::OwnedTransactionId;
+use ruma::OwnedTransactionId;
 use tracing::{debug, info};
 
 use super::E2eeError;
@@ -135,7 +135,7 @@ impl Io {
         }
         let keys = reqs.upload_signing_keys_req;
         let raw = |k: Option<matrix_sdk_crypto::types::CrossSigningKey>| {
-            k.map(|k| serde_json::value::to_raw_value(&k).map(ruma16::serde::Raw::from_json))
+            k.map(|k| serde_json::value::to_raw_value(&k).map(ruma::serde::Raw::from_json))
                 .transpose()
                 .map_err(|e| E2eeError::Request(e.to_string()))
         };

@@ -1250,7 +1250,7 @@ mod tests {
     use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
     use ruma::api::client::{message::send_message_event, session::login, sync::sync_events};
     use ruma::api::{
-        auth_scheme::SendAccessToken, IncomingResponseExt, OutgoingRequestExt, SupportedVersions,
+        auth_scheme::SendAccessToken, IncomingResponse, OutgoingRequest, SupportedVersions,
     };
     use std::borrow::Cow;
 
