@@ -115,7 +115,7 @@ impl Agent {
             config.fetch_turn_servers,
             now,
         );
-        matrix.resume_sync(config.sync_since.clone());
+        matrix.set_run_id(&party_id);
         let mut stun = StunClient::default();
         for server in &config.stun_servers {
             stun.add_server(*server, &config.local_addrs, now, &mut rng);
@@ -293,11 +293,6 @@ impl Agent {
     pub fn create_direct_room(&mut self, peer: &ruma::UserId, encrypted: bool, now: Instant) {
         self.now = now;
         self.matrix.create_dm(peer.to_owned(), encrypted);
-    }
-
-    /// Where /sync stands (`AgentConfig::sync_since` of the next run).
-    pub fn sync_position(&self) -> Option<&str> {
-        self.matrix.sync_position()
     }
 
     /// Room events waiting for the homeserver.

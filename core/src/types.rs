@@ -89,12 +89,6 @@ pub struct AgentConfig {
     /// Offer only relay candidates: no local or public address of ours goes into the room.
     /// Calls wait for a relay; without one they end with `ice_failed`.
     pub relay_only: bool,
-    /// Where the last run's /sync left off (the shell keeps it with the saved session).
-    /// Resuming there, not with an initial sync, matters: Synapse answers a repeated
-    /// request from its cache for 2 minutes, so a restarted agent on the same device got the
-    /// last run's initial sync, and then each of its later answers one by one, and rang for
-    /// invites whose answer and hangup came in a later batch.
-    pub sync_since: Option<String>,
 }
 
 /// TURN servers from the config: `turn:` URIs (IP literals; the driver resolves names and
@@ -129,7 +123,6 @@ impl AgentConfig {
             stun_servers: Vec::new(),
             turn: None,
             relay_only: false,
-            sync_since: None,
         }
     }
 }

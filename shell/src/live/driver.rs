@@ -834,25 +834,9 @@ impl<C: Send + 'static> Driver<C> {
             user_id: user_id.to_string(),
             device_id: device_id.to_string(),
             access_token: access_token.expose().to_owned(),
-            since: None,
         };
         if let Err(err) = s.save(dir) {
             warn!("cannot save session in {}: {err}", dir.display());
-        }
-    }
-
-    /// Keeps where /sync stands with the saved session, for the next run to resume there.
-    fn save_sync_position(&self) {
-        let (Some(dir), Some(since)) = (&self.account.state_dir, self.agent.sync_position()) else {
-            return;
-        };
-        let Some(mut s) = SavedSession::load(dir, &self.account.homeserver, &self.account.user)
-        else {
-            return;
-        };
-        s.since = Some(since.to_owned());
-        if let Err(err) = s.save(dir) {
-            warn!("cannot save the sync position in {}: {err}", dir.display());
         }
     }
 
@@ -1063,7 +1047,6 @@ impl<C: Send + 'static> Driver<C> {
             let agent_at = self.drain(p, now);
             agent_due = Some(agent_at);
             if let Some(code) = self.exit {
-                self.save_sync_position();
                 self.e2ee.close(E2EE_CLOSE).await;
                 return code;
             }
@@ -1214,13 +1197,10 @@ fn new_agent(
         }
         _ => None,
     };
-    config.sync_since = saved.as_ref().and_then(|s| s.since.clone());
     config.device_id = saved.map(|s| s.device_id.as_str().into());
     let fallback = password.map(|pw| {
         let mut c = config.clone();
         c.credentials = Credentials::Password(pw);
-        // A new login is a new device: it starts with an initial sync.
-        c.sync_since = None;
         c
     });
     let agent = Agent::new(config, net::seed(), Instant::now(), net::unix_ms()).map_err(|e| {

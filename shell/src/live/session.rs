@@ -32,9 +32,6 @@ pub struct SavedSession {
     pub user_id: String,
     pub device_id: String,
     pub access_token: String,
-    /// Where /sync stood when the last run ended (`AgentConfig::sync_since`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
 }
 
 impl SavedSession {
@@ -132,7 +129,6 @@ mod tests {
             user_id: user.to_string(),
             device_id: "DEV".into(),
             access_token: "tok".into(),
-            since: Some("s72_1".into()),
         };
         s.save(&dir).unwrap();
         #[cfg(unix)]
