@@ -359,7 +359,16 @@ struct Dial {
     peer: OwnedUserId,
     room: Option<OwnedRoomId>,
     since: Instant,
+    /// An encrypted direct room this dial created: when the peer was seen in it.
+    new_encrypted_room: Option<Option<Instant>>,
 }
+
+/// After the peer joins an encrypted DM the hub just created, how long the first invite
+/// waits. The peer's client fetches the hub's device keys and cross-signing identity when it
+/// joins; an invite that arrives before that fails to decrypt in Element's "exclude insecure
+/// devices" mode (`UNSIGNED_SENDER_DEVICE`), and matrix-js-sdk does not decrypt it again when
+/// the identity arrives, so the call never rings (e2ee.rs, seen in CI).
+const NEW_DM_GRACE: Duration = Duration::from_millis(1500);
 
 /// Per-process counters for the stats line.
 #[derive(Debug, Default, Clone, Copy)]
@@ -554,10 +563,12 @@ impl<C: Send + 'static> Driver<C> {
             return id;
         }
         let room = self.agent.find_direct_room(peer);
+        let mut new_encrypted_room = None;
         if room.is_none() && !self.dials.iter().any(|d| d.peer == *peer) {
             info!(%peer, "no direct room yet; creating one");
             let encrypted = self.account.encrypt_new_dms;
             self.agent.create_direct_room(peer, encrypted, now);
+            new_encrypted_room = encrypted.then_some(None);
         }
         self.dials.push(Dial {
             id,
@@ -565,6 +576,7 @@ impl<C: Send + 'static> Driver<C> {
             peer: peer.clone(),
             room,
             since: now,
+            new_encrypted_room,
         });
         id
     }
@@ -864,13 +876,19 @@ impl<C: Send + 'static> Driver<C> {
 
     /// Dials whose peer joined are placed; those waiting too long fail.
     fn check_dials(&mut self, now: Instant) {
-        for d in std::mem::take(&mut self.dials) {
+        for mut d in std::mem::take(&mut self.dials) {
             let room = d
                 .room
                 .clone()
                 .filter(|r| self.agent.room_peer(r).is_some())
                 .or_else(|| self.agent.find_direct_room(&d.peer));
-            if let Some(room) = room {
+            let waiting = match (&room, &mut d.new_encrypted_room) {
+                (Some(_), Some(joined)) => now < *joined.get_or_insert(now) + NEW_DM_GRACE,
+                _ => false,
+            };
+            if waiting {
+                self.dials.push(d);
+            } else if let Some(room) = room {
                 let placed = match self.place(&room, d.station, now) {
                     Ok(call_id) => Ok((call_id, room)),
                     Err(e) => Err(DialError::Place(room, e)),
@@ -919,7 +937,10 @@ impl<C: Send + 'static> Driver<C> {
     /// The earliest of the shell's own deadlines (media frames, dials, shutdown, giving up).
     fn next_shell_deadline(&self) -> Option<Instant> {
         let media = self.stations.iter().filter_map(|s| s.media.next_due());
-        let dials = self.dials.iter().map(|d| d.since + PEER_JOIN_WAIT);
+        let dials = self.dials.iter().map(|d| match d.new_encrypted_room {
+            Some(Some(joined)) => joined + NEW_DM_GRACE,
+            _ => d.since + PEER_JOIN_WAIT,
+        });
         let flush = self.shutdown.map(|(since, _)| since + SHUTDOWN_FLUSH);
         let unreachable = self
             .unreachable_since
