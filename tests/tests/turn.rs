@@ -171,6 +171,15 @@ fn agent_in_namespace(
 /// Moves `peer` (made in this namespace) into the namespace of `pid` as `ca0` with `addr`,
 /// default route via `gateway`.
 fn wire(pid: u32, peer: &str, addr: &str, gateway: &str) {
+    // `unshare` makes the agent's namespace after it has started: until then `pid` is still
+    // in ours, and under load (CI) the move raced it and the link stayed here.
+    let ours = std::fs::read_link("/proc/self/ns/net").ok();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == ours
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     sh(&format!("ip link set {peer} netns {pid}"));
     sh(&format!(
         "nsenter -t {pid} -n sh -c 'ip link set {peer} name ca0 && ip link set ca0 up && \
