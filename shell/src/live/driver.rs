@@ -148,6 +148,14 @@ struct Waiter {
 /// The epoll key of the eventfd; socket `i` (in `Sockets` order) has key `i`.
 const NOTIFY_KEY: u64 = u64::MAX;
 
+/// Socket `key`'s bit in [`Ready::Sockets`]; beyond 64 sockets, all bits ("read them all").
+fn socket_bit(key: u64) -> u64 {
+    u32::try_from(key)
+        .ok()
+        .and_then(|k| 1u64.checked_shl(k))
+        .unwrap_or(u64::MAX)
+}
+
 /// Wakes the loop's epoll when the inbox gets a message.
 struct Notify(std::sync::Arc<std::os::fd::OwnedFd>);
 
@@ -263,7 +271,7 @@ impl Waiter {
         for e in &self.events {
             match e.data.u64() {
                 NOTIFY_KEY => notified = true,
-                key => sockets |= 1u64.checked_shl(key as u32).unwrap_or(u64::MAX),
+                key => sockets |= socket_bit(key),
             }
         }
         if notified {
@@ -1115,7 +1123,7 @@ impl<C: Send + 'static> Driver<C> {
         let ready = sockets
             .iter()
             .enumerate()
-            .filter(|(i, _)| which & 1u64.checked_shl(*i as u32).unwrap_or(u64::MAX) != 0);
+            .filter(|(i, _)| which & socket_bit(*i as u64) != 0);
         for (_, (local, sock)) in ready {
             for _ in 0..READ_BATCH {
                 let (n, from) = match sock.get_ref().recv_from(buf) {
