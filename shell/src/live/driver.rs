@@ -367,8 +367,19 @@ struct Dial {
     peer: OwnedUserId,
     room: Option<OwnedRoomId>,
     since: Instant,
-    /// An encrypted direct room this dial created: when the peer was seen in it.
-    new_encrypted_room: Option<Option<Instant>>,
+    /// Whether the invite waits for [`NEW_DM_GRACE`] after the peer joins.
+    grace: DmGrace,
+}
+
+/// A dial's wait after the peer joins: only for an encrypted direct room the dial created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DmGrace {
+    /// An existing room or a plain one: the invite goes out when the peer is in the room.
+    None,
+    /// The dial created an encrypted room; the peer has not been seen in it yet.
+    AwaitingJoin,
+    /// The peer was first seen in the new encrypted room then.
+    JoinedAt(Instant),
 }
 
 /// After the peer joins an encrypted DM the hub just created, how long the first invite
@@ -571,12 +582,14 @@ impl<C: Send + 'static> Driver<C> {
             return id;
         }
         let room = self.agent.find_direct_room(peer);
-        let mut new_encrypted_room = None;
+        let mut grace = DmGrace::None;
         if room.is_none() && !self.dials.iter().any(|d| d.peer == *peer) {
             info!(%peer, "no direct room yet; creating one");
             let encrypted = self.account.encrypt_new_dms;
             self.agent.create_direct_room(peer, encrypted, now);
-            new_encrypted_room = encrypted.then_some(None);
+            if encrypted {
+                grace = DmGrace::AwaitingJoin;
+            }
         }
         self.dials.push(Dial {
             id,
@@ -584,7 +597,7 @@ impl<C: Send + 'static> Driver<C> {
             peer: peer.clone(),
             room,
             since: now,
-            new_encrypted_room,
+            grace,
         });
         id
     }
@@ -890,8 +903,12 @@ impl<C: Send + 'static> Driver<C> {
                 .clone()
                 .filter(|r| self.agent.room_peer(r).is_some())
                 .or_else(|| self.agent.find_direct_room(&d.peer));
-            let waiting = match (&room, &mut d.new_encrypted_room) {
-                (Some(_), Some(joined)) => now < *joined.get_or_insert(now) + NEW_DM_GRACE,
+            let waiting = match (&room, d.grace) {
+                (Some(_), DmGrace::AwaitingJoin) => {
+                    d.grace = DmGrace::JoinedAt(now);
+                    true
+                }
+                (Some(_), DmGrace::JoinedAt(joined)) => now < joined + NEW_DM_GRACE,
                 _ => false,
             };
             if waiting {
@@ -945,9 +962,9 @@ impl<C: Send + 'static> Driver<C> {
     /// The earliest of the shell's own deadlines (media frames, dials, shutdown, giving up).
     fn next_shell_deadline(&self) -> Option<Instant> {
         let media = self.stations.iter().filter_map(|s| s.media.next_due());
-        let dials = self.dials.iter().map(|d| match d.new_encrypted_room {
-            Some(Some(joined)) => joined + NEW_DM_GRACE,
-            _ => d.since + PEER_JOIN_WAIT,
+        let dials = self.dials.iter().map(|d| match d.grace {
+            DmGrace::JoinedAt(joined) => joined + NEW_DM_GRACE,
+            DmGrace::None | DmGrace::AwaitingJoin => d.since + PEER_JOIN_WAIT,
         });
         let flush = self.shutdown.map(|(since, _)| since + SHUTDOWN_FLUSH);
         let unreachable = self
