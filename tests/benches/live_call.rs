@@ -300,7 +300,11 @@ fn measure(c: Call, tck: f64) -> Value {
         Viewer::B => (&b, "peer"),
     };
     if ua.at_connect.is_none() || ub.at_connect.is_none() {
-        eprintln!("{call}: the call never connected\n{}\n{}", a.report(), b.report());
+        eprintln!(
+            "{call}: the call never connected\n{}\n{}",
+            a.report(),
+            b.report()
+        );
     }
     let mut out = json!({"bench": "live_call", "call": call});
     out[a_name] = ua.figures(tck);

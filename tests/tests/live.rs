@@ -738,8 +738,18 @@ fn a_restarted_listener_does_not_ring_for_the_call_it_just_took() {
     let (second, peer) = live.js_peer_calls_listener(&alice, &bob, &room, &[]);
     let rang = second.events_of("incoming");
     assert_eq!(rang.len(), 1, "{}", second.report());
-    assert_ne!(rang[0]["call_id"], old_call[0]["call_id"], "{}", second.report());
-    assert_eq!(rang[0]["call_id"], peer.last_json()["call_id"], "{}", second.report());
+    assert_ne!(
+        rang[0]["call_id"],
+        old_call[0]["call_id"],
+        "{}",
+        second.report()
+    );
+    assert_eq!(
+        rang[0]["call_id"],
+        peer.last_json()["call_id"],
+        "{}",
+        second.report()
+    );
     assert_connected_with_media(&second);
 }
 

@@ -658,7 +658,6 @@ impl MatrixClient {
         }
     }
 
-    /// A 401 on an authenticated request: log in again when we can, else give up.
     /// Makes this run's initial sync its own. Synapse answers a /sync from its cache when
     /// the same device asks the same (`since`, `timeout`, filter, ...) within 2 minutes: a
     /// restarted agent's initial sync got the last run's, then each of that run's later
@@ -674,6 +673,7 @@ impl MatrixClient {
         self.initial_sync_timeout = Duration::from_millis(1 + h % 1000);
     }
 
+    /// A 401 on an authenticated request: log in again when we can, else give up.
     fn token_refused(&mut self, why: &str) {
         match self.credentials {
             Credentials::Password(_) => {

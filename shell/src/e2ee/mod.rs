@@ -21,11 +21,11 @@ use matrix_sdk_crypto::{
     DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine, TrustRequirement,
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
-use ruma::{OwnedRoomId, OwnedUserId};
 use ruma::events::room::encryption::RoomEncryptionEventContent;
 use ruma::events::room::history_visibility::HistoryVisibility;
 use ruma::serde::Raw;
 use ruma::OwnedDeviceId;
+use ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::Value;
 use smol::lock::Mutex;
 use tracing::{debug, error, info, warn};
@@ -402,9 +402,7 @@ impl Layer {
         let settings = DecryptionSettings {
             sender_device_trust_requirement: TrustRequirement::Untrusted,
         };
-        let decrypted = machine
-            .decrypt_room_event(&raw, room, &settings)
-            .await?;
+        let decrypted = machine.decrypt_room_event(&raw, room, &settings).await?;
         let info = &decrypted.encryption_info;
         if matches!(
             info.verification_state,
@@ -661,5 +659,3 @@ async fn share_room_key(
     }
     Ok(())
 }
-
-
